@@ -1,0 +1,2 @@
+//! The edge tier entry point.
+fn main() {}
