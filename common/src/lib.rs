@@ -1,1 +1,26 @@
-//! The contract both tiers share. Pure: no I/O, no clock, no async runtime.
+//! The contract both tiers share: canonical requests, cache keys, entries, policy, SSE, headers,
+//! errors and tenants. Pure: no I/O, no clock, no threads, no async runtime; builds for the host
+//! and for wasm32-wasip1 so the edge and the origin agree byte for byte.
+
+pub mod canonical;
+pub mod entry;
+pub mod error;
+pub mod headers;
+pub mod key;
+pub mod policy;
+pub mod route;
+pub mod sse;
+pub mod tenant;
+
+pub use canonical::{
+    DEFAULT_MAX_BODY_BYTES, DROPPED_FIELDS, ParsedRequest, RequestError, canonicalize,
+    parse_request,
+};
+pub use entry::{ENTRY_VERSION, Entry, EntryError, Envelope, MAX_METADATA_BYTES, Usage};
+pub use error::ApiError;
+pub use headers::{CacheOutcome, CacheStatusMember, Fwd, Layer, ServerTiming};
+pub use key::{CacheKey, KEY_VERSION, TenantIdError, api_key_digest, validate_tenant_id};
+pub use policy::{Freshness, Plan, RequestDirectives};
+pub use route::Route;
+pub use sse::{ChatAssembler, SseError, replay_chat};
+pub use tenant::{Tenant, TenantsFile};

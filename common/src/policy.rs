@@ -1,0 +1,294 @@
+//! The cache decision table: what may be read, written and served, and for how long. Pure:
+//! callers pass the clock (`now`) and headers in; nothing here reads them itself.
+
+use crate::canonical::{Value, parse_strict};
+
+/// What the request's `Cache-Control` (or `Pragma`) asks of the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RequestDirectives {
+    /// `no-store`: neither read nor write.
+    pub no_store: bool,
+    /// `no-cache` (or `Pragma: no-cache`): skip the read, write the fresh answer.
+    pub no_cache: bool,
+    /// `max-age=N`: accept only entries at most N seconds old.
+    pub max_age: Option<u64>,
+}
+
+/// Parse request Cache-Control (and `Pragma: no-cache`); unknown directives ignored.
+///
+/// Directive names are case-insensitive; `max-age` accepts the quoted form, keeps the smallest
+/// value if repeated, saturates on overflow and ignores values that are not digits. As RFC 9111
+/// (section 5.4) says, `Pragma` only counts when there is no `Cache-Control` header.
+pub fn parse_cache_control(cache_control: Option<&str>, pragma: Option<&str>) -> RequestDirectives {
+    let mut directives = RequestDirectives::default();
+    match cache_control {
+        Some(cc) if !cc.trim().is_empty() => {
+            for directive in cc.split(',') {
+                let (name, value) = match directive.split_once('=') {
+                    Some((name, value)) => (name.trim(), Some(value.trim())),
+                    None => (directive.trim(), None),
+                };
+                if name.eq_ignore_ascii_case("no-store") {
+                    directives.no_store = true;
+                } else if name.eq_ignore_ascii_case("no-cache") {
+                    directives.no_cache = true;
+                } else if name.eq_ignore_ascii_case("max-age")
+                    && let Some(secs) = value.and_then(parse_delta_seconds)
+                {
+                    directives.max_age =
+                        Some(directives.max_age.map_or(secs, |prev| prev.min(secs)));
+                }
+            }
+        }
+        _ => {
+            if let Some(pragma) = pragma {
+                directives.no_cache = pragma
+                    .split(',')
+                    .any(|d| d.trim().eq_ignore_ascii_case("no-cache"));
+            }
+        }
+    }
+    directives
+}
+
+fn parse_delta_seconds(value: &str) -> Option<u64> {
+    let value = value
+        .strip_prefix('"')
+        .and_then(|v| v.strip_suffix('"'))
+        .unwrap_or(value);
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // All digits, so the only possible failure is overflow.
+    Some(value.parse().unwrap_or(u64::MAX))
+}
+
+/// What to do with the cache for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// Look the key up.
+    pub read: bool,
+    /// Store a cacheable answer.
+    pub write: bool,
+    /// Serve only entries at most this old (seconds).
+    pub max_age: Option<u64>,
+}
+
+/// cacheable=false (canonical None) -> no read, no write. no-store -> neither. no-cache -> write
+/// only. Otherwise read and write.
+pub fn plan(directives: RequestDirectives, cacheable_request: bool) -> Plan {
+    let (read, write) = if !cacheable_request || directives.no_store {
+        (false, false)
+    } else if directives.no_cache {
+        (false, true)
+    } else {
+        (true, true)
+    };
+    Plan {
+        read,
+        write,
+        max_age: directives.max_age,
+    }
+}
+
+/// Only complete 2xx answers with a JSON content type whose body is a JSON object without a
+/// top-level "error" member.
+///
+/// JSON content types are `application/json` and any `+json` type, parameters ignored. The body
+/// must parse strictly (a truncated body does not), so an incomplete answer is never stored.
+pub fn is_cacheable_response(status: u16, content_type: &str, body: &[u8]) -> bool {
+    if !(200..300).contains(&status) {
+        return false;
+    }
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    if media_type != "application/json" && !media_type.ends_with("+json") {
+        return false;
+    }
+    matches!(parse_strict(body), Ok(Value::Object(fields)) if !fields.contains_key("error"))
+}
+
+/// requested (tenant default) capped to [1, cap].
+pub fn effective_ttl(tenant_ttl: u64, cap: u64) -> u64 {
+    tenant_ttl.min(cap).max(1)
+}
+
+/// How usable an entry is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    /// Serve it. `remaining` is `ttl - age` seconds.
+    Fresh { age: u64, remaining: u64 },
+    /// Too old to serve normally; may be served if the origin is unreachable.
+    Stale { age: u64 },
+    /// Never serve.
+    Expired,
+}
+
+/// Fresh: age < ttl and (max_age is None or age <= max_age). Stale: not fresh but
+/// age < ttl + stale_window. Expired otherwise. A `created` in the future (clock skew) counts as
+/// age 0. All values are seconds.
+pub fn freshness(
+    created: u64,
+    ttl: u64,
+    now: u64,
+    max_age: Option<u64>,
+    stale_window: u64,
+) -> Freshness {
+    let age = now.saturating_sub(created);
+    if age < ttl && max_age.is_none_or(|max| age <= max) {
+        Freshness::Fresh {
+            age,
+            remaining: ttl - age,
+        }
+    } else if age < ttl.saturating_add(stale_window) {
+        Freshness::Stale { age }
+    } else {
+        Freshness::Expired
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cc(value: &str) -> RequestDirectives {
+        parse_cache_control(Some(value), None)
+    }
+
+    #[test]
+    fn cache_control_directives_are_parsed_case_insensitively() {
+        assert_eq!(cc(""), RequestDirectives::default());
+        assert!(cc("No-Store").no_store);
+        assert!(cc("private, NO-CACHE").no_cache);
+        assert_eq!(cc("max-age=60").max_age, Some(60));
+        assert_eq!(cc("Max-Age = \"30\" ").max_age, Some(30));
+        assert_eq!(cc("max-age=60, max-age=10").max_age, Some(10));
+        assert_eq!(cc("max-age=-1, max-age=abc, max-age=").max_age, None);
+        assert_eq!(
+            cc("max-age=99999999999999999999999").max_age,
+            Some(u64::MAX)
+        );
+        assert_eq!(
+            cc("only-if-cached, stale-if-error=5"),
+            RequestDirectives::default()
+        );
+    }
+
+    #[test]
+    fn pragma_counts_only_without_cache_control() {
+        assert!(parse_cache_control(None, Some("no-cache")).no_cache);
+        assert!(parse_cache_control(Some(" "), Some("x, No-Cache")).no_cache);
+        assert!(!parse_cache_control(Some("max-age=5"), Some("no-cache")).no_cache);
+        assert!(!parse_cache_control(None, Some("something")).no_cache);
+    }
+
+    #[test]
+    fn plan_follows_the_decision_table() {
+        let d = |no_store, no_cache| RequestDirectives {
+            no_store,
+            no_cache,
+            max_age: Some(5),
+        };
+        let rw = |p: Plan| (p.read, p.write);
+        assert_eq!(rw(plan(d(false, false), true)), (true, true));
+        assert_eq!(rw(plan(d(false, true), true)), (false, true));
+        assert_eq!(rw(plan(d(true, false), true)), (false, false));
+        assert_eq!(rw(plan(d(true, true), true)), (false, false));
+        assert_eq!(rw(plan(d(false, false), false)), (false, false));
+        assert_eq!(plan(d(false, false), true).max_age, Some(5));
+    }
+
+    #[test]
+    fn only_complete_successful_json_objects_are_cacheable() {
+        let ok = br#"{"id":"x","choices":[]}"#;
+        assert!(is_cacheable_response(200, "application/json", ok));
+        assert!(is_cacheable_response(
+            201,
+            "Application/JSON; charset=utf-8",
+            ok
+        ));
+        assert!(is_cacheable_response(200, "application/problem+json", ok));
+        assert!(!is_cacheable_response(429, "application/json", ok));
+        assert!(!is_cacheable_response(500, "application/json", ok));
+        assert!(!is_cacheable_response(304, "application/json", ok));
+        assert!(!is_cacheable_response(200, "text/event-stream", ok));
+        assert!(!is_cacheable_response(
+            200,
+            "application/json",
+            br#"{"id":"x","cho"#
+        ));
+        assert!(!is_cacheable_response(200, "application/json", b"[1]"));
+        assert!(!is_cacheable_response(
+            200,
+            "application/json",
+            br#"{"error":{"message":"m"}}"#
+        ));
+    }
+
+    #[test]
+    fn ttl_is_capped_and_never_zero() {
+        assert_eq!(effective_ttl(3600, 86_400), 3600);
+        assert_eq!(effective_ttl(100_000, 86_400), 86_400);
+        assert_eq!(effective_ttl(0, 86_400), 1);
+        assert_eq!(effective_ttl(10, 0), 1);
+    }
+
+    #[test]
+    fn freshness_distinguishes_fresh_stale_and_expired() {
+        assert_eq!(
+            freshness(100, 60, 130, None, 30),
+            Freshness::Fresh {
+                age: 30,
+                remaining: 30
+            }
+        );
+        assert_eq!(
+            freshness(100, 60, 160, None, 30),
+            Freshness::Stale { age: 60 }
+        );
+        assert_eq!(
+            freshness(100, 60, 189, None, 30),
+            Freshness::Stale { age: 89 }
+        );
+        assert_eq!(freshness(100, 60, 190, None, 30), Freshness::Expired);
+        assert_eq!(freshness(100, 60, 160, None, 0), Freshness::Expired);
+    }
+
+    #[test]
+    fn max_age_makes_older_entries_stale() {
+        assert_eq!(
+            freshness(100, 60, 110, Some(10), 0),
+            Freshness::Fresh {
+                age: 10,
+                remaining: 50
+            }
+        );
+        assert_eq!(
+            freshness(100, 60, 111, Some(10), 0),
+            Freshness::Stale { age: 11 }
+        );
+        assert_eq!(
+            freshness(100, 60, 111, Some(10), 100),
+            Freshness::Stale { age: 11 }
+        );
+    }
+
+    #[test]
+    fn a_future_created_time_counts_as_age_zero() {
+        assert_eq!(
+            freshness(200, 60, 100, Some(0), 0),
+            Freshness::Fresh {
+                age: 0,
+                remaining: 60
+            }
+        );
+        assert_eq!(
+            freshness(0, u64::MAX, u64::MAX, None, u64::MAX),
+            Freshness::Expired
+        );
+    }
+}
