@@ -1,1 +1,144 @@
-//! The origin tier.
+//! The origin tier: an OpenAI-compatible actix-web service with a Redis cache in front of a
+//! provider router. `Application::build` assembles everything (tests start it on port 0);
+//! `main.rs` only parses the command line and starts it.
+
+pub mod breaker;
+pub mod budget;
+pub mod coalesce;
+pub mod error;
+pub mod metrics;
+pub mod replicate;
+pub mod router;
+pub mod routes;
+pub mod service;
+pub mod settings;
+pub mod store;
+pub mod stream;
+pub mod tenants;
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{App, HttpServer, web};
+
+use crate::metrics::Metrics;
+use crate::replicate::{NoopReplicator, Replicator};
+use crate::service::Service;
+use crate::settings::{Settings, ms};
+use crate::store::{RedisStore, Store};
+use crate::tenants::Tenants;
+
+/// Why the origin could not start. Each message names the setting or resource at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Settings(#[from] settings::SettingsError),
+    #[error(transparent)]
+    Tenants(#[from] tenants::TenantsError),
+    #[error(transparent)]
+    Redis(#[from] store::RedisSetupError),
+    #[error(transparent)]
+    Service(#[from] service::ServiceError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+    #[error("server.listen {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+}
+
+/// Optional replacements for the parts `build` would make from settings (tests, and the
+/// replicator of issue 4).
+#[derive(Default)]
+pub struct Parts {
+    /// Instead of Redis at `redis.url` (e.g. `store::MemoryStore` in unit-level tests).
+    pub store: Option<Arc<dyn Store>>,
+    /// Instead of `NoopReplicator`.
+    pub replicator: Option<Arc<dyn Replicator>>,
+    /// Instead of reading `tenants.file`.
+    pub tenants: Option<Tenants>,
+}
+
+/// A bound, not yet running origin.
+pub struct Application {
+    server: Server,
+    addr: SocketAddr,
+    service: Arc<Service>,
+}
+
+impl Application {
+    /// Validates `settings`, loads tenants, builds the pool, router and service, and binds.
+    /// Must be called inside a Tokio runtime (it starts the usage flusher).
+    pub fn build(settings: Settings) -> Result<Application, StartError> {
+        Application::build_with(settings, Parts::default())
+    }
+
+    pub fn build_with(settings: Settings, parts: Parts) -> Result<Application, StartError> {
+        settings.validate()?;
+        let metrics = Metrics::new()?;
+        let tenants = match parts.tenants {
+            Some(tenants) => tenants,
+            None => Tenants::from_file(&settings.tenants.file)?,
+        };
+        let store: Arc<dyn Store> = match parts.store {
+            Some(store) => store,
+            None => Arc::new(RedisStore::new(&settings.redis, metrics.clone())?),
+        };
+        let replicator = parts.replicator.unwrap_or_else(|| Arc::new(NoopReplicator));
+        let service = Service::new(&settings, tenants, store, replicator, metrics)?;
+        service
+            .budget()
+            .spawn_flusher(ms(settings.cache.usage_flush_ms));
+
+        let addr = settings.listen_addr()?;
+        let bind_error = |source| StartError::Bind {
+            addr: settings.server.listen.clone(),
+            source,
+        };
+        let listener = TcpListener::bind(addr).map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
+        let data = web::Data::from(Arc::clone(&service));
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(routes::configure)
+        })
+        .shutdown_timeout(settings.server.shutdown_timeout_secs)
+        .keep_alive(Duration::from_secs(75));
+        if settings.server.workers > 0 {
+            server = server.workers(settings.server.workers);
+        }
+        let server = server.listen(listener).map_err(bind_error)?.run();
+        Ok(Application {
+            server,
+            addr,
+            service,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://<addr>`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops the server (gracefully or not) from elsewhere.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    /// Serves until stopped.
+    pub async fn run(self) -> std::io::Result<()> {
+        self.server.await
+    }
+}

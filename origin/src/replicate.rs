@@ -1,0 +1,100 @@
+//! The seam toward the edge tier's dual-write: the service offers every cacheable entry it
+//! answered for an edge miss (`x-gateway-edge-miss: 1`) and every purge. The real replicator
+//! (a bounded queue drained in batches to the Fastly KV API) plugs in here; it must never block.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use gateway_common::entry::Entry;
+use gateway_common::key::CacheKey;
+
+/// Receives what the edge tier should hold. Every method returns at once; a replicator that
+/// cannot keep up drops (and counts) rather than slowing a response.
+pub trait Replicator: Send + Sync + 'static {
+    /// An entry the origin answered for an edge miss. `false` when it was dropped.
+    fn offer(&self, entry: Arc<Entry>) -> bool;
+    /// A tenant deleted one of its keys.
+    fn purge_key(&self, key: &CacheKey);
+    /// A tenant purged all of its keys.
+    fn purge_tenant(&self, tenant: &str);
+    /// True while the queue is saturated; `/readyz` then answers 503 so a load balancer sends
+    /// traffic to replicas that can still replicate.
+    fn saturated(&self) -> bool;
+}
+
+/// Replicates nothing, never saturated: the default until the KV replicator exists.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopReplicator;
+
+impl Replicator for NoopReplicator {
+    fn offer(&self, _entry: Arc<Entry>) -> bool {
+        true
+    }
+    fn purge_key(&self, _key: &CacheKey) {}
+    fn purge_tenant(&self, _tenant: &str) {}
+    fn saturated(&self) -> bool {
+        false
+    }
+}
+
+/// Records what it is offered, **for tests**; its saturation is a switch.
+#[derive(Debug, Default)]
+pub struct RecordingReplicator {
+    offered: Mutex<Vec<Arc<Entry>>>,
+    purged: Mutex<Vec<String>>,
+    saturated: AtomicBool,
+}
+
+impl RecordingReplicator {
+    pub fn new() -> RecordingReplicator {
+        RecordingReplicator::default()
+    }
+
+    /// Keys (hex) of the entries offered so far, in order.
+    pub fn offered_keys(&self) -> Vec<String> {
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|e| e.envelope.key.clone())
+            .collect()
+    }
+
+    /// Purges seen so far: `key:<hex>` or `tenant:<id>`.
+    pub fn purges(&self) -> Vec<String> {
+        self.purged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn set_saturated(&self, saturated: bool) {
+        self.saturated.store(saturated, Ordering::SeqCst);
+    }
+}
+
+impl Replicator for RecordingReplicator {
+    fn offer(&self, entry: Arc<Entry>) -> bool {
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(entry);
+        true
+    }
+    fn purge_key(&self, key: &CacheKey) {
+        self.purged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("key:{}", key.hex()));
+    }
+    fn purge_tenant(&self, tenant: &str) {
+        self.purged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(format!("tenant:{tenant}"));
+    }
+    fn saturated(&self) -> bool {
+        self.saturated.load(Ordering::SeqCst)
+    }
+}

@@ -1,0 +1,349 @@
+//! HTTP in and out: extracts what the service needs from actix requests, reads bodies within
+//! the size limit, and turns replies into responses with the shared header vocabulary, the
+//! metrics and one log line per request. No cache or provider logic lives here.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::http::StatusCode;
+use actix_web::http::header::{self, HeaderMap, HeaderValue};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use gateway_common::error::ApiError;
+use gateway_common::headers::{
+    CACHE_STATUS, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY, X_CACHE_LAYER, X_EDGE_MISS,
+    X_EDGE_SECRET, X_UPSTREAM_PROVIDER,
+};
+use gateway_common::route::Route;
+
+use crate::error::{error_response, method_not_allowed, not_found};
+use crate::service::{ApiRequest, Outcome, Refusal, ReplyBody, Service, Trace};
+
+/// Registers every route; unknown paths get 404 and wrong methods 405, both OpenAI-shaped.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    let api = |route: Route| {
+        web::resource(route.path())
+            .route(web::post().to(
+                move |request: HttpRequest, payload: web::Payload, service: web::Data<Service>| {
+                    api(route, request, payload, service)
+                },
+            ))
+            .default_service(web::to(method_not_allowed))
+    };
+    cfg.service(api(Route::ChatCompletions))
+        .service(api(Route::Completions))
+        .service(api(Route::Embeddings))
+        .service(
+            web::resource("/v1/models")
+                .route(web::get().to(models))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/cache")
+                .route(web::delete().to(purge))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/v1/cache/{key}")
+                .route(web::delete().to(delete_key))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/healthz")
+                .route(web::get().to(healthz))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/readyz")
+                .route(web::get().to(readyz))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
+            web::resource("/metrics")
+                .route(web::get().to(metrics))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .default_service(web::to(not_found));
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn api(
+    route: Route,
+    request: HttpRequest,
+    payload: web::Payload,
+    service: web::Data<Service>,
+) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
+    let headers = request.headers();
+    // Authenticate before reading a byte of the body: an unknown key costs nothing.
+    let tenant = match service.authorize(
+        header(headers, "authorization"),
+        header(headers, X_EDGE_SECRET),
+    ) {
+        Ok(tenant) => tenant,
+        Err(refusal) => {
+            return finish(
+                &service,
+                route.as_str(),
+                start,
+                Outcome::refused(Trace::default(), refusal),
+            );
+        }
+    };
+    let mut trace = Trace {
+        tenant: Some(tenant.id.clone()),
+        ..Trace::default()
+    };
+    let body = match read_body(headers, payload, service.max_body_bytes()).await {
+        Ok(body) => body,
+        Err(refusal) => {
+            trace.tenant = Some(tenant.id.clone());
+            return finish(
+                &service,
+                route.as_str(),
+                start,
+                Outcome::refused(trace, refusal),
+            );
+        }
+    };
+    let outcome = service
+        .handle(ApiRequest {
+            route,
+            tenant,
+            edge_miss: header(headers, X_EDGE_MISS).is_some_and(|v| v.trim() == "1"),
+            cache_control: header(headers, "cache-control").map(str::to_string),
+            pragma: header(headers, "pragma").map(str::to_string),
+            body,
+        })
+        .await;
+    finish(&service, route.as_str(), start, outcome)
+}
+
+/// The body, refusing (413) past `limit` without reading further.
+async fn read_body(
+    headers: &HeaderMap,
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<bytes::Bytes, Refusal> {
+    let declared = header(headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::too_large(limit).into());
+    }
+    let mut body = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n as usize));
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|_| {
+            Refusal::from(ApiError::bad_request(
+                "The request body could not be read.",
+                None,
+            ))
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::too_large(limit).into());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Headers, metrics and the request log line, then the response.
+fn finish(
+    service: &Arc<Service>,
+    route: &'static str,
+    start: Instant,
+    outcome: Outcome,
+) -> HttpResponse {
+    let Outcome { trace, result } = outcome;
+    let total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let mut response = match result {
+        Ok(reply) => {
+            let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut builder = HttpResponse::build(status);
+            builder.insert_header((
+                header::CONTENT_TYPE,
+                HeaderValue::from_str(&reply.content_type)
+                    .unwrap_or(HeaderValue::from_static("application/json")),
+            ));
+            match reply.body {
+                ReplyBody::Full(bytes) => builder.body(bytes),
+                ReplyBody::Stream(stream) => {
+                    builder.insert_header((header::CACHE_CONTROL, "no-cache"));
+                    builder.streaming(stream)
+                }
+            }
+        }
+        Err(refusal) => error_response(&refusal),
+    };
+    decorate(response.headers_mut(), &trace, total_ms);
+    let status = response.status().as_u16();
+    record(service, route, status, &trace, total_ms);
+    response
+}
+
+fn decorate(headers: &mut HeaderMap, trace: &Trace, total_ms: f64) {
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(value) = HeaderValue::from_str(value) {
+            headers.insert(header::HeaderName::from_static(name), value);
+        }
+    };
+    if let Some(cache) = trace.cache {
+        put(X_CACHE, cache.as_str());
+    }
+    if let Some(layer) = trace.layer {
+        put(X_CACHE_LAYER, layer.as_str());
+    }
+    if let Some(status) = &trace.cache_status {
+        put(CACHE_STATUS, status);
+    }
+    if let Some(age) = trace.age {
+        put("age", &age.to_string());
+    }
+    if let Some(key) = &trace.key {
+        put(X_CACHE_KEY, key);
+    }
+    if let Some(provider) = &trace.provider {
+        put(X_UPSTREAM_PROVIDER, provider);
+    }
+    let mut timing = ServerTiming::new();
+    if let Some(ms) = trace.redis_ms {
+        timing.add("redis", ms);
+    }
+    if let Some(ms) = trace.upstream_ms {
+        timing.add("upstream", ms);
+    }
+    timing.add("total", total_ms);
+    put(SERVER_TIMING, &timing.render());
+}
+
+/// Counts the request and writes its one log line. Never logs credentials, prompts or answers.
+fn record(service: &Service, route: &'static str, status: u16, trace: &Trace, total_ms: f64) {
+    let metrics = service.metrics();
+    metrics
+        .requests
+        .with_label_values(&[route, &status.to_string()])
+        .inc();
+    metrics
+        .request_duration
+        .with_label_values(&[route])
+        .observe(total_ms / 1000.0);
+    if let (Some(cache), Some(layer)) = (trace.cache, trace.layer) {
+        metrics
+            .cache_results
+            .with_label_values(&[layer.as_str(), &cache.as_str().to_ascii_lowercase()])
+            .inc();
+    }
+    tracing::info!(
+        target: "gateway_origin::request",
+        route,
+        status,
+        tenant = trace.tenant.as_deref().unwrap_or("-"),
+        cache = trace.cache.map_or("-", |c| c.as_str()),
+        layer = trace.layer.map_or("-", |l| l.as_str()),
+        key = trace.key.as_deref().unwrap_or("-"),
+        provider = trace.provider.as_deref().unwrap_or("-"),
+        collapsed = trace.collapsed,
+        redis_ms = trace.redis_ms.unwrap_or(0.0),
+        upstream_ms = trace.upstream_ms.unwrap_or(0.0),
+        total_ms,
+        "request"
+    );
+}
+
+/// For the non-API routes: headers and log line without cache fields.
+fn plain(
+    service: &Arc<Service>,
+    route: &'static str,
+    start: Instant,
+    result: Result<HttpResponse, Refusal>,
+) -> HttpResponse {
+    let mut response = result.unwrap_or_else(|refusal| error_response(&refusal));
+    let total_ms = start.elapsed().as_secs_f64() * 1000.0;
+    decorate(response.headers_mut(), &Trace::default(), total_ms);
+    record(
+        service,
+        route,
+        response.status().as_u16(),
+        &Trace::default(),
+        total_ms,
+    );
+    response
+}
+
+fn json(body: bytes::Bytes) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body)
+}
+
+async fn models(request: HttpRequest, service: web::Data<Service>) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
+    let headers = request.headers();
+    let result = service
+        .models(
+            header(headers, "authorization"),
+            header(headers, X_EDGE_SECRET),
+        )
+        .map(json);
+    plain(&service, "models", start, result)
+}
+
+async fn delete_key(request: HttpRequest, service: web::Data<Service>) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
+    let headers = request.headers();
+    let key = request.match_info().get("key").unwrap_or("");
+    let result = service
+        .delete_key(
+            header(headers, "authorization"),
+            header(headers, X_EDGE_SECRET),
+            key,
+        )
+        .await
+        .map(json);
+    plain(&service, "cache", start, result)
+}
+
+async fn purge(request: HttpRequest, service: web::Data<Service>) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
+    let headers = request.headers();
+    let result = service
+        .purge(
+            header(headers, "authorization"),
+            header(headers, X_EDGE_SECRET),
+        )
+        .await
+        .map(json);
+    plain(&service, "cache", start, result)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(r#"{"status":"ok"}"#)
+}
+
+async fn readyz(service: web::Data<Service>) -> HttpResponse {
+    match service.readiness().await {
+        Ok(()) => HttpResponse::Ok()
+            .content_type("application/json")
+            .body(r#"{"status":"ready"}"#),
+        Err(reason) => HttpResponse::ServiceUnavailable()
+            .content_type("application/json")
+            .body(serde_json::json!({"status": "not ready", "reason": reason}).to_string()),
+    }
+}
+
+async fn metrics(request: HttpRequest, service: web::Data<Service>) -> HttpResponse {
+    match service.metrics_page(header(request.headers(), "authorization")) {
+        Ok(page) => HttpResponse::Ok()
+            .content_type("text/plain; version=0.0.4; charset=utf-8")
+            .body(page),
+        Err(refusal) => error_response(&refusal),
+    }
+}

@@ -1,0 +1,670 @@
+//! Settings: compiled-in defaults, then an optional file, then `GATEWAY__SECTION__KEY`
+//! environment variables, validated once at start-up. The environment is passed in as a map
+//! so tests build settings in code and never touch the process environment.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// The compiled-in defaults, the first layer of every load.
+const DEFAULTS_TOML: &str = r#"
+dev_mode = false
+
+[server]
+listen = "127.0.0.1:8080"
+workers = 0
+max_body_bytes = 4194304
+max_upstream_body_bytes = 67108864
+shutdown_timeout_secs = 10
+
+[redis]
+url = "redis://127.0.0.1:6379"
+pool_size = 32
+response_timeout_ms = 50
+pool_wait_timeout_ms = 20
+connect_timeout_ms = 100
+breaker_failure_threshold = 5
+breaker_cooldown_ms = 1000
+error_log_interval_secs = 10
+
+[cache]
+ttl_cap_secs = 604800
+coalesce_wait_timeout_ms = 300000
+usage_flush_ms = 1000
+
+[tenants]
+file = "fixtures/tenants.json"
+
+[security]
+require_edge_secret = false
+
+[router]
+retry_budget_ratio = 0.2
+retry_budget_min_per_sec = 10.0
+breaker_failure_threshold = 5
+breaker_cooldown_ms = 10000
+stream_idle_timeout_ms = 60000
+
+[log]
+format = "text"
+filter = "info"
+"#;
+
+/// The cache key secret used when `dev_mode = true` and none is configured. It matches the
+/// edge's development secret (`fastly.toml` `[local_server]`), so local runs agree on keys.
+pub const DEV_CACHE_KEY_SECRET: &str = "gateway-dev-cache-key-secret";
+
+/// A secret value: provider keys, the cache key secret, the admin token, the edge shared secret.
+/// `Debug` and `Display` print `[redacted]`; the value is only reachable through [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself. Callers must not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Secret)
+    }
+}
+
+/// Everything the origin needs to start. Build it with [`Settings::load`] (binary) or in code
+/// (tests: start from [`Settings::for_tests`] and change fields).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Allows development conveniences (the built-in cache key secret). Never in production.
+    pub dev_mode: bool,
+    pub server: ServerSettings,
+    pub redis: RedisSettings,
+    pub cache: CacheSettings,
+    pub tenants: TenantsSettings,
+    pub security: SecuritySettings,
+    pub router: RouterSettings,
+    #[serde(default)]
+    pub providers: Vec<ProviderSettings>,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Address to bind; port 0 picks a free port (tests).
+    pub listen: String,
+    /// actix workers; 0 means one per core.
+    pub workers: usize,
+    /// Largest accepted request body; larger bodies get 413.
+    pub max_body_bytes: usize,
+    /// Largest non-streamed provider answer read into memory.
+    pub max_upstream_body_bytes: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// `redis://[user:password@]host:port[/db]`. May carry a password: never logged.
+    pub url: Secret,
+    pub pool_size: usize,
+    /// Bound on one command's round trip; past it the command is a miss.
+    pub response_timeout_ms: u64,
+    /// Bound on waiting for a free pooled connection.
+    pub pool_wait_timeout_ms: u64,
+    /// Bound on opening a new connection.
+    pub connect_timeout_ms: u64,
+    /// Consecutive Redis failures after which calls are skipped for `breaker_cooldown_ms`.
+    pub breaker_failure_threshold: u32,
+    pub breaker_cooldown_ms: u64,
+    /// At most one error log line per this interval (the rest are counted in metrics).
+    pub error_log_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSettings {
+    /// The HMAC secret for cache keys; must equal the edge's. `hex:` prefix for hex-encoded bytes,
+    /// otherwise the UTF-8 bytes of the string. Required unless `dev_mode`.
+    #[serde(default)]
+    pub key_secret: Option<Secret>,
+    /// Upper bound on any entry's TTL (a tenant's `cache_ttl_secs` is capped to it).
+    pub ttl_cap_secs: u64,
+    /// How long a coalesced waiter waits for the leader before answering 504.
+    pub coalesce_wait_timeout_ms: u64,
+    /// How often token counters are flushed to Redis.
+    pub usage_flush_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsSettings {
+    /// Path of `tenants.json` (the same file fills the edge's Config Store).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySettings {
+    /// Require `x-gateway-edge-secret` on every API request (the origin is only reachable
+    /// through the edge).
+    pub require_edge_secret: bool,
+    #[serde(default)]
+    pub edge_secret: Option<Secret>,
+    /// When set, `/metrics` requires `Authorization: Bearer <admin_token>`.
+    #[serde(default)]
+    pub admin_token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSettings {
+    /// Retries allowed per request, on average (0.2 = at most 20 % extra load).
+    pub retry_budget_ratio: f64,
+    /// Retries always allowed per second regardless of traffic (the floor).
+    pub retry_budget_min_per_sec: f64,
+    /// Consecutive failures that open a provider's breaker.
+    pub breaker_failure_threshold: u32,
+    /// How long an open breaker skips its provider before one probe.
+    pub breaker_cooldown_ms: u64,
+    /// Longest silence between two chunks of a streamed answer.
+    pub stream_idle_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub name: String,
+    /// OpenAI-compatible base URL including the version, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// Name of the environment variable holding this provider's API key (optional).
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// Resolved from `api_key_env` at load; tests set it directly.
+    #[serde(skip)]
+    pub api_key: Option<Secret>,
+    /// Client model → provider model. A client model `*` forwards any model unchanged.
+    pub models: BTreeMap<String, String>,
+    /// Lower is tried first.
+    #[serde(default)]
+    pub priority: u32,
+    /// Share of traffic among providers of equal priority.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Per attempt: until the full answer (non-stream) or the response head (stream).
+    #[serde(default = "default_provider_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default = "default_provider_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+fn default_provider_timeout_ms() -> u64 {
+    60_000
+}
+fn default_provider_connect_timeout_ms() -> u64 {
+    2_000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// `tracing_subscriber::EnvFilter` syntax.
+    pub filter: String,
+}
+
+/// Why settings could not be loaded. Every message names the offending key.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("settings: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("settings: invalid value for `{key}`: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Settings {
+    /// Defaults, then `file` (if any), then `GATEWAY__SECTION__KEY` entries of `env`; provider
+    /// keys are read from `env` under the names their settings give. Validated before returning.
+    pub fn load(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+    ) -> Result<Settings, SettingsError> {
+        let mut builder = config::Config::builder().add_source(config::File::from_str(
+            DEFAULTS_TOML,
+            config::FileFormat::Toml,
+        ));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let gateway_env: config::Map<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("GATEWAY__"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("GATEWAY")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(gateway_env)),
+        );
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        for (i, provider) in settings.providers.iter_mut().enumerate() {
+            if let Some(var) = &provider.api_key_env {
+                match env.get(var) {
+                    Some(value) if !value.is_empty() => {
+                        provider.api_key = Some(Secret::new(value.clone()))
+                    }
+                    _ => {
+                        return Err(invalid(
+                            format!("providers[{i}].api_key_env"),
+                            format!("environment variable {var} is not set"),
+                        ));
+                    }
+                }
+            }
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The compiled-in defaults alone, in `dev_mode`, with no provider: a base for tests,
+    /// which then set the listen port to 0, the Redis URL, the tenants file and providers.
+    pub fn for_tests() -> Settings {
+        let mut settings: Settings = config::Config::builder()
+            .add_source(config::File::from_str(
+                DEFAULTS_TOML,
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .unwrap_or_else(|e| unreachable!("the compiled-in defaults always parse: {e}"));
+        settings.dev_mode = true;
+        settings.server.listen = "127.0.0.1:0".into();
+        settings.server.workers = 2;
+        settings
+    }
+
+    /// Checks every value once; the first problem found is returned, naming its key.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        self.server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("server.listen", e.to_string()))?;
+        if self.server.max_body_bytes == 0 {
+            return Err(invalid("server.max_body_bytes", "must be > 0"));
+        }
+        if self.server.max_upstream_body_bytes == 0 {
+            return Err(invalid("server.max_upstream_body_bytes", "must be > 0"));
+        }
+        redis::parse_redis_url(self.redis.url.expose())
+            .ok_or_else(|| invalid("redis.url", "not a redis:// URL"))?;
+        for (key, value) in [
+            ("redis.pool_size", self.redis.pool_size as u64),
+            ("redis.response_timeout_ms", self.redis.response_timeout_ms),
+            (
+                "redis.pool_wait_timeout_ms",
+                self.redis.pool_wait_timeout_ms,
+            ),
+            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
+            (
+                "redis.breaker_failure_threshold",
+                u64::from(self.redis.breaker_failure_threshold),
+            ),
+            ("cache.ttl_cap_secs", self.cache.ttl_cap_secs),
+            (
+                "cache.coalesce_wait_timeout_ms",
+                self.cache.coalesce_wait_timeout_ms,
+            ),
+            ("cache.usage_flush_ms", self.cache.usage_flush_ms),
+            (
+                "router.breaker_failure_threshold",
+                u64::from(self.router.breaker_failure_threshold),
+            ),
+            (
+                "router.stream_idle_timeout_ms",
+                self.router.stream_idle_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        match &self.cache.key_secret {
+            None if !self.dev_mode => {
+                return Err(invalid(
+                    "cache.key_secret",
+                    "required (it must equal the edge's); only dev_mode = true has a built-in one",
+                ));
+            }
+            None => {}
+            Some(secret) => {
+                let bytes = decode_key_secret(secret)
+                    .map_err(|reason| invalid("cache.key_secret", reason))?;
+                if bytes.len() < 16 && !self.dev_mode {
+                    return Err(invalid("cache.key_secret", "must be at least 16 bytes"));
+                }
+            }
+        }
+        if self.security.require_edge_secret {
+            match &self.security.edge_secret {
+                Some(s) if !s.expose().is_empty() => {}
+                _ => {
+                    return Err(invalid(
+                        "security.edge_secret",
+                        "required when security.require_edge_secret = true",
+                    ));
+                }
+            }
+        }
+        if !(0.0..=10.0).contains(&self.router.retry_budget_ratio) {
+            return Err(invalid(
+                "router.retry_budget_ratio",
+                "must be within 0.0..=10.0",
+            ));
+        }
+        if !(0.0..=1.0e6).contains(&self.router.retry_budget_min_per_sec) {
+            return Err(invalid(
+                "router.retry_budget_min_per_sec",
+                "must be within 0..=1e6",
+            ));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
+            .map_err(|e| invalid("log.filter", e.to_string()))?;
+        if self.providers.is_empty() {
+            return Err(invalid("providers", "at least one provider is required"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.providers.iter().enumerate() {
+            let key = |field: &str| format!("providers[{i}].{field}");
+            if p.name.is_empty()
+                || !p
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(key("name"), "must be non-empty [A-Za-z0-9_-]"));
+            }
+            if !names.insert(p.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("duplicate provider name {}", p.name),
+                ));
+            }
+            match reqwest::Url::parse(&p.base_url) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                Ok(_) => return Err(invalid(key("base_url"), "scheme must be http or https")),
+                Err(e) => return Err(invalid(key("base_url"), e.to_string())),
+            }
+            if p.models.is_empty() {
+                return Err(invalid(key("models"), "must map at least one model"));
+            }
+            if let Some((client, _)) = p.models.iter().find(|(c, m)| c.is_empty() || m.is_empty()) {
+                return Err(invalid(
+                    key("models"),
+                    format!("empty model name in mapping of {client:?}"),
+                ));
+            }
+            if p.weight == 0 {
+                return Err(invalid(key("weight"), "must be > 0"));
+            }
+            if p.timeout_ms == 0 {
+                return Err(invalid(key("timeout_ms"), "must be > 0"));
+            }
+            if p.connect_timeout_ms == 0 {
+                return Err(invalid(key("connect_timeout_ms"), "must be > 0"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cache key secret's bytes (validated at load).
+    pub fn cache_key_secret(&self) -> Vec<u8> {
+        match &self.cache.key_secret {
+            Some(secret) => {
+                decode_key_secret(secret).unwrap_or_else(|_| secret.expose().as_bytes().to_vec())
+            }
+            None => DEV_CACHE_KEY_SECRET.as_bytes().to_vec(),
+        }
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, SettingsError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|e: std::net::AddrParseError| invalid("server.listen", e.to_string()))
+    }
+}
+
+/// `hex:<hex digits>` → those bytes; anything else → its UTF-8 bytes.
+fn decode_key_secret(secret: &Secret) -> Result<Vec<u8>, String> {
+    let value = secret.expose();
+    let bytes = match value.strip_prefix("hex:") {
+        Some(digits) => hex::decode(digits).map_err(|e| format!("bad hex: {e}"))?,
+        None => value.as_bytes().to_vec(),
+    };
+    if bytes.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(bytes)
+}
+
+/// Milliseconds → `Duration`, for the `*_ms` settings.
+pub fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn provider_toml() -> &'static str {
+        r#"
+[[providers]]
+name = "mock"
+base_url = "http://127.0.0.1:9/v1"
+models = { "gpt-4o-mini" = "gpt-4o-mini" }
+"#
+    }
+
+    fn write_file(contents: &str) -> tempfile_path::TempFile {
+        tempfile_path::TempFile::new(contents)
+    }
+
+    /// A tiny temp-file helper (no extra dependency): removed on drop.
+    mod tempfile_path {
+        use super::*;
+        pub struct TempFile(pub PathBuf);
+        impl TempFile {
+            pub fn new(contents: &str) -> TempFile {
+                static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+                let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let path = std::env::temp_dir()
+                    .join(format!("gateway-settings-{}-{n}.toml", std::process::id()));
+                let mut f = std::fs::File::create(&path).unwrap();
+                f.write_all(contents.as_bytes()).unwrap();
+                TempFile(path)
+            }
+        }
+        impl Drop for TempFile {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn defaults_with_a_provider_in_dev_mode_load() {
+        let file = write_file(&format!("dev_mode = true\n{}", provider_toml()));
+        let s = Settings::load(Some(&file.0), &HashMap::new()).unwrap();
+        assert_eq!(s.redis.response_timeout_ms, 50);
+        assert_eq!(s.providers[0].weight, 1);
+        assert_eq!(s.cache_key_secret(), DEV_CACHE_KEY_SECRET.as_bytes());
+    }
+
+    #[test]
+    fn a_missing_key_secret_outside_dev_mode_stops_start_up() {
+        let file = write_file(provider_toml());
+        let err = Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.key_secret"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_stops_start_up_naming_it() {
+        let file = write_file(&format!(
+            "dev_mode = true\n[redis]\nrespnse_timeout_ms = 5\n{}",
+            provider_toml()
+        ));
+        let err = Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("respnse_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_top_level_key_stops_start_up_naming_it() {
+        let file = write_file(&format!("dev_mode = true\nlisten = 1\n{}", provider_toml()));
+        let err = Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file = write_file(&format!("dev_mode = true\n{}", provider_toml()));
+        let env = HashMap::from([
+            (
+                "GATEWAY__REDIS__RESPONSE_TIMEOUT_MS".to_string(),
+                "75".to_string(),
+            ),
+            (
+                "GATEWAY__CACHE__KEY_SECRET".to_string(),
+                "hex:00112233445566778899aabbccddeeff".to_string(),
+            ),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ]);
+        let s = Settings::load(Some(&file.0), &env).unwrap();
+        assert_eq!(s.redis.response_timeout_ms, 75);
+        assert_eq!(
+            s.cache_key_secret(),
+            hex::decode("00112233445566778899aabbccddeeff").unwrap()
+        );
+    }
+
+    #[test]
+    fn an_invalid_value_stops_start_up_naming_it() {
+        let file = write_file(&format!(
+            "dev_mode = true\n[redis]\nresponse_timeout_ms = 0\n{}",
+            provider_toml()
+        ));
+        let err = Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("redis.response_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn a_provider_key_comes_from_the_named_variable() {
+        let toml = format!(
+            "dev_mode = true\n{}api_key_env = \"MOCK_KEY\"\n",
+            provider_toml()
+        );
+        let file = write_file(&toml);
+        let err = Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("providers[0].api_key_env"), "{err}");
+        let env = HashMap::from([("MOCK_KEY".to_string(), "sk-provider".to_string())]);
+        let s = Settings::load(Some(&file.0), &env).unwrap();
+        assert_eq!(
+            s.providers[0].api_key.as_ref().unwrap().expose(),
+            "sk-provider"
+        );
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let file = write_file(&format!(
+            "dev_mode = true\n[cache]\nkey_secret = \"super-secret-value-123\"\n[security]\nadmin_token = \"tok-123\"\n{}",
+            provider_toml()
+        ));
+        let s = Settings::load(Some(&file.0), &HashMap::new()).unwrap();
+        let printed = format!("{s:?}");
+        assert!(!printed.contains("super-secret-value-123"));
+        assert!(!printed.contains("tok-123"));
+        assert!(printed.contains("[redacted]"));
+        assert_eq!(Secret::new("x").to_string(), "[redacted]");
+    }
+
+    #[test]
+    fn the_edge_secret_is_required_when_demanded() {
+        let file = write_file(&format!(
+            "dev_mode = true\n[security]\nrequire_edge_secret = true\n{}",
+            provider_toml()
+        ));
+        let err = Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("security.edge_secret"), "{err}");
+    }
+
+    #[test]
+    fn test_settings_are_valid_once_a_provider_is_added() {
+        let mut s = Settings::for_tests();
+        assert!(s.validate().is_err());
+        s.providers.push(ProviderSettings {
+            name: "p".into(),
+            base_url: "http://127.0.0.1:1/v1".into(),
+            api_key_env: None,
+            api_key: None,
+            models: BTreeMap::from([("m".to_string(), "m".to_string())]),
+            priority: 0,
+            weight: 1,
+            timeout_ms: 100,
+            connect_timeout_ms: 100,
+        });
+        s.validate().unwrap();
+    }
+}

@@ -1,0 +1,192 @@
+//! Forwarding a streamed provider answer: each chunk goes to the client as it arrives (no
+//! buffering of the whole answer) while `common`'s `ChatAssembler` rebuilds the completion,
+//! which is returned only when the stream ended properly. Never decides about caching.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::Stream;
+use gateway_common::sse::{ChatAssembler, SseError};
+use tokio::sync::mpsc;
+
+/// Chunks queued toward one client; a slow client applies back-pressure up to this many.
+pub const CLIENT_QUEUE_CHUNKS: usize = 64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    #[error("the provider went silent for longer than the idle timeout")]
+    Idle,
+    #[error("the provider stream broke: {0}")]
+    Broken(String),
+    #[error("the stream did not complete: {0}")]
+    Incomplete(#[from] SseError),
+}
+
+/// The client half: an actix-compatible body stream.
+pub type ClientStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// A channel toward the client: the sender for [`forward`], the body stream for the response.
+pub fn client_channel() -> (mpsc::Sender<Bytes>, ClientStream) {
+    let (tx, rx) = mpsc::channel::<Bytes>(CLIENT_QUEUE_CHUNKS);
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (Ok(chunk), rx))
+    });
+    (tx, Box::pin(stream))
+}
+
+/// A source of chunks: the provider's response in production, a script in unit tests.
+pub trait ChunkSource: Send {
+    fn next_chunk(
+        &mut self,
+    ) -> impl std::future::Future<Output = Result<Option<Bytes>, String>> + Send;
+}
+
+impl ChunkSource for reqwest::Response {
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+        self.chunk().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Copies `source` to `client` chunk by chunk. With `assemble`, returns the completed
+/// `chat.completion` JSON (`Ok(Some)`) only if the stream ended with `[DONE]` and every choice
+/// finished; without it, `Ok(None)` on a clean end. A client that disconnects or stops reading
+/// for `idle` is dropped but the provider stream is still read to the end, so the answer can
+/// still be cached and handed to coalesced waiters. On a broken stream the client receives an
+/// OpenAI-style error event before the end.
+pub async fn forward<S: ChunkSource>(
+    mut source: S,
+    client: mpsc::Sender<Bytes>,
+    assemble: bool,
+    idle: Duration,
+) -> Result<Option<Vec<u8>>, StreamError> {
+    let mut client = Some(client);
+    let mut assembler = assemble.then(ChatAssembler::new);
+    let mut assembly_error = None;
+    let end = loop {
+        let chunk = match tokio::time::timeout(idle, source.next_chunk()).await {
+            Err(_) => break Err(StreamError::Idle),
+            Ok(Err(e)) => break Err(StreamError::Broken(e)),
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        if let Some(a) = assembler.as_mut()
+            && let Err(e) = a.push(&chunk)
+        {
+            assembly_error = Some(e);
+            assembler = None;
+        }
+        if let Some(tx) = &client
+            && tx.send_timeout(chunk, idle).await.is_err()
+        {
+            client = None;
+        }
+    };
+    if let Err(error) = &end
+        && let Some(tx) = &client
+    {
+        let event = format!(
+            "data: {}\n\n",
+            String::from_utf8_lossy(
+                &gateway_common::error::ApiError::bad_gateway(error.to_string()).to_json()
+            )
+        );
+        let _ = tx.send_timeout(Bytes::from(event), idle).await;
+    }
+    end?;
+    if let Some(e) = assembly_error {
+        return Err(StreamError::Incomplete(e));
+    }
+    match assembler {
+        Some(a) => Ok(Some(a.finish()?)),
+        None => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::StreamExt;
+
+    struct Script(std::collections::VecDeque<Result<Option<Bytes>, String>>);
+
+    impl ChunkSource for Script {
+        async fn next_chunk(&mut self) -> Result<Option<Bytes>, String> {
+            self.0.pop_front().unwrap_or(Ok(None))
+        }
+    }
+
+    fn script(chunks: &[&str]) -> Script {
+        Script(
+            chunks
+                .iter()
+                .map(|c| Ok(Some(Bytes::from(c.to_string()))))
+                .collect(),
+        )
+    }
+
+    const ROLE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
+    const HELLO: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}]}\n\n";
+    const STOP: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+    const DONE: &str = "data: [DONE]\n\n";
+
+    #[tokio::test]
+    async fn a_complete_stream_is_forwarded_and_assembled() {
+        let (tx, rx) = client_channel();
+        let out = forward(
+            script(&[ROLE, HELLO, STOP, DONE]),
+            tx,
+            true,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let completion: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(completion["choices"][0]["message"]["content"], "Hello");
+        let received: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
+        assert_eq!(
+            received.concat(),
+            [ROLE, HELLO, STOP, DONE].concat().as_bytes()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stream_without_done_is_not_assembled() {
+        let (tx, _rx) = client_channel();
+        let err = forward(script(&[ROLE, HELLO]), tx, true, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StreamError::Incomplete(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_stream_ends_with_an_error_event() {
+        let (tx, rx) = client_channel();
+        let mut s = script(&[ROLE]);
+        s.0.push_back(Err("reset".into()));
+        let err = forward(s, tx, true, Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StreamError::Broken(_)));
+        let received: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
+        let text = String::from_utf8(received.concat()).unwrap();
+        assert!(
+            text.ends_with("}}\n\n") && text.contains("\"error\""),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gone_client_does_not_stop_the_assembly() {
+        let (tx, rx) = client_channel();
+        drop(rx);
+        let out = forward(
+            script(&[ROLE, HELLO, STOP, DONE]),
+            tx,
+            true,
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(out.unwrap().is_some());
+    }
+}
