@@ -1,2 +1,398 @@
-//! The edge tier entry point.
-fn main() {}
+//! The edge tier: authenticate, derive the key with `common`, answer from the KV Store when a
+//! fresh entry exists, otherwise fall back to the origin. Every expected failure becomes a
+//! response (a miss, a stale answer or a clean OpenAI-shaped error), never an `Err` or a panic.
+
+mod auth;
+mod kv;
+mod origin;
+mod respond;
+mod settings;
+
+use std::io::Read;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use fastly::http::Method;
+use fastly::{Request, Response};
+use gateway_common::canonical::{ParsedRequest, RequestError, parse_request};
+use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
+use gateway_common::error::ApiError;
+use gateway_common::headers::{
+    CACHE_STATUS, CacheOutcome, CacheStatusMember, Fwd, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY,
+    X_CACHE_LAYER, X_UPSTREAM_PROVIDER, append_cache_status,
+};
+use gateway_common::key::CacheKey;
+use gateway_common::policy::{Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control, plan};
+use gateway_common::route::Route;
+use gateway_common::tenant::Tenant;
+
+use crate::auth::AuthError;
+use crate::origin::{Forward, OriginFailure};
+use crate::respond::{CACHE_NAME, Served};
+use crate::settings::EdgeSettings;
+
+fn main() {
+    let started = Instant::now();
+    let req = Request::from_client();
+    let mut log = LogLine::new(&req);
+    let reply = handle(req, &mut log);
+    match reply {
+        Reply::Send(resp) => {
+            log.finish(&resp, started);
+            resp.send_to_client();
+        }
+        Reply::SendThenPopulate { resp, key, entry, kv_ttl_secs } => {
+            log.finish(&resp, started);
+            resp.send_to_client();
+            // After the client has its answer: the insert is never on the response path.
+            kv::insert(&key, &entry, kv_ttl_secs);
+        }
+    }
+    log.emit();
+}
+
+/// What to do with the answer.
+enum Reply {
+    Send(Response),
+    /// Send, then store the same answer in the edge's KV store (local populate).
+    SendThenPopulate { resp: Response, key: CacheKey, entry: Box<Entry>, kv_ttl_secs: u64 },
+}
+
+fn fail(err: &ApiError) -> Reply {
+    Reply::Send(respond::error(err))
+}
+
+fn handle(mut req: Request, log: &mut LogLine) -> Reply {
+    let path = req.get_path().to_owned();
+    if !path.starts_with("/v1/") {
+        return fail(&ApiError::not_found(&path));
+    }
+
+    let mut timing = ServerTiming::new();
+    let auth_started = Instant::now();
+    let tenant = match auth::authenticate(header(&req, "authorization")) {
+        Ok(tenant) => tenant,
+        Err(AuthError::Unavailable) => return fail(&ApiError::unavailable("the edge cannot verify API keys right now")),
+        Err(AuthError::Missing | AuthError::Unknown) => return fail(&ApiError::unauthorized()),
+    };
+    timing.add("auth", ms(auth_started));
+    log.tenant = Some(tenant.id.clone());
+    let settings = EdgeSettings::load();
+
+    let route = Route::from_path(&path).filter(|_| req.get_method() == Method::POST);
+    let Some(route) = route else {
+        // Models, cache purge and anything else: the origin decides, unchanged.
+        return pass_through(req, &settings, timing, log);
+    };
+
+    let body = match read_body(&mut req, settings.max_body_bytes) {
+        Ok(body) => body,
+        Err(e) => return fail(&e.to_api_error()),
+    };
+    let parsed = match parse_request(route, &body, settings.max_body_bytes) {
+        Ok(parsed) => parsed,
+        Err(e) => return fail(&e.to_api_error()),
+    };
+    if !tenant.allows_model(&parsed.model) {
+        return fail(&ApiError::forbidden_model(&parsed.model));
+    }
+
+    let directives = parse_cache_control(header(&req, "cache-control"), header(&req, "pragma"));
+    let key = match (&settings.cache_key_secret, &parsed.canonical) {
+        (Some(secret), Some(canonical)) => Some(CacheKey::derive(secret, &tenant.id, route, canonical)),
+        _ => None,
+    };
+    let plan = plan(directives, key.is_some());
+    log.key = key.as_ref().map(|k| k.hex().to_owned());
+
+    let now = unix_now();
+    let mut stale: Option<Entry> = None;
+    if let (true, Some(key)) = (plan.read, &key) {
+        let kv_started = Instant::now();
+        let found = kv::lookup(key);
+        timing.add("kv", ms(kv_started));
+        match found {
+            Ok(entry) => {
+                let env = &entry.envelope;
+                match freshness(env.created, env.ttl, now, plan.max_age, tenant.stale_if_error_secs) {
+                    Freshness::Fresh { age, remaining } => {
+                        let served = Served {
+                            entry: &entry,
+                            key,
+                            outcome: CacheOutcome::Hit,
+                            age,
+                            ttl_remaining: i64::try_from(remaining).unwrap_or(i64::MAX),
+                            stream: parsed.stream,
+                            include_usage: parsed.include_usage,
+                        };
+                        if let Some(resp) = respond::from_entry(&served, &timing) {
+                            return Reply::Send(resp);
+                        }
+                        log.kv = Some("unservable");
+                    }
+                    // A client that bounded the age it accepts gets nothing older, even on error.
+                    Freshness::Stale { .. } if plan.max_age.is_none() => {
+                        log.kv = Some("stale");
+                        stale = Some(entry);
+                    }
+                    Freshness::Stale { .. } | Freshness::Expired => log.kv = Some("expired"),
+                }
+            }
+            Err(miss) => log.kv = Some(miss.as_str()),
+        }
+    }
+
+    req.set_body(body);
+    let forward = Forward { edge_miss: plan.write && key.is_some() };
+    let origin_started = Instant::now();
+    let answered = origin::send(req, &settings, forward);
+    timing.add("origin", ms(origin_started));
+
+    let resp = match answered {
+        Ok(resp) if resp.get_status().is_server_error() => {
+            if let Some(reply) = serve_stale(stale.as_ref(), key.as_ref(), &parsed, now, &timing) {
+                return reply;
+            }
+            clean_server_error(resp)
+        }
+        Ok(resp) => resp,
+        Err(failure) => {
+            if let Some(reply) = serve_stale(stale.as_ref(), key.as_ref(), &parsed, now, &timing) {
+                return reply;
+            }
+            return fail(&match failure {
+                OriginFailure::Unreachable => ApiError::unavailable("the gateway origin is unreachable"),
+                OriginFailure::Timeout => ApiError::gateway_timeout("the gateway origin did not answer in time"),
+                OriginFailure::Broken => ApiError::bad_gateway("the gateway origin failed"),
+            });
+        }
+    };
+
+    let fwd = match (&key, plan) {
+        (None, _) | (_, Plan { write: false, .. }) => Fwd::Bypass,
+        (Some(_), Plan { read: false, .. }) => Fwd::Request,
+        _ if stale.is_some() || log.kv == Some("expired") => Fwd::Stale,
+        _ => Fwd::Miss,
+    };
+    finish_from_origin(resp, Decorate { key, plan, fwd, timing, tenant: &tenant, parsed: &parsed, settings: &settings, now })
+}
+
+struct Decorate<'a> {
+    key: Option<CacheKey>,
+    plan: Plan,
+    fwd: Fwd,
+    timing: ServerTiming,
+    tenant: &'a Tenant,
+    parsed: &'a ParsedRequest,
+    settings: &'a EdgeSettings,
+    now: u64,
+}
+
+/// Add the edge's headers to the origin's answer and decide whether to populate the KV store.
+fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
+    let populate = d.settings.populate_on_fallback
+        && d.plan.write
+        && d.key.is_some()
+        && !d.parsed.stream
+        && resp.get_status().as_u16() == 200
+        && header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json"));
+
+    let member = CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate);
+    let cache_status = append_cache_status(header_resp(&resp, CACHE_STATUS), &member);
+    resp.set_header(CACHE_STATUS, cache_status);
+    let server_timing = d.timing.append_to(header_resp(&resp, SERVER_TIMING));
+    resp.set_header(SERVER_TIMING, server_timing);
+    if let Some(key) = &d.key
+        && resp.get_header(X_CACHE_KEY).is_none()
+    {
+        resp.set_header(X_CACHE_KEY, key.hex());
+    }
+
+    let Some(key) = d.key.filter(|_| populate) else {
+        // Streams flow through as they arrive: the host splices the origin's body to the client.
+        return Reply::Send(resp);
+    };
+    let body = resp.take_body_bytes();
+    let content_type = header_resp(&resp, "content-type").unwrap_or("application/json").to_owned();
+    if !is_cacheable_response(200, &content_type, &body) {
+        return Reply::Send(resp.with_body(body));
+    }
+    // An origin hit is as old as the origin says: keep created-at consistent across tiers.
+    let age = header_resp(&resp, "age").and_then(|a| a.trim().parse::<u64>().ok()).unwrap_or(0);
+    let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.ttl_cap_secs);
+    let provider = header_resp(&resp, X_UPSTREAM_PROVIDER).unwrap_or_default().to_owned();
+    let (model, usage) = model_and_usage(&body, &d.parsed.model);
+    let entry = Entry {
+        envelope: Envelope {
+            v: ENTRY_VERSION,
+            tenant: d.tenant.id.clone(),
+            key: key.hex().to_owned(),
+            created: d.now.saturating_sub(age),
+            ttl,
+            status: 200,
+            content_type,
+            model,
+            provider,
+            usage,
+        },
+        body: body.clone(),
+    };
+    let kv_ttl_secs = ttl.saturating_add(d.tenant.stale_if_error_secs);
+    Reply::SendThenPopulate { resp: resp.with_body(body), key, entry: Box::new(entry), kv_ttl_secs }
+}
+
+/// Answer from a stale entry when the origin failed, if the tenant's window allows it.
+fn serve_stale(
+    stale: Option<&Entry>,
+    key: Option<&CacheKey>,
+    parsed: &ParsedRequest,
+    now: u64,
+    timing: &ServerTiming,
+) -> Option<Reply> {
+    let (entry, key) = (stale?, key?);
+    let age = entry.age(now);
+    let served = Served {
+        entry,
+        key,
+        outcome: CacheOutcome::Stale,
+        age,
+        ttl_remaining: i64::try_from(entry.envelope.ttl).unwrap_or(i64::MAX) - i64::try_from(age).unwrap_or(i64::MAX),
+        stream: parsed.stream,
+        include_usage: parsed.include_usage,
+    };
+    respond::from_entry(&served, timing).map(Reply::Send)
+}
+
+/// Keep the origin's own OpenAI-shaped 5xx; replace anything else (an HTML page from a load
+/// balancer, an empty body) with a clean error of the same class.
+fn clean_server_error(resp: Response) -> Response {
+    if header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json")) {
+        return resp;
+    }
+    respond::error(&match resp.get_status().as_u16() {
+        503 => ApiError::unavailable("the gateway origin is unavailable"),
+        504 => ApiError::gateway_timeout("the gateway origin timed out"),
+        _ => ApiError::bad_gateway("the gateway origin failed"),
+    })
+}
+
+fn pass_through(req: Request, settings: &EdgeSettings, mut timing: ServerTiming, log: &mut LogLine) -> Reply {
+    let started = Instant::now();
+    let answered = origin::send(req, settings, Forward { edge_miss: false });
+    timing.add("origin", ms(started));
+    log.kv = None;
+    match answered {
+        Ok(mut resp) => {
+            let server_timing = timing.append_to(header_resp(&resp, SERVER_TIMING));
+            resp.set_header(SERVER_TIMING, server_timing);
+            Reply::Send(if resp.get_status().is_server_error() { clean_server_error(resp) } else { resp })
+        }
+        Err(OriginFailure::Unreachable) => fail(&ApiError::unavailable("the gateway origin is unreachable")),
+        Err(OriginFailure::Timeout) => fail(&ApiError::gateway_timeout("the gateway origin did not answer in time")),
+        Err(OriginFailure::Broken) => fail(&ApiError::bad_gateway("the gateway origin failed")),
+    }
+}
+
+/// Read the request body, refusing more than `limit` bytes without buffering them.
+fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, RequestError> {
+    let declared = header(req, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(RequestError::TooLarge { limit });
+    }
+    let mut body = Vec::new();
+    let mut reader = req.take_body().take(limit as u64 + 1);
+    if reader.read_to_end(&mut body).is_err() {
+        return Err(RequestError::InvalidJson("the request body could not be read".to_owned()));
+    }
+    if body.len() > limit {
+        return Err(RequestError::TooLarge { limit });
+    }
+    Ok(body)
+}
+
+/// The answer's own model name and token usage, for the entry's envelope.
+fn model_and_usage(body: &[u8], requested: &str) -> (String, Option<Usage>) {
+    let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let model = value.get("model").and_then(|m| m.as_str()).unwrap_or(requested).to_owned();
+    let usage = value.get("usage").and_then(|u| {
+        let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64);
+        let prompt = n("prompt_tokens")?;
+        let completion = n("completion_tokens").unwrap_or(0);
+        Some(Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: n("total_tokens").unwrap_or(prompt + completion),
+        })
+    });
+    (model, usage)
+}
+
+/// A header as UTF-8, or `None` (a non-UTF-8 value is treated as absent, never a panic).
+fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.get_header(name).and_then(|v| v.to_str().ok())
+}
+
+fn header_resp<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+    resp.get_header(name).and_then(|v| v.to_str().ok())
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// One line per request, with the header vocabulary's field names. Never credentials,
+/// prompts or completions.
+struct LogLine {
+    method: String,
+    path: String,
+    tenant: Option<String>,
+    key: Option<String>,
+    kv: Option<&'static str>,
+    status: u16,
+    cache: String,
+    layer: String,
+    total_ms: f64,
+}
+
+impl LogLine {
+    fn new(req: &Request) -> LogLine {
+        LogLine {
+            method: req.get_method_str().to_owned(),
+            path: req.get_path().to_owned(),
+            tenant: None,
+            key: None,
+            kv: None,
+            status: 0,
+            cache: String::new(),
+            layer: String::new(),
+            total_ms: 0.0,
+        }
+    }
+
+    fn finish(&mut self, resp: &Response, started: Instant) {
+        self.status = resp.get_status().as_u16();
+        self.cache = header_resp(resp, X_CACHE).unwrap_or("-").to_owned();
+        self.layer = header_resp(resp, X_CACHE_LAYER).unwrap_or("-").to_owned();
+        self.total_ms = ms(started);
+    }
+
+    fn emit(&self) {
+        let line = serde_json::json!({
+            "tier": "edge",
+            "pop": std::env::var("FASTLY_POP").unwrap_or_default(),
+            "method": self.method,
+            "route": self.path,
+            "status": self.status,
+            "cache": self.cache,
+            "layer": self.layer,
+            "kv": self.kv,
+            "tenant": self.tenant,
+            "key": self.key,
+            "total_ms": (self.total_ms * 100.0).round() / 100.0,
+        });
+        println!("{line}");
+    }
+}

@@ -1,1 +1,13 @@
-//! End-to-end test harness.
+//! End-to-end test harness: starts the real processes (Redis, mock provider, fake Fastly KV
+//! API, origin, Viceroy) on free ports and stops them afterwards.
+
+use anyhow::Context;
+use gateway_common::tenant::TenantsFile;
+
+/// The edge's Config Store `tenants` as a flat JSON object, sorted by key digest, one entry
+/// per API key: what `fastly.toml` loads locally and what an operator uploads in production.
+pub fn edge_tenants_json(tenants_file: &[u8]) -> anyhow::Result<String> {
+    let file = TenantsFile::parse(tenants_file).map_err(anyhow::Error::msg).context("invalid tenants file")?;
+    let entries: std::collections::BTreeMap<String, String> = file.config_store_entries().into_iter().collect();
+    Ok(serde_json::to_string_pretty(&entries)?)
+}

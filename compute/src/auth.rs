@@ -1,0 +1,66 @@
+//! Who is calling: `Authorization: Bearer <key>` → SHA-256 → the Config Store `tenants`.
+//! Runs before anything else, so an unknown key costs no KV read and no origin request.
+
+use fastly::ConfigStore;
+use gateway_common::key::api_key_digest;
+use gateway_common::tenant::Tenant;
+
+/// Config Store mapping `sha256(api key)` (lowercase hex) to a tenant record (one line of JSON).
+pub const TENANTS_STORE: &str = "tenants";
+
+/// Why a caller was not authenticated. Each becomes a 401, except `Unavailable` (503).
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthError {
+    Missing,
+    Unknown,
+    /// The tenants store is missing or unreadable: we cannot tell who this is.
+    Unavailable,
+}
+
+/// The bearer token of an `Authorization` header value, if it is one.
+pub fn bearer(header: Option<&str>) -> Option<&str> {
+    let value = header?.trim();
+    let (scheme, token) = value.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Resolve the caller's tenant. A record that does not decode is logged and treated as unknown.
+pub fn authenticate(authorization: Option<&str>) -> Result<Tenant, AuthError> {
+    let key = bearer(authorization).ok_or(AuthError::Missing)?;
+    let digest = api_key_digest(key);
+    let store = ConfigStore::try_open(TENANTS_STORE).map_err(|e| {
+        eprintln!("edge: config store {TENANTS_STORE} unavailable ({e:?})");
+        AuthError::Unavailable
+    })?;
+    let record = match store.try_get(&digest) {
+        Ok(Some(record)) => record,
+        Ok(None) => return Err(AuthError::Unknown),
+        Err(e) => {
+            eprintln!("edge: tenant lookup failed ({e:?})");
+            return Err(AuthError::Unavailable);
+        }
+    };
+    match serde_json::from_str::<Tenant>(&record) {
+        Ok(tenant) if tenant.validate().is_ok() && tenant.api_key_sha256.contains(&digest) => Ok(tenant),
+        Ok(_) | Err(_) => {
+            // Never log the record's key material; its digest prefix is enough to find it.
+            eprintln!("edge: tenant record for key digest {}… is invalid", &digest[..8]);
+            Err(AuthError::Unknown)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_are_found_case_insensitively() {
+        assert_eq!(bearer(Some("Bearer sk-1")), Some("sk-1"));
+        assert_eq!(bearer(Some("bearer   sk-1 ")), Some("sk-1"));
+        assert_eq!(bearer(Some("Basic abc")), None);
+        assert_eq!(bearer(Some("Bearer ")), None);
+        assert_eq!(bearer(None), None);
+    }
+}

@@ -1,0 +1,106 @@
+//! The only file that talks to the origin backend: forwards a request with pass, explicit
+//! timeouts and the edge's headers, and classifies what went wrong.
+
+use std::sync::OnceLock;
+
+use fastly::backend::{Backend, BackendCreationError};
+use fastly::http::request::SendErrorCause;
+use fastly::{Request, Response};
+use gateway_common::headers::{X_EDGE_MISS, X_EDGE_SECRET};
+
+use crate::settings::EdgeSettings;
+
+/// The static backend the service declares (`[local_server.backends]` / `[setup.backends]`).
+pub const BACKEND: &str = "origin";
+
+/// How a forward failed before an answer came back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginFailure {
+    /// Could not connect (refused, DNS, unreachable, connect timeout): 503.
+    Unreachable,
+    /// Connected but no (complete) answer in time: 504.
+    Timeout,
+    /// Anything else the backend did wrong: 502.
+    Broken,
+}
+
+/// What the edge tells the origin about this request.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward {
+    /// The edge looked for a cacheable entry and had none: the origin should replicate its
+    /// answer to the KV store.
+    pub edge_miss: bool,
+}
+
+/// Send `req` (already carrying its body) to the origin. Client-supplied copies of the
+/// edge's own headers are removed first, so a client cannot claim to be the edge.
+pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Result<Response, OriginFailure> {
+    req.remove_header(X_EDGE_MISS);
+    req.remove_header(X_EDGE_SECRET);
+    if forward.edge_miss {
+        req.set_header(X_EDGE_MISS, "1");
+    }
+    if let Some(secret) = &settings.edge_shared_secret {
+        req.set_header(X_EDGE_SECRET, secret.as_slice());
+    }
+    let result = match backend(settings) {
+        Some(timed) => req.with_pass(true).send(timed),
+        None => req.with_pass(true).send(BACKEND),
+    };
+    result.map_err(|e| {
+        let failure = classify(e.root_cause());
+        eprintln!("edge: origin request failed ({:?}: {})", failure, e.root_cause());
+        failure
+    })
+}
+
+fn classify(cause: &SendErrorCause) -> OriginFailure {
+    match cause {
+        SendErrorCause::DnsTimeout
+        | SendErrorCause::DnsError { .. }
+        | SendErrorCause::DestinationNotFound
+        | SendErrorCause::DestinationUnavailable
+        | SendErrorCause::DestinationIpUnroutable
+        | SendErrorCause::ConnectionRefused
+        | SendErrorCause::ConnectionTimeout
+        | SendErrorCause::ConnectionLimitReached => OriginFailure::Unreachable,
+        SendErrorCause::HttpResponseTimeout => OriginFailure::Timeout,
+        _ => OriginFailure::Broken,
+    }
+}
+
+/// The static `origin` backend with the timeouts from settings made explicit: a dynamic
+/// backend to the same host. Static backends take their timeouts from the service's
+/// configuration (default first-byte timeout 15 s, shorter than a long completion), so we do
+/// not rely on them. Where dynamic backends are not allowed, the static backend is used and
+/// this is logged once per instance.
+fn backend(settings: &EdgeSettings) -> Option<Backend> {
+    static CHOSEN: OnceLock<Option<Backend>> = OnceLock::new();
+    CHOSEN.get_or_init(|| timed_backend(settings)).clone()
+}
+
+fn timed_backend(settings: &EdgeSettings) -> Option<Backend> {
+    let Ok(base) = Backend::from_name(BACKEND) else {
+        eprintln!("edge: backend {BACKEND} is not declared");
+        return None;
+    };
+    let mut builder = Backend::builder("origin-timed", format!("{}:{}", base.get_host(), base.get_port()))
+        .connect_timeout(settings.origin_connect_timeout)
+        .first_byte_timeout(settings.origin_first_byte_timeout)
+        .between_bytes_timeout(settings.origin_between_bytes_timeout);
+    if let Some(host) = base.get_host_override().and_then(|h| h.to_str().ok().map(str::to_owned)) {
+        builder = builder.override_host(host);
+    }
+    if base.is_ssl() {
+        let host = base.get_host();
+        builder = builder.enable_ssl().sni_hostname(&host).check_certificate(&host);
+    }
+    match builder.finish() {
+        Ok(timed) => Some(timed),
+        Err(BackendCreationError::NameInUse) => Some(Backend::from_name("origin-timed").unwrap_or(base)),
+        Err(e) => {
+            eprintln!("edge: dynamic backend unavailable ({e}); using {BACKEND} with its configured timeouts");
+            Some(base)
+        }
+    }
+}

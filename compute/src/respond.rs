@@ -1,0 +1,67 @@
+//! Building the edge's own responses: cache hits (JSON or replayed SSE), stale answers and
+//! OpenAI-shaped errors. Pure construction; nothing here reads a store or the network.
+
+use fastly::Response;
+use fastly::http::StatusCode;
+use gateway_common::entry::Entry;
+use gateway_common::error::ApiError;
+use gateway_common::headers::{
+    CACHE_STATUS, CacheOutcome, CacheStatusMember, Layer, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY,
+    X_CACHE_LAYER, X_UPSTREAM_PROVIDER,
+};
+use gateway_common::key::CacheKey;
+use gateway_common::sse::replay_chat;
+
+/// The name this tier uses in `Cache-Status` (RFC 9211).
+pub const CACHE_NAME: &str = "gateway-edge";
+
+/// An OpenAI-shaped error body with its status.
+pub fn error(err: &ApiError) -> Response {
+    Response::from_status(StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .with_header("content-type", "application/json")
+        .with_body(err.to_json())
+}
+
+/// How a cached entry is to be presented.
+pub struct Served<'a> {
+    pub entry: &'a Entry,
+    pub key: &'a CacheKey,
+    pub outcome: CacheOutcome,
+    pub age: u64,
+    /// Seconds of freshness left; negative when serving stale.
+    pub ttl_remaining: i64,
+    /// Replay as Server-Sent Events (the request had `stream: true`).
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// A response from a cached entry, or `None` when the entry cannot answer this request
+/// (a `stream: true` request against an entry that is not a chat completion): a miss.
+pub fn from_entry(served: &Served<'_>, timing: &ServerTiming) -> Option<Response> {
+    let env = &served.entry.envelope;
+    let (content_type, body) = if served.stream {
+        ("text/event-stream", replay_chat(&served.entry.body, served.include_usage).ok()?)
+    } else {
+        (env.content_type.as_str(), served.entry.body.clone())
+    };
+    let member = match served.outcome {
+        CacheOutcome::Stale => CacheStatusMember::stale(CACHE_NAME, served.ttl_remaining),
+        _ => CacheStatusMember::hit(CACHE_NAME, served.ttl_remaining.max(0) as u64),
+    };
+    let mut resp = Response::from_status(StatusCode::from_u16(env.status).unwrap_or(StatusCode::OK))
+        .with_header("content-type", content_type)
+        .with_header(X_CACHE, served.outcome.as_str())
+        .with_header(X_CACHE_LAYER, Layer::Edge.as_str())
+        .with_header(CACHE_STATUS, member.render())
+        .with_header("age", served.age.to_string())
+        .with_header(X_CACHE_KEY, served.key.hex())
+        .with_header(SERVER_TIMING, timing.render())
+        .with_body(body);
+    if !env.provider.is_empty() {
+        resp.set_header(X_UPSTREAM_PROVIDER, env.provider.as_str());
+    }
+    if served.stream {
+        resp.set_header("cache-control", "no-cache");
+    }
+    Some(resp)
+}

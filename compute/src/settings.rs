@@ -1,0 +1,161 @@
+//! The edge's settings: Config Store `edge_config` and Secret Store `gateway_secrets`.
+//! Every value has a documented default; a bad value is logged and falls back, never panics.
+
+use std::time::Duration;
+
+use fastly::{ConfigStore, SecretStore};
+
+/// Config Store holding the edge's tunables (string values).
+pub const EDGE_CONFIG_STORE: &str = "edge_config";
+/// Secret Store holding the cache key secret and the origin's shared secret.
+pub const SECRET_STORE: &str = "gateway_secrets";
+
+/// Settings read once per request (a Compute instance serves one request).
+#[derive(Debug, Clone)]
+pub struct EdgeSettings {
+    /// Insert the origin's cacheable answers into the KV store ourselves. On under Viceroy,
+    /// whose KV store the origin's API writes cannot reach; off in production, where the
+    /// origin's dual-write fills the store. Default: false.
+    pub populate_on_fallback: bool,
+    /// Default 1000 ms.
+    pub origin_connect_timeout: Duration,
+    /// Long completions can think for minutes before the first byte. Default 300 s.
+    pub origin_first_byte_timeout: Duration,
+    /// Default 120 s (a reasoning model can pause between streamed chunks).
+    pub origin_between_bytes_timeout: Duration,
+    /// Upper bound on any entry's TTL, as on the origin. Default 86400 s.
+    pub ttl_cap_secs: u64,
+    /// Largest request body accepted. Default `common::canonical::DEFAULT_MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+    /// The HMAC key for cache keys; `None` when the secret is missing, in which case the edge
+    /// keys nothing and forwards every request (slower, never wrong).
+    pub cache_key_secret: Option<Vec<u8>>,
+    /// Sent to the origin in `x-gateway-edge-secret` when set.
+    pub edge_shared_secret: Option<Vec<u8>>,
+}
+
+impl Default for EdgeSettings {
+    fn default() -> Self {
+        EdgeSettings {
+            populate_on_fallback: false,
+            origin_connect_timeout: Duration::from_millis(1000),
+            origin_first_byte_timeout: Duration::from_secs(300),
+            origin_between_bytes_timeout: Duration::from_secs(120),
+            ttl_cap_secs: 86_400,
+            max_body_bytes: gateway_common::canonical::DEFAULT_MAX_BODY_BYTES,
+            cache_key_secret: None,
+            edge_shared_secret: None,
+        }
+    }
+}
+
+impl EdgeSettings {
+    /// Read both stores. Never fails: a missing store or value keeps the default (logged).
+    pub fn load() -> EdgeSettings {
+        let mut s = EdgeSettings::default();
+        match ConfigStore::try_open(EDGE_CONFIG_STORE) {
+            Ok(store) => {
+                let get = |k: &str| match store.try_get(k) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        eprintln!("edge: config {EDGE_CONFIG_STORE}.{k} unreadable ({e:?}); using default");
+                        None
+                    }
+                };
+                if let Some(v) = get("populate_on_fallback") {
+                    s.populate_on_fallback = parse_or(k_v("populate_on_fallback", &v), parse_bool, false);
+                }
+                if let Some(v) = get("origin_connect_timeout_ms") {
+                    s.origin_connect_timeout = parse_ms(k_v("origin_connect_timeout_ms", &v), s.origin_connect_timeout);
+                }
+                if let Some(v) = get("origin_first_byte_timeout_ms") {
+                    s.origin_first_byte_timeout =
+                        parse_ms(k_v("origin_first_byte_timeout_ms", &v), s.origin_first_byte_timeout);
+                }
+                if let Some(v) = get("origin_between_bytes_timeout_ms") {
+                    s.origin_between_bytes_timeout =
+                        parse_ms(k_v("origin_between_bytes_timeout_ms", &v), s.origin_between_bytes_timeout);
+                }
+                if let Some(v) = get("ttl_cap_secs") {
+                    s.ttl_cap_secs = parse_or(k_v("ttl_cap_secs", &v), |x| x.parse().ok(), s.ttl_cap_secs);
+                }
+                if let Some(v) = get("max_body_bytes") {
+                    s.max_body_bytes = parse_or(k_v("max_body_bytes", &v), |x| x.parse().ok(), s.max_body_bytes);
+                }
+            }
+            Err(e) => eprintln!("edge: config store {EDGE_CONFIG_STORE} unavailable ({e:?}); using defaults"),
+        }
+        match SecretStore::open(SECRET_STORE) {
+            Ok(store) => {
+                s.cache_key_secret = secret(&store, "cache_key_secret");
+                s.edge_shared_secret = secret(&store, "edge_shared_secret");
+            }
+            Err(e) => eprintln!("edge: secret store {SECRET_STORE} unavailable ({e:?})"),
+        }
+        if s.cache_key_secret.is_none() {
+            eprintln!("edge: no cache_key_secret; caching at the edge is off, every request goes to the origin");
+        }
+        s
+    }
+}
+
+fn secret(store: &SecretStore, name: &str) -> Option<Vec<u8>> {
+    match store.try_get(name) {
+        Ok(Some(secret)) => match secret.try_plaintext() {
+            Ok(bytes) if !bytes.is_empty() => Some(bytes.to_vec()),
+            Ok(_) => None,
+            Err(e) => {
+                eprintln!("edge: secret {name} cannot be decrypted ({e:?})");
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            eprintln!("edge: secret {name} unreadable ({e:?})");
+            None
+        }
+    }
+}
+
+struct KeyValue<'a> {
+    key: &'a str,
+    value: &'a str,
+}
+
+fn k_v<'a>(key: &'a str, value: &'a str) -> KeyValue<'a> {
+    KeyValue { key, value }
+}
+
+fn parse_or<T>(kv: KeyValue<'_>, parse: impl Fn(&str) -> Option<T>, default: T) -> T {
+    match parse(kv.value.trim()) {
+        Some(v) => v,
+        None => {
+            eprintln!("edge: config {}={:?} is invalid; using the default", kv.key, kv.value);
+            default
+        }
+    }
+}
+
+fn parse_ms(kv: KeyValue<'_>, default: Duration) -> Duration {
+    parse_or(kv, |x| x.parse::<u64>().ok().filter(|ms| *ms > 0).map(Duration::from_millis), default)
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn booleans_accept_the_usual_spellings() {
+        assert_eq!(parse_bool("TRUE"), Some(true));
+        assert_eq!(parse_bool("off"), Some(false));
+        assert_eq!(parse_bool("maybe"), None);
+    }
+}

@@ -1,0 +1,80 @@
+# The one way to set up, build, test and run the gateway. `just --list` shows every recipe.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set positional-arguments := false
+
+export PATH := env_var("HOME") + "/.cargo/bin:" + env_var("PATH")
+
+viceroy_version := "0.22.0"
+fastly_cli_version := "16.1.0"
+wasm := "target/wasm32-wasip1/release/gateway-compute.wasm"
+
+default:
+    @just --list
+
+# Install what is missing: the wasm target, Viceroy, Redis, the Fastly CLI. Idempotent.
+setup:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    rustup target add wasm32-wasip1 >/dev/null
+    if [ "$(viceroy --version 2>/dev/null | awk '{print $2}')" != "{{viceroy_version}}" ]; then
+        echo "setup: installing viceroy {{viceroy_version}} (slow on 2 cores: ~30 min, once)"
+        cargo install viceroy --version {{viceroy_version}} --locked
+    fi
+    if ! command -v redis-server >/dev/null; then
+        if [ "$(id -u)" = 0 ]; then
+            echo "setup: installing redis-server"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        else
+            echo "setup: redis-server is missing; install it (apt-get install redis-server) and re-run" >&2
+            exit 1
+        fi
+    fi
+    # The Debian package starts a system-wide instance on 6379; we always run our own instances.
+    if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
+        systemctl stop redis-server || true
+    fi
+    if ! command -v fastly >/dev/null; then
+        echo "setup: installing the Fastly CLI {{fastly_cli_version}} from npm"
+        npm install -g --silent @fastly/cli@{{fastly_cli_version}}
+    fi
+    echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), $(redis-server --version | awk '{print $3}'), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
+
+# Build the host crates (origin, fixtures, tests).
+build:
+    cargo build --workspace --all-targets
+
+# Build the edge wasm (release, size-optimized).
+build-edge:
+    cargo build -p gateway-compute --release --target wasm32-wasip1
+    @ls -l {{wasm}} | awk '{print "build-edge: " $9 " " $5 " bytes"}'
+
+# fmt check and clippy -D warnings on the host crates and on compute for wasm32-wasip1.
+lint:
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy -p gateway-compute -p gateway-common --target wasm32-wasip1 -- -D warnings
+
+# Run every test: unit, property, golden (host and wasm under Viceroy), integration, end-to-end.
+test: setup
+    cargo test --workspace --no-fail-fast
+    just test-wasm
+
+# Golden vectors compiled to wasm32-wasip1 and run in Viceroy (edge and origin agree on keys).
+test-wasm:
+    CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
+        cargo test -p gateway-common --target wasm32-wasip1 --test golden
+
+# Regenerate the edge's local Config Store `tenants` from fixtures/tenants.json.
+edge-tenants:
+    cargo run -q -p gateway-e2e --bin edge-tenants -- fixtures/tenants.json > fixtures/edge/tenants.json
+
+# The edge under Viceroy on 127.0.0.1:7676 (Fastly CLI, offline).
+serve-edge: build-edge
+    mkdir -p bin && cp {{wasm}} bin/main.wasm
+    fastly compute serve --skip-build --viceroy-path "$(command -v viceroy)" --addr "127.0.0.1:${EDGE_PORT:-7676}"
+
+# The whole stack on loopback (issue 6 wires the origin, Redis and the fakes in).
+serve: setup build-edge
+    @echo "serve: the origin and the stack runner are not built yet; run 'just serve-edge' for the edge alone." >&2
+    @exit 1
