@@ -2,6 +2,12 @@
 //! `include_str!` and kept to plain `#[test]`s, so it also runs as wasm32-wasip1 (no threads,
 //! filesystem or clock). A failure here means the key format changed: bump `KEY_VERSION`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a test: a panic is the failure report"
+)]
+
 use gateway_common::canonical::{
     DEFAULT_MAX_BODY_BYTES, RequestError, canonicalize, parse_request,
 };
