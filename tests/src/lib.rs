@@ -1,8 +1,24 @@
 //! End-to-end test harness: starts the real processes (Redis, mock provider, fake Fastly KV
 //! API, origin, Viceroy) on free ports and stops them afterwards.
 
+pub mod edge;
+pub mod redis;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+
 use anyhow::Context;
 use gateway_common::tenant::TenantsFile;
+
+/// The workspace root (where `fastly.toml` and `fixtures/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+/// A port nobody listens on right now (bind to port 0, read it, release it).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
 
 /// The edge's Config Store `tenants` as a flat JSON object, sorted by key digest, one entry
 /// per API key: what `fastly.toml` loads locally and what an operator uploads in production.

@@ -1,0 +1,161 @@
+//! The edge under Viceroy for one test: writes the `fastly.toml` it needs (origin backend,
+//! KV seed, stores) into a temp dir and runs the release wasm on a free port. Killed on drop.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::redis::wait_for_port;
+use crate::{free_port, repo_root};
+
+/// One KV entry to preload, exactly as Viceroy's JSON seed format takes it.
+#[derive(Debug, Clone)]
+pub struct KvSeed {
+    pub key: String,
+    pub data: String,
+    pub metadata: Option<String>,
+}
+
+/// What the generated `fastly.toml` says.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// `http://127.0.0.1:PORT` of the origin (or of a proxy in front of it).
+    pub origin_url: String,
+    pub populate_on_fallback: bool,
+    pub cache_key_secret: String,
+    pub edge_shared_secret: Option<String>,
+    /// Entries the "POP" starts with (e.g. exported from the fake Fastly KV API).
+    pub kv: Vec<KvSeed>,
+    pub origin_connect_timeout_ms: u64,
+    pub origin_first_byte_timeout_ms: u64,
+}
+
+impl EdgeConfig {
+    pub fn new(origin_url: impl Into<String>, cache_key_secret: impl Into<String>) -> EdgeConfig {
+        EdgeConfig {
+            origin_url: origin_url.into(),
+            populate_on_fallback: true,
+            cache_key_secret: cache_key_secret.into(),
+            edge_shared_secret: None,
+            kv: Vec::new(),
+            origin_connect_timeout_ms: 1000,
+            origin_first_byte_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// A running Viceroy serving the edge wasm.
+pub struct Edge {
+    port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+/// The release wasm `just build-edge` produces.
+pub fn edge_wasm() -> anyhow::Result<PathBuf> {
+    let wasm = repo_root().join("target/wasm32-wasip1/release/gateway-compute.wasm");
+    if !wasm.exists() {
+        bail!("{} is missing: run `just build-edge` (or `just test`, which builds it)", wasm.display());
+    }
+    Ok(wasm)
+}
+
+impl Edge {
+    pub fn start(config: &EdgeConfig) -> anyhow::Result<Edge> {
+        let wasm = edge_wasm()?;
+        let port = free_port()?;
+        let dir = std::env::temp_dir().join(format!("gw-edge-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let manifest = dir.join("fastly.toml");
+        std::fs::write(&manifest, manifest_toml(config, &dir)?)?;
+        let log = std::fs::File::create(dir.join("viceroy.log"))?;
+        let child = Command::new("viceroy")
+            .arg("-C")
+            .arg(&manifest)
+            .args(["--addr", &format!("127.0.0.1:{port}")])
+            .arg(&wasm)
+            .current_dir(repo_root())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("viceroy is not installed (run `just setup`)")?;
+        let mut edge = Edge { port, child: Some(child), dir };
+        if let Err(e) = wait_for_port(port, Duration::from_secs(60)) {
+            edge.stop();
+            bail!("viceroy did not start: {e}\n{}", edge.log());
+        }
+        Ok(edge)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What Viceroy and the guest printed (the edge's log lines).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("viceroy.log")).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
+    let seed: BTreeMap<&str, serde_json::Value> = config
+        .kv
+        .iter()
+        .map(|e| {
+            let mut item = serde_json::json!({ "data": e.data });
+            if let Some(m) = &e.metadata {
+                item["metadata"] = serde_json::Value::String(m.clone());
+            }
+            (e.key.as_str(), item)
+        })
+        .collect();
+    let seed_file = dir.join("kv-seed.json");
+    std::fs::write(&seed_file, serde_json::to_vec(&seed)?)?;
+    let tenants = repo_root().join("fixtures/edge/tenants.json");
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut t = String::new();
+    writeln!(t, "manifest_version = 3\nname = \"gateway-edge-test\"\nlanguage = \"rust\"\n")?;
+    writeln!(t, "[local_server.backends.origin]\nurl = {}", q(&config.origin_url))?;
+    writeln!(t, "first_byte_timeout_ms = {}", config.origin_first_byte_timeout_ms)?;
+    writeln!(t, "between_bytes_timeout_ms = {}\n", config.origin_first_byte_timeout_ms)?;
+    if config.kv.is_empty() {
+        writeln!(t, "[local_server.kv_stores]\nedge_cache = []\n")?;
+    } else {
+        let file = seed_file.to_string_lossy();
+        writeln!(t, "[local_server.kv_stores.edge_cache]\nfile = {}\nformat = \"json\"\n", q(&file))?;
+    }
+    let tenants = tenants.to_string_lossy();
+    writeln!(t, "[local_server.config_stores.tenants]\nformat = \"json\"\nfile = {}\n", q(&tenants))?;
+    writeln!(t, "[local_server.config_stores.edge_config]\nformat = \"inline-toml\"\n")?;
+    writeln!(t, "[local_server.config_stores.edge_config.contents]")?;
+    writeln!(t, "populate_on_fallback = \"{}\"", config.populate_on_fallback)?;
+    writeln!(t, "origin_connect_timeout_ms = \"{}\"", config.origin_connect_timeout_ms)?;
+    writeln!(t, "origin_first_byte_timeout_ms = \"{}\"\n", config.origin_first_byte_timeout_ms)?;
+    writeln!(t, "[[local_server.secret_stores.gateway_secrets]]\nkey = \"cache_key_secret\"")?;
+    writeln!(t, "data = {}\n", q(&config.cache_key_secret))?;
+    if let Some(secret) = &config.edge_shared_secret {
+        writeln!(t, "[[local_server.secret_stores.gateway_secrets]]\nkey = \"edge_shared_secret\"")?;
+        writeln!(t, "data = {}\n", q(secret))?;
+    }
+    Ok(t)
+}
