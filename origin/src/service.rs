@@ -238,6 +238,12 @@ impl Service {
         &self.metrics
     }
 
+    /// Keys whose provider call (or the cache write after it) is still running. Tests wait
+    /// for 0 before asserting a hit; operators could export it.
+    pub fn in_flight(&self) -> usize {
+        self.coalescer.in_flight()
+    }
+
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
     }

@@ -20,6 +20,10 @@ use crate::settings::{RedisSettings, ms};
 pub enum StoreError {
     #[error("redis call timed out")]
     Timeout,
+    /// Every pooled connection was busy for the whole pool wait: local saturation, not a sign
+    /// that Redis is unwell, so it does not count toward the breaker.
+    #[error("no free redis connection within the pool wait")]
+    PoolBusy,
     #[error("no redis connection: {0}")]
     Pool(String),
     #[error("redis: {0}")]
@@ -36,6 +40,7 @@ impl StoreError {
     fn kind(&self) -> &'static str {
         match self {
             StoreError::Timeout => "timeout",
+            StoreError::PoolBusy => "pool_busy",
             StoreError::Pool(_) => "pool",
             StoreError::Redis(_) => "io",
             StoreError::Skipped => "skipped",
@@ -201,7 +206,9 @@ impl RedisStore {
             .redis_duration
             .with_label_values(&[op])
             .observe(start.elapsed().as_secs_f64());
-        self.breaker.record(result.is_ok());
+        if !matches!(result, Err(StoreError::PoolBusy)) {
+            self.breaker.record(result.is_ok());
+        }
         if let Err(error) = &result {
             self.metrics
                 .redis_errors
@@ -220,6 +227,9 @@ impl RedisStore {
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let object = self.pool.get().await.map_err(|e| match e {
+            deadpool::managed::PoolError::Timeout(deadpool::managed::TimeoutType::Wait) => {
+                StoreError::PoolBusy
+            }
             deadpool::managed::PoolError::Timeout(_) => StoreError::Timeout,
             other => StoreError::Pool(other.to_string()),
         })?;

@@ -1,0 +1,396 @@
+//! Test harness: a real `redis-server` and mock providers on free ports, and the origin built
+//! from settings in code on port 0. Never skips: a missing `redis-server` fails loudly.
+#![allow(
+    clippy::expect_used,
+    reason = "test harness: a failed expectation is a failed test"
+)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServerHandle;
+use gateway_common::tenant::{Tenant, TenantsFile};
+use gateway_fixtures::provider::{MockProvider, ProviderConfig};
+use gateway_origin::replicate::RecordingReplicator;
+use gateway_origin::service::Service;
+use gateway_origin::settings::{ProviderSettings, Secret, Settings};
+use gateway_origin::tenants::Tenants;
+use gateway_origin::{Application, Parts};
+use serde_json::{Value, json};
+
+pub const ACME: &str = "sk-dev-acme";
+pub const GLOBEX: &str = "sk-dev-globex";
+pub const PROVIDER_KEY: &str = "sk-provider-test";
+
+/// A `redis-server` of our own, configured as a cache, stopped on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        let mut redis = Redis {
+            child: None,
+            port: free_port(),
+        };
+        redis.spawn();
+        redis
+    }
+
+    fn spawn(&mut self) {
+        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+        let child = Command::new(&binary)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start `{binary}` ({e}). These tests need a real Redis: install it \
+                     (`apt-get install redis-server`) or point REDIS_SERVER at the binary."
+                )
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.command("PING").starts_with("+PONG") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "redis-server on port {} did not answer PING within 10 s",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn pid(&self) -> String {
+        self.child
+            .as_ref()
+            .expect("redis is running")
+            .id()
+            .to_string()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// A new, empty server on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// SIGSTOP: connections stay open, nothing answers.
+    pub fn freeze(&self) {
+        let status = Command::new("kill")
+            .args(["-STOP", &self.pid()])
+            .status()
+            .expect("kill -STOP");
+        assert!(status.success());
+    }
+
+    pub fn thaw(&self) {
+        let status = Command::new("kill")
+            .args(["-CONT", &self.pid()])
+            .status()
+            .expect("kill -CONT");
+        assert!(status.success());
+    }
+
+    /// One inline command over a fresh connection; the raw reply (empty on failure).
+    pub fn command(&self, command: &str) -> String {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        if stream
+            .write_all(format!("{command}\r\n").as_bytes())
+            .is_err()
+        {
+            return String::new();
+        }
+        let mut reply = vec![0u8; 64 * 1024];
+        let n = stream.read(&mut reply).unwrap_or(0);
+        String::from_utf8_lossy(&reply[..n]).into_owned()
+    }
+
+    /// How many cache entries (`gw:v1:*`) Redis holds.
+    pub fn entries(&self) -> usize {
+        let reply = self.command("KEYS gw:v1:*");
+        reply
+            .strip_prefix('*')
+            .and_then(|r| r.split("\r\n").next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected KEYS reply {reply:?}"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            // A frozen server ignores SIGKILL until continued on some systems; thaw first.
+            let _ = Command::new("kill").args(["-CONT", &self.pid()]).status();
+        }
+        self.kill();
+    }
+}
+
+/// How a test wants its stack.
+pub struct Options {
+    /// One mock per entry, in priority order (the first is preferred).
+    pub providers: Vec<ProviderConfig>,
+    /// Applied after the harness filled in Redis, providers and tenants.
+    pub settings: Box<dyn FnOnce(&mut Settings)>,
+    /// Applied to every tenant of `fixtures/tenants.json`.
+    pub tenants: Box<dyn Fn(&mut Tenant)>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            providers: vec![mock_config("mock", 0)],
+            settings: Box::new(|_| {}),
+            tenants: Box::new(|_| {}),
+        }
+    }
+}
+
+pub fn mock_config(name: &str, latency_ms: u64) -> ProviderConfig {
+    ProviderConfig {
+        name: name.into(),
+        latency_ms,
+        ..ProviderConfig::default()
+    }
+}
+
+pub struct Stack {
+    pub redis: Redis,
+    pub providers: Vec<MockProvider>,
+    pub url: String,
+    pub service: Arc<Service>,
+    pub replicator: Arc<RecordingReplicator>,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    handle: ServerHandle,
+}
+
+pub fn tenants_file() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tenants.json")
+}
+
+impl Stack {
+    pub async fn start() -> Stack {
+        Stack::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> Stack {
+        let redis = Redis::start();
+        let mut providers = Vec::new();
+        for config in options.providers {
+            providers.push(
+                MockProvider::start(config)
+                    .await
+                    .expect("mock provider starts"),
+            );
+        }
+        let mut settings = Settings::for_tests();
+        settings.redis.url = Secret::new(redis.url());
+        // Short cool-downs so tests see recovery quickly.
+        settings.redis.breaker_cooldown_ms = 200;
+        settings.router.breaker_cooldown_ms = 500;
+        settings.cache.usage_flush_ms = 100;
+        settings.tenants.file = tenants_file();
+        settings.providers = providers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ProviderSettings {
+                name: p.name().to_string(),
+                base_url: p.base_url(),
+                api_key_env: None,
+                api_key: Some(Secret::new(PROVIDER_KEY)),
+                models: [
+                    ("gpt-4o-mini", "gpt-4o-mini"),
+                    ("text-embedding-3-small", "text-embedding-3-small"),
+                ]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+                priority: i as u32,
+                weight: 1,
+                timeout_ms: 5_000,
+                connect_timeout_ms: 500,
+            })
+            .collect();
+        (options.settings)(&mut settings);
+
+        let file =
+            TenantsFile::parse(&std::fs::read(tenants_file()).expect("fixtures/tenants.json"))
+                .expect("fixtures/tenants.json parses");
+        let tenants: Vec<Tenant> = file
+            .tenants
+            .into_iter()
+            .map(|mut t| {
+                (options.tenants)(&mut t);
+                t
+            })
+            .collect();
+        let replicator = Arc::new(RecordingReplicator::new());
+        let app = Application::build_with(
+            settings.clone(),
+            Parts {
+                replicator: Some(replicator.clone()),
+                tenants: Some(Tenants::new(tenants)),
+                ..Parts::default()
+            },
+        )
+        .expect("origin builds");
+        let url = app.base_url();
+        let service = Arc::clone(app.service());
+        let handle = app.handle();
+        tokio::spawn(app.run());
+        Stack {
+            redis,
+            providers,
+            url,
+            service,
+            replicator,
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(256)
+                .build()
+                .expect("client"),
+            settings,
+            handle,
+        }
+    }
+
+    pub fn provider(&self) -> &MockProvider {
+        &self.providers[0]
+    }
+
+    /// Total API calls the mock providers saw.
+    pub fn provider_calls(&self) -> u64 {
+        self.providers.iter().map(|p| p.calls()).sum()
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
+        self.post_with(path, key, body, &[]).await
+    }
+
+    pub async fn post_with(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("origin answers")
+    }
+
+    pub async fn chat(&self, key: &str, prompt: &str) -> reqwest::Response {
+        self.post("/v1/chat/completions", key, &chat_body(prompt))
+            .await
+    }
+
+    /// Waits until no provider call or cache write is in flight, so the next identical request
+    /// is a clean hit rather than a coalesced wait on a write still landing.
+    pub async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.service.in_flight() > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "in-flight work did not settle within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The value of one sample of the Prometheus page, e.g.
+    /// `gateway_cache_results_total{layer="origin",outcome="hit"}` (labels in name order, as
+    /// Prometheus renders them); 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        let page = String::from_utf8(self.service.metrics().render()).expect("utf-8 metrics");
+        page.lines()
+            .find_map(|line| {
+                line.strip_prefix(sample)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .map_or(0.0, |v| v.trim().parse().expect("a number"))
+    }
+}
+
+impl Stack {
+    /// The sum of every sample of a metric family, e.g. `gateway_redis_errors_total`.
+    pub fn metric_sum(&self, family: &str) -> f64 {
+        let page = String::from_utf8(self.service.metrics().render()).expect("utf-8 metrics");
+        page.lines()
+            .filter(|line| line.starts_with(family) && line[family.len()..].starts_with(['{', ' ']))
+            .filter_map(|line| {
+                line.rsplit_once(' ')
+                    .and_then(|(_, v)| v.parse::<f64>().ok())
+            })
+            .sum()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { handle.stop(false).await });
+        }
+    }
+}
+
+pub fn chat_body(prompt: &str) -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]})
+}
+
+pub fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// Asserts an OpenAI-shaped error body and returns it.
+pub async fn openai_error(response: reqwest::Response) -> Value {
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    assert!(body["error"]["type"].is_string(), "{body}");
+    assert!(body["error"].get("code").is_some(), "{body}");
+    body
+}

@@ -1,0 +1,11 @@
+//! The origin's integration tests: one binary, a module per feature, each test starting its own
+//! `redis-server`, mock providers and origin on free ports.
+
+mod bad_input;
+mod cache;
+mod coalescing;
+mod failover;
+mod harness;
+mod operations;
+mod redis_outage;
+mod streaming;
