@@ -56,7 +56,7 @@ lint:
     cargo clippy -p gateway-compute -p gateway-common --target wasm32-wasip1 -- -D warnings
 
 # Run every test: unit, property, golden (host and wasm under Viceroy), integration, end-to-end.
-test: setup
+test: setup build-edge
     cargo test --workspace --no-fail-fast
     just test-wasm
 

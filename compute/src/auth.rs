@@ -42,10 +42,15 @@ pub fn authenticate(authorization: Option<&str>) -> Result<Tenant, AuthError> {
         }
     };
     match serde_json::from_str::<Tenant>(&record) {
-        Ok(tenant) if tenant.validate().is_ok() && tenant.api_key_sha256.contains(&digest) => Ok(tenant),
+        Ok(tenant) if tenant.validate().is_ok() && tenant.api_key_sha256.contains(&digest) => {
+            Ok(tenant)
+        }
         Ok(_) | Err(_) => {
             // Never log the record's key material; its digest prefix is enough to find it.
-            eprintln!("edge: tenant record for key digest {}… is invalid", &digest[..8]);
+            eprintln!(
+                "edge: tenant record for key digest {}… is invalid",
+                &digest[..8]
+            );
             Err(AuthError::Unknown)
         }
     }

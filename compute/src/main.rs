@@ -17,11 +17,13 @@ use gateway_common::canonical::{ParsedRequest, RequestError, parse_request};
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
-    CACHE_STATUS, CacheOutcome, CacheStatusMember, Fwd, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY,
-    X_CACHE_LAYER, X_UPSTREAM_PROVIDER, append_cache_status,
+    CACHE_STATUS, CacheOutcome, CacheStatusMember, Fwd, SERVER_TIMING, ServerTiming, X_CACHE,
+    X_CACHE_KEY, X_CACHE_LAYER, X_UPSTREAM_PROVIDER, append_cache_status,
 };
 use gateway_common::key::CacheKey;
-use gateway_common::policy::{Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control, plan};
+use gateway_common::policy::{
+    Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control, plan,
+};
 use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
 
@@ -40,7 +42,12 @@ fn main() {
             log.finish(&resp, started);
             resp.send_to_client();
         }
-        Reply::SendThenPopulate { resp, key, entry, kv_ttl_secs } => {
+        Reply::SendThenPopulate {
+            resp,
+            key,
+            entry,
+            kv_ttl_secs,
+        } => {
             log.finish(&resp, started);
             resp.send_to_client();
             // After the client has its answer: the insert is never on the response path.
@@ -54,7 +61,12 @@ fn main() {
 enum Reply {
     Send(Response),
     /// Send, then store the same answer in the edge's KV store (local populate).
-    SendThenPopulate { resp: Response, key: CacheKey, entry: Box<Entry>, kv_ttl_secs: u64 },
+    SendThenPopulate {
+        resp: Response,
+        key: CacheKey,
+        entry: Box<Entry>,
+        kv_ttl_secs: u64,
+    },
 }
 
 fn fail(err: &ApiError) -> Reply {
@@ -71,7 +83,11 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     let auth_started = Instant::now();
     let tenant = match auth::authenticate(header(&req, "authorization")) {
         Ok(tenant) => tenant,
-        Err(AuthError::Unavailable) => return fail(&ApiError::unavailable("the edge cannot verify API keys right now")),
+        Err(AuthError::Unavailable) => {
+            return fail(&ApiError::unavailable(
+                "the edge cannot verify API keys right now",
+            ));
+        }
         Err(AuthError::Missing | AuthError::Unknown) => return fail(&ApiError::unauthorized()),
     };
     timing.add("auth", ms(auth_started));
@@ -98,7 +114,9 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
 
     let directives = parse_cache_control(header(&req, "cache-control"), header(&req, "pragma"));
     let key = match (&settings.cache_key_secret, &parsed.canonical) {
-        (Some(secret), Some(canonical)) => Some(CacheKey::derive(secret, &tenant.id, route, canonical)),
+        (Some(secret), Some(canonical)) => {
+            Some(CacheKey::derive(secret, &tenant.id, route, canonical))
+        }
         _ => None,
     };
     let plan = plan(directives, key.is_some());
@@ -113,7 +131,13 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         match found {
             Ok(entry) => {
                 let env = &entry.envelope;
-                match freshness(env.created, env.ttl, now, plan.max_age, tenant.stale_if_error_secs) {
+                match freshness(
+                    env.created,
+                    env.ttl,
+                    now,
+                    plan.max_age,
+                    tenant.stale_if_error_secs,
+                ) {
                     Freshness::Fresh { age, remaining } => {
                         let served = Served {
                             entry: &entry,
@@ -142,7 +166,9 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     }
 
     req.set_body(body);
-    let forward = Forward { edge_miss: plan.write && key.is_some() };
+    let forward = Forward {
+        edge_miss: plan.write && key.is_some(),
+    };
     let origin_started = Instant::now();
     let answered = origin::send(req, &settings, forward);
     timing.add("origin", ms(origin_started));
@@ -160,8 +186,12 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                 return reply;
             }
             return fail(&match failure {
-                OriginFailure::Unreachable => ApiError::unavailable("the gateway origin is unreachable"),
-                OriginFailure::Timeout => ApiError::gateway_timeout("the gateway origin did not answer in time"),
+                OriginFailure::Unreachable => {
+                    ApiError::unavailable("the gateway origin is unreachable")
+                }
+                OriginFailure::Timeout => {
+                    ApiError::gateway_timeout("the gateway origin did not answer in time")
+                }
                 OriginFailure::Broken => ApiError::bad_gateway("the gateway origin failed"),
             });
         }
@@ -173,7 +203,19 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         _ if stale.is_some() || log.kv == Some("expired") => Fwd::Stale,
         _ => Fwd::Miss,
     };
-    finish_from_origin(resp, Decorate { key, plan, fwd, timing, tenant: &tenant, parsed: &parsed, settings: &settings, now })
+    finish_from_origin(
+        resp,
+        Decorate {
+            key,
+            plan,
+            fwd,
+            timing,
+            tenant: &tenant,
+            parsed: &parsed,
+            settings: &settings,
+            now,
+        },
+    )
 }
 
 struct Decorate<'a> {
@@ -212,14 +254,20 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         return Reply::Send(resp);
     };
     let body = resp.take_body_bytes();
-    let content_type = header_resp(&resp, "content-type").unwrap_or("application/json").to_owned();
+    let content_type = header_resp(&resp, "content-type")
+        .unwrap_or("application/json")
+        .to_owned();
     if !is_cacheable_response(200, &content_type, &body) {
         return Reply::Send(resp.with_body(body));
     }
     // An origin hit is as old as the origin says: keep created-at consistent across tiers.
-    let age = header_resp(&resp, "age").and_then(|a| a.trim().parse::<u64>().ok()).unwrap_or(0);
+    let age = header_resp(&resp, "age")
+        .and_then(|a| a.trim().parse::<u64>().ok())
+        .unwrap_or(0);
     let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.ttl_cap_secs);
-    let provider = header_resp(&resp, X_UPSTREAM_PROVIDER).unwrap_or_default().to_owned();
+    let provider = header_resp(&resp, X_UPSTREAM_PROVIDER)
+        .unwrap_or_default()
+        .to_owned();
     let (model, usage) = model_and_usage(&body, &d.parsed.model);
     let entry = Entry {
         envelope: Envelope {
@@ -237,7 +285,12 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         body: body.clone(),
     };
     let kv_ttl_secs = ttl.saturating_add(d.tenant.stale_if_error_secs);
-    Reply::SendThenPopulate { resp: resp.with_body(body), key, entry: Box::new(entry), kv_ttl_secs }
+    Reply::SendThenPopulate {
+        resp: resp.with_body(body),
+        key,
+        entry: Box::new(entry),
+        kv_ttl_secs,
+    }
 }
 
 /// Answer from a stale entry when the origin failed, if the tenant's window allows it.
@@ -255,7 +308,8 @@ fn serve_stale(
         key,
         outcome: CacheOutcome::Stale,
         age,
-        ttl_remaining: i64::try_from(entry.envelope.ttl).unwrap_or(i64::MAX) - i64::try_from(age).unwrap_or(i64::MAX),
+        ttl_remaining: i64::try_from(entry.envelope.ttl).unwrap_or(i64::MAX)
+            - i64::try_from(age).unwrap_or(i64::MAX),
         stream: parsed.stream,
         include_usage: parsed.include_usage,
     };
@@ -275,7 +329,12 @@ fn clean_server_error(resp: Response) -> Response {
     })
 }
 
-fn pass_through(req: Request, settings: &EdgeSettings, mut timing: ServerTiming, log: &mut LogLine) -> Reply {
+fn pass_through(
+    req: Request,
+    settings: &EdgeSettings,
+    mut timing: ServerTiming,
+    log: &mut LogLine,
+) -> Reply {
     let started = Instant::now();
     let answered = origin::send(req, settings, Forward { edge_miss: false });
     timing.add("origin", ms(started));
@@ -284,10 +343,18 @@ fn pass_through(req: Request, settings: &EdgeSettings, mut timing: ServerTiming,
         Ok(mut resp) => {
             let server_timing = timing.append_to(header_resp(&resp, SERVER_TIMING));
             resp.set_header(SERVER_TIMING, server_timing);
-            Reply::Send(if resp.get_status().is_server_error() { clean_server_error(resp) } else { resp })
+            Reply::Send(if resp.get_status().is_server_error() {
+                clean_server_error(resp)
+            } else {
+                resp
+            })
         }
-        Err(OriginFailure::Unreachable) => fail(&ApiError::unavailable("the gateway origin is unreachable")),
-        Err(OriginFailure::Timeout) => fail(&ApiError::gateway_timeout("the gateway origin did not answer in time")),
+        Err(OriginFailure::Unreachable) => {
+            fail(&ApiError::unavailable("the gateway origin is unreachable"))
+        }
+        Err(OriginFailure::Timeout) => fail(&ApiError::gateway_timeout(
+            "the gateway origin did not answer in time",
+        )),
         Err(OriginFailure::Broken) => fail(&ApiError::bad_gateway("the gateway origin failed")),
     }
 }
@@ -301,7 +368,9 @@ fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, RequestError> {
     let mut body = Vec::new();
     let mut reader = req.take_body().take(limit as u64 + 1);
     if reader.read_to_end(&mut body).is_err() {
-        return Err(RequestError::InvalidJson("the request body could not be read".to_owned()));
+        return Err(RequestError::InvalidJson(
+            "the request body could not be read".to_owned(),
+        ));
     }
     if body.len() > limit {
         return Err(RequestError::TooLarge { limit });
@@ -312,7 +381,11 @@ fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, RequestError> {
 /// The answer's own model name and token usage, for the entry's envelope.
 fn model_and_usage(body: &[u8], requested: &str) -> (String, Option<Usage>) {
     let value: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let model = value.get("model").and_then(|m| m.as_str()).unwrap_or(requested).to_owned();
+    let model = value
+        .get("model")
+        .and_then(|m| m.as_str())
+        .unwrap_or(requested)
+        .to_owned();
     let usage = value.get("usage").and_then(|u| {
         let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64);
         let prompt = n("prompt_tokens")?;
@@ -340,7 +413,10 @@ fn ms(since: Instant) -> f64 {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// One line per request, with the header vocabulary's field names. Never credentials,

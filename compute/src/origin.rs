@@ -34,7 +34,11 @@ pub struct Forward {
 
 /// Send `req` (already carrying its body) to the origin. Client-supplied copies of the
 /// edge's own headers are removed first, so a client cannot claim to be the edge.
-pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Result<Response, OriginFailure> {
+pub fn send(
+    mut req: Request,
+    settings: &EdgeSettings,
+    forward: Forward,
+) -> Result<Response, OriginFailure> {
     req.remove_header(X_EDGE_MISS);
     req.remove_header(X_EDGE_SECRET);
     if forward.edge_miss {
@@ -49,23 +53,28 @@ pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Resu
     };
     result.map_err(|e| {
         let failure = classify(e.root_cause());
-        eprintln!("edge: origin request failed ({:?}: {})", failure, e.root_cause());
+        eprintln!(
+            "edge: origin request failed ({:?}: {})",
+            failure,
+            e.root_cause()
+        );
         failure
     })
 }
 
 fn classify(cause: &SendErrorCause) -> OriginFailure {
     match cause {
-        SendErrorCause::DnsTimeout
-        | SendErrorCause::DnsError { .. }
-        | SendErrorCause::DestinationNotFound
-        | SendErrorCause::DestinationUnavailable
-        | SendErrorCause::DestinationIpUnroutable
-        | SendErrorCause::ConnectionRefused
-        | SendErrorCause::ConnectionTimeout
-        | SendErrorCause::ConnectionLimitReached => OriginFailure::Unreachable,
         SendErrorCause::HttpResponseTimeout => OriginFailure::Timeout,
-        _ => OriginFailure::Broken,
+        // The origin answered, but not with a usable HTTP response.
+        SendErrorCause::HttpIncompleteResponse
+        | SendErrorCause::HttpResponseHeaderSectionTooLarge
+        | SendErrorCause::HttpResponseBodyTooLarge
+        | SendErrorCause::HttpResponseStatusInvalid
+        | SendErrorCause::HttpProtocolError
+        | SendErrorCause::Http2StreamError { .. } => OriginFailure::Broken,
+        // Refused, DNS, unreachable, connect timeout, TLS, and host errors with no detail
+        // (Viceroy reports a refused connection as an internal error): no answer came back.
+        _ => OriginFailure::Unreachable,
     }
 }
 
@@ -84,22 +93,35 @@ fn timed_backend(settings: &EdgeSettings) -> Option<Backend> {
         eprintln!("edge: backend {BACKEND} is not declared");
         return None;
     };
-    let mut builder = Backend::builder("origin-timed", format!("{}:{}", base.get_host(), base.get_port()))
-        .connect_timeout(settings.origin_connect_timeout)
-        .first_byte_timeout(settings.origin_first_byte_timeout)
-        .between_bytes_timeout(settings.origin_between_bytes_timeout);
-    if let Some(host) = base.get_host_override().and_then(|h| h.to_str().ok().map(str::to_owned)) {
+    let mut builder = Backend::builder(
+        "origin-timed",
+        format!("{}:{}", base.get_host(), base.get_port()),
+    )
+    .connect_timeout(settings.origin_connect_timeout)
+    .first_byte_timeout(settings.origin_first_byte_timeout)
+    .between_bytes_timeout(settings.origin_between_bytes_timeout);
+    if let Some(host) = base
+        .get_host_override()
+        .and_then(|h| h.to_str().ok().map(str::to_owned))
+    {
         builder = builder.override_host(host);
     }
     if base.is_ssl() {
         let host = base.get_host();
-        builder = builder.enable_ssl().sni_hostname(&host).check_certificate(&host);
+        builder = builder
+            .enable_ssl()
+            .sni_hostname(&host)
+            .check_certificate(&host);
     }
     match builder.finish() {
         Ok(timed) => Some(timed),
-        Err(BackendCreationError::NameInUse) => Some(Backend::from_name("origin-timed").unwrap_or(base)),
+        Err(BackendCreationError::NameInUse) => {
+            Some(Backend::from_name("origin-timed").unwrap_or(base))
+        }
         Err(e) => {
-            eprintln!("edge: dynamic backend unavailable ({e}); using {BACKEND} with its configured timeouts");
+            eprintln!(
+                "edge: dynamic backend unavailable ({e}); using {BACKEND} with its configured timeouts"
+            );
             Some(base)
         }
     }

@@ -6,8 +6,8 @@ use fastly::http::StatusCode;
 use gateway_common::entry::Entry;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
-    CACHE_STATUS, CacheOutcome, CacheStatusMember, Layer, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY,
-    X_CACHE_LAYER, X_UPSTREAM_PROVIDER,
+    CACHE_STATUS, CacheOutcome, CacheStatusMember, Layer, SERVER_TIMING, ServerTiming, X_CACHE,
+    X_CACHE_KEY, X_CACHE_LAYER, X_UPSTREAM_PROVIDER,
 };
 use gateway_common::key::CacheKey;
 use gateway_common::sse::replay_chat;
@@ -17,9 +17,11 @@ pub const CACHE_NAME: &str = "gateway-edge";
 
 /// An OpenAI-shaped error body with its status.
 pub fn error(err: &ApiError) -> Response {
-    Response::from_status(StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
-        .with_header("content-type", "application/json")
-        .with_body(err.to_json())
+    Response::from_status(
+        StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    )
+    .with_header("content-type", "application/json")
+    .with_body(err.to_json())
 }
 
 /// How a cached entry is to be presented.
@@ -40,7 +42,10 @@ pub struct Served<'a> {
 pub fn from_entry(served: &Served<'_>, timing: &ServerTiming) -> Option<Response> {
     let env = &served.entry.envelope;
     let (content_type, body) = if served.stream {
-        ("text/event-stream", replay_chat(&served.entry.body, served.include_usage).ok()?)
+        (
+            "text/event-stream",
+            replay_chat(&served.entry.body, served.include_usage).ok()?,
+        )
     } else {
         (env.content_type.as_str(), served.entry.body.clone())
     };
@@ -48,15 +53,16 @@ pub fn from_entry(served: &Served<'_>, timing: &ServerTiming) -> Option<Response
         CacheOutcome::Stale => CacheStatusMember::stale(CACHE_NAME, served.ttl_remaining),
         _ => CacheStatusMember::hit(CACHE_NAME, served.ttl_remaining.max(0) as u64),
     };
-    let mut resp = Response::from_status(StatusCode::from_u16(env.status).unwrap_or(StatusCode::OK))
-        .with_header("content-type", content_type)
-        .with_header(X_CACHE, served.outcome.as_str())
-        .with_header(X_CACHE_LAYER, Layer::Edge.as_str())
-        .with_header(CACHE_STATUS, member.render())
-        .with_header("age", served.age.to_string())
-        .with_header(X_CACHE_KEY, served.key.hex())
-        .with_header(SERVER_TIMING, timing.render())
-        .with_body(body);
+    let mut resp =
+        Response::from_status(StatusCode::from_u16(env.status).unwrap_or(StatusCode::OK))
+            .with_header("content-type", content_type)
+            .with_header(X_CACHE, served.outcome.as_str())
+            .with_header(X_CACHE_LAYER, Layer::Edge.as_str())
+            .with_header(CACHE_STATUS, member.render())
+            .with_header("age", served.age.to_string())
+            .with_header(X_CACHE_KEY, served.key.hex())
+            .with_header(SERVER_TIMING, timing.render())
+            .with_body(body);
     if !env.provider.is_empty() {
         resp.set_header(X_UPSTREAM_PROVIDER, env.provider.as_str());
     }

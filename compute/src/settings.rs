@@ -58,32 +58,49 @@ impl EdgeSettings {
                 let get = |k: &str| match store.try_get(k) {
                     Ok(v) => v,
                     Err(e) => {
-                        eprintln!("edge: config {EDGE_CONFIG_STORE}.{k} unreadable ({e:?}); using default");
+                        eprintln!(
+                            "edge: config {EDGE_CONFIG_STORE}.{k} unreadable ({e:?}); using default"
+                        );
                         None
                     }
                 };
                 if let Some(v) = get("populate_on_fallback") {
-                    s.populate_on_fallback = parse_or(k_v("populate_on_fallback", &v), parse_bool, false);
+                    s.populate_on_fallback =
+                        parse_or(k_v("populate_on_fallback", &v), parse_bool, false);
                 }
                 if let Some(v) = get("origin_connect_timeout_ms") {
-                    s.origin_connect_timeout = parse_ms(k_v("origin_connect_timeout_ms", &v), s.origin_connect_timeout);
+                    s.origin_connect_timeout = parse_ms(
+                        k_v("origin_connect_timeout_ms", &v),
+                        s.origin_connect_timeout,
+                    );
                 }
                 if let Some(v) = get("origin_first_byte_timeout_ms") {
-                    s.origin_first_byte_timeout =
-                        parse_ms(k_v("origin_first_byte_timeout_ms", &v), s.origin_first_byte_timeout);
+                    s.origin_first_byte_timeout = parse_ms(
+                        k_v("origin_first_byte_timeout_ms", &v),
+                        s.origin_first_byte_timeout,
+                    );
                 }
                 if let Some(v) = get("origin_between_bytes_timeout_ms") {
-                    s.origin_between_bytes_timeout =
-                        parse_ms(k_v("origin_between_bytes_timeout_ms", &v), s.origin_between_bytes_timeout);
+                    s.origin_between_bytes_timeout = parse_ms(
+                        k_v("origin_between_bytes_timeout_ms", &v),
+                        s.origin_between_bytes_timeout,
+                    );
                 }
                 if let Some(v) = get("ttl_cap_secs") {
-                    s.ttl_cap_secs = parse_or(k_v("ttl_cap_secs", &v), |x| x.parse().ok(), s.ttl_cap_secs);
+                    s.ttl_cap_secs =
+                        parse_or(k_v("ttl_cap_secs", &v), |x| x.parse().ok(), s.ttl_cap_secs);
                 }
                 if let Some(v) = get("max_body_bytes") {
-                    s.max_body_bytes = parse_or(k_v("max_body_bytes", &v), |x| x.parse().ok(), s.max_body_bytes);
+                    s.max_body_bytes = parse_or(
+                        k_v("max_body_bytes", &v),
+                        |x| x.parse().ok(),
+                        s.max_body_bytes,
+                    );
                 }
             }
-            Err(e) => eprintln!("edge: config store {EDGE_CONFIG_STORE} unavailable ({e:?}); using defaults"),
+            Err(e) => eprintln!(
+                "edge: config store {EDGE_CONFIG_STORE} unavailable ({e:?}); using defaults"
+            ),
         }
         match SecretStore::open(SECRET_STORE) {
             Ok(store) => {
@@ -93,7 +110,9 @@ impl EdgeSettings {
             Err(e) => eprintln!("edge: secret store {SECRET_STORE} unavailable ({e:?})"),
         }
         if s.cache_key_secret.is_none() {
-            eprintln!("edge: no cache_key_secret; caching at the edge is off, every request goes to the origin");
+            eprintln!(
+                "edge: no cache_key_secret; caching at the edge is off, every request goes to the origin"
+            );
         }
         s
     }
@@ -130,14 +149,26 @@ fn parse_or<T>(kv: KeyValue<'_>, parse: impl Fn(&str) -> Option<T>, default: T) 
     match parse(kv.value.trim()) {
         Some(v) => v,
         None => {
-            eprintln!("edge: config {}={:?} is invalid; using the default", kv.key, kv.value);
+            eprintln!(
+                "edge: config {}={:?} is invalid; using the default",
+                kv.key, kv.value
+            );
             default
         }
     }
 }
 
 fn parse_ms(kv: KeyValue<'_>, default: Duration) -> Duration {
-    parse_or(kv, |x| x.parse::<u64>().ok().filter(|ms| *ms > 0).map(Duration::from_millis), default)
+    parse_or(
+        kv,
+        |x| {
+            x.parse::<u64>()
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis)
+        },
+        default,
+    )
 }
 
 fn parse_bool(v: &str) -> Option<bool> {

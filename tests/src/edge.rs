@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::redis::wait_for_port;
-use crate::{free_port, repo_root};
+use crate::{free_port, repo_root, wait_for_port};
 
 /// One KV entry to preload, exactly as Viceroy's JSON seed format takes it.
 #[derive(Debug, Clone)]
@@ -59,7 +58,10 @@ pub struct Edge {
 pub fn edge_wasm() -> anyhow::Result<PathBuf> {
     let wasm = repo_root().join("target/wasm32-wasip1/release/gateway-compute.wasm");
     if !wasm.exists() {
-        bail!("{} is missing: run `just build-edge` (or `just test`, which builds it)", wasm.display());
+        bail!(
+            "{} is missing: run `just build-edge` (or `just test`, which builds it)",
+            wasm.display()
+        );
     }
     Ok(wasm)
 }
@@ -84,7 +86,11 @@ impl Edge {
             .stderr(log)
             .spawn()
             .context("viceroy is not installed (run `just setup`)")?;
-        let mut edge = Edge { port, child: Some(child), dir };
+        let mut edge = Edge {
+            port,
+            child: Some(child),
+            dir,
+        };
         if let Err(e) = wait_for_port(port, Duration::from_secs(60)) {
             edge.stop();
             bail!("viceroy did not start: {e}\n{}", edge.log());
@@ -134,27 +140,71 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
     let tenants = repo_root().join("fixtures/edge/tenants.json");
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut t = String::new();
-    writeln!(t, "manifest_version = 3\nname = \"gateway-edge-test\"\nlanguage = \"rust\"\n")?;
-    writeln!(t, "[local_server.backends.origin]\nurl = {}", q(&config.origin_url))?;
-    writeln!(t, "first_byte_timeout_ms = {}", config.origin_first_byte_timeout_ms)?;
-    writeln!(t, "between_bytes_timeout_ms = {}\n", config.origin_first_byte_timeout_ms)?;
+    writeln!(
+        t,
+        "manifest_version = 3\nname = \"gateway-edge-test\"\nlanguage = \"rust\"\n"
+    )?;
+    writeln!(
+        t,
+        "[local_server.backends.origin]\nurl = {}",
+        q(&config.origin_url)
+    )?;
+    writeln!(
+        t,
+        "first_byte_timeout_ms = {}",
+        config.origin_first_byte_timeout_ms
+    )?;
+    writeln!(
+        t,
+        "between_bytes_timeout_ms = {}\n",
+        config.origin_first_byte_timeout_ms
+    )?;
     if config.kv.is_empty() {
         writeln!(t, "[local_server.kv_stores]\nedge_cache = []\n")?;
     } else {
         let file = seed_file.to_string_lossy();
-        writeln!(t, "[local_server.kv_stores.edge_cache]\nfile = {}\nformat = \"json\"\n", q(&file))?;
+        writeln!(
+            t,
+            "[local_server.kv_stores.edge_cache]\nfile = {}\nformat = \"json\"\n",
+            q(&file)
+        )?;
     }
     let tenants = tenants.to_string_lossy();
-    writeln!(t, "[local_server.config_stores.tenants]\nformat = \"json\"\nfile = {}\n", q(&tenants))?;
-    writeln!(t, "[local_server.config_stores.edge_config]\nformat = \"inline-toml\"\n")?;
+    writeln!(
+        t,
+        "[local_server.config_stores.tenants]\nformat = \"json\"\nfile = {}\n",
+        q(&tenants)
+    )?;
+    writeln!(
+        t,
+        "[local_server.config_stores.edge_config]\nformat = \"inline-toml\"\n"
+    )?;
     writeln!(t, "[local_server.config_stores.edge_config.contents]")?;
-    writeln!(t, "populate_on_fallback = \"{}\"", config.populate_on_fallback)?;
-    writeln!(t, "origin_connect_timeout_ms = \"{}\"", config.origin_connect_timeout_ms)?;
-    writeln!(t, "origin_first_byte_timeout_ms = \"{}\"\n", config.origin_first_byte_timeout_ms)?;
-    writeln!(t, "[[local_server.secret_stores.gateway_secrets]]\nkey = \"cache_key_secret\"")?;
+    writeln!(
+        t,
+        "populate_on_fallback = \"{}\"",
+        config.populate_on_fallback
+    )?;
+    writeln!(
+        t,
+        "origin_connect_timeout_ms = \"{}\"",
+        config.origin_connect_timeout_ms
+    )?;
+    writeln!(
+        t,
+        "origin_first_byte_timeout_ms = \"{}\"\n",
+        config.origin_first_byte_timeout_ms
+    )?;
+    writeln!(
+        t,
+        "[[local_server.secret_stores.gateway_secrets]]\nkey = \"cache_key_secret\""
+    )?;
     writeln!(t, "data = {}\n", q(&config.cache_key_secret))?;
     if let Some(secret) = &config.edge_shared_secret {
-        writeln!(t, "[[local_server.secret_stores.gateway_secrets]]\nkey = \"edge_shared_secret\"")?;
+        writeln!(
+            t,
+            "[[local_server.secret_stores.gateway_secrets]]\nkey = \"edge_shared_secret\""
+        )?;
         writeln!(t, "data = {}\n", q(secret))?;
     }
     Ok(t)

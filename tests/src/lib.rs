@@ -2,28 +2,25 @@
 //! API, origin, Viceroy) on free ports and stops them afterwards.
 
 pub mod edge;
-pub mod redis;
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use anyhow::Context;
 use gateway_common::tenant::TenantsFile;
+pub use gateway_fixtures::{RedisServer, free_port, wait_for_port};
 
 /// The workspace root (where `fastly.toml` and `fixtures/` live).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
-/// A port nobody listens on right now (bind to port 0, read it, release it).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// The edge's Config Store `tenants` as a flat JSON object, sorted by key digest, one entry
 /// per API key: what `fastly.toml` loads locally and what an operator uploads in production.
 pub fn edge_tenants_json(tenants_file: &[u8]) -> anyhow::Result<String> {
-    let file = TenantsFile::parse(tenants_file).map_err(anyhow::Error::msg).context("invalid tenants file")?;
-    let entries: std::collections::BTreeMap<String, String> = file.config_store_entries().into_iter().collect();
+    let file = TenantsFile::parse(tenants_file)
+        .map_err(anyhow::Error::msg)
+        .context("invalid tenants file")?;
+    let entries: std::collections::BTreeMap<String, String> =
+        file.config_store_entries().into_iter().collect();
     Ok(serde_json::to_string_pretty(&entries)?)
 }

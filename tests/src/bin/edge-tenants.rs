@@ -5,7 +5,9 @@
 use anyhow::Context;
 
 fn main() -> anyhow::Result<()> {
-    let path = std::env::args().nth(1).context("usage: edge-tenants TENANTS_JSON")?;
+    let path = std::env::args()
+        .nth(1)
+        .context("usage: edge-tenants TENANTS_JSON")?;
     let raw = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
     println!("{}", gateway_e2e::edge_tenants_json(&raw)?);
     Ok(())
