@@ -506,6 +506,7 @@ mod tests {
         ProviderSettings {
             name: name.into(),
             base_url: "http://127.0.0.1:1/v1/".into(),
+            base_url_env: None,
             api_key_env: None,
             api_key: None,
             models: models

@@ -246,11 +246,16 @@ fn record(service: &Service, route: &'static str, status: u16, trace: &Trace, to
         key = trace.key.as_deref().unwrap_or("-"),
         provider = trace.provider.as_deref().unwrap_or("-"),
         collapsed = trace.collapsed,
-        redis_ms = trace.redis_ms.unwrap_or(0.0),
-        upstream_ms = trace.upstream_ms.unwrap_or(0.0),
-        total_ms,
+        redis_ms = round_ms(trace.redis_ms.unwrap_or(0.0)),
+        upstream_ms = round_ms(trace.upstream_ms.unwrap_or(0.0)),
+        total_ms = round_ms(total_ms),
         "request"
     );
+}
+
+/// Milliseconds to two decimals, as in `Server-Timing`.
+fn round_ms(ms: f64) -> f64 {
+    (ms * 100.0).round() / 100.0
 }
 
 /// For the non-API routes: headers and log line without cache fields.

@@ -199,6 +199,10 @@ pub struct ProviderSettings {
     pub name: String,
     /// OpenAI-compatible base URL including the version, e.g. `https://api.openai.com/v1`.
     pub base_url: String,
+    /// Name of an environment variable that, when set, replaces `base_url` (local runs point
+    /// the mock provider's address in this way).
+    #[serde(default)]
+    pub base_url_env: Option<String>,
     /// Name of the environment variable holding this provider's API key (optional).
     #[serde(default)]
     pub api_key_env: Option<String>,
@@ -288,6 +292,11 @@ impl Settings {
         );
         let mut settings: Settings = builder.build()?.try_deserialize()?;
         for (i, provider) in settings.providers.iter_mut().enumerate() {
+            if let Some(url) = provider.base_url_env.as_ref().and_then(|var| env.get(var))
+                && !url.is_empty()
+            {
+                provider.base_url = url.clone();
+            }
             if let Some(var) = &provider.api_key_env {
                 match env.get(var) {
                     Some(value) if !value.is_empty() => {
@@ -625,6 +634,40 @@ models = { "gpt-4o-mini" = "gpt-4o-mini" }
     }
 
     #[test]
+    fn a_provider_url_can_come_from_the_environment() {
+        let toml = format!(
+            "dev_mode = true\n{}base_url_env = \"MOCK_URL\"\n",
+            provider_toml()
+        );
+        let file = write_file(&toml);
+        let s = Settings::load(Some(&file.0), &HashMap::new()).unwrap();
+        assert_eq!(s.providers[0].base_url, "http://127.0.0.1:9/v1");
+        let env = HashMap::from([(
+            "MOCK_URL".to_string(),
+            "http://127.0.0.1:4242/v1".to_string(),
+        )]);
+        let s = Settings::load(Some(&file.0), &env).unwrap();
+        assert_eq!(s.providers[0].base_url, "http://127.0.0.1:4242/v1");
+    }
+
+    #[test]
+    fn the_dev_config_file_loads() {
+        let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/dev.toml");
+        let env = HashMap::from([("MOCK_PROVIDER_API_KEY".to_string(), "sk-mock".to_string())]);
+        let s = Settings::load(Some(&path), &env).unwrap();
+        assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert_eq!(s.cache_key_secret(), DEV_CACHE_KEY_SECRET.as_bytes());
+        // Model names keep their dots and case (config must not read them as key paths).
+        assert_eq!(
+            s.providers[0]
+                .models
+                .get("gpt-3.5-turbo-instruct")
+                .map(String::as_str),
+            Some("gpt-3.5-turbo-instruct")
+        );
+    }
+
+    #[test]
     fn secrets_never_print() {
         let file = write_file(&format!(
             "dev_mode = true\n[cache]\nkey_secret = \"super-secret-value-123\"\n[security]\nadmin_token = \"tok-123\"\n{}",
@@ -657,6 +700,7 @@ models = { "gpt-4o-mini" = "gpt-4o-mini" }
         s.providers.push(ProviderSettings {
             name: "p".into(),
             base_url: "http://127.0.0.1:1/v1".into(),
+            base_url_env: None,
             api_key_env: None,
             api_key: None,
             models: BTreeMap::from([("m".to_string(), "m".to_string())]),

@@ -230,6 +230,7 @@ impl Stack {
             .map(|(i, p)| ProviderSettings {
                 name: p.name().to_string(),
                 base_url: p.base_url(),
+                base_url_env: None,
                 api_key_env: None,
                 api_key: Some(Secret::new(PROVIDER_KEY)),
                 models: [
