@@ -144,10 +144,13 @@ struct Job {
     tenant: Arc<Tenant>,
     route: Route,
     model: String,
+    /// What the provider is sent (the client's body, with usage requested for chat streams).
     body: Bytes,
     stream: bool,
-    /// Assemble a streamed chat answer (only worth it when it will be cached or shared).
+    /// Assemble a streamed chat answer (for the cache, the waiters and the token count).
     assemble: bool,
+    /// The client did not ask for the usage chunk requested for accounting: hide it.
+    hide_usage: bool,
     /// Where to write a cacheable answer; `None` when the plan does not write.
     key: Option<CacheKey>,
     edge_miss: bool,
@@ -341,16 +344,19 @@ impl Service {
             CacheOutcome::Bypass
         });
         trace.layer = Some(Layer::Upstream);
-        let writes = plan.write && key.is_some();
+        let chat_stream = parsed.stream && request.route == Route::ChatCompletions;
+        // A stream reports its tokens only when asked; ask, so the budget sees every token.
+        let with_usage = (chat_stream && !parsed.include_usage)
+            .then(|| stream::with_usage_requested(&request.body))
+            .flatten();
         let job = Job {
             tenant: Arc::clone(&tenant),
             route: request.route,
             model: parsed.model.clone(),
-            body: request.body.clone(),
+            hide_usage: with_usage.is_some(),
+            body: with_usage.unwrap_or_else(|| request.body.clone()),
             stream: parsed.stream,
-            assemble: parsed.stream
-                && request.route == Route::ChatCompletions
-                && (writes || plan.read),
+            assemble: chat_stream,
             key: if plan.write { key.clone() } else { None },
             edge_miss: request.edge_miss,
         };
@@ -467,10 +473,12 @@ impl Service {
                         stream: client_stream,
                     });
                 }
+                let filter = job.hide_usage.then(stream::UsageFilter::default);
                 match stream::forward(
                     response,
                     client_tx,
                     job.assemble,
+                    filter,
                     self.router.stream_idle_timeout,
                 )
                 .await

@@ -2,11 +2,13 @@
 //! buffering of the whole answer) while `common`'s `ChatAssembler` rebuilds the completion,
 //! which is returned only when the stream ended properly. Never decides about caching.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
 use gateway_common::sse::{ChatAssembler, SseError};
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 /// Chunks queued toward one client; a slow client applies back-pressure up to this many.
@@ -47,6 +49,86 @@ impl ChunkSource for reqwest::Response {
     }
 }
 
+/// The request body with `stream_options.include_usage = true`, every other member kept byte
+/// for byte, so a streamed answer always reports the tokens it cost (the budget needs them even
+/// when the client did not ask). `None` if the body is not a JSON object.
+pub fn with_usage_requested(body: &[u8]) -> Option<Bytes> {
+    let mut object: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(body).ok()?;
+    let mut options: serde_json::Map<String, serde_json::Value> = match object.get("stream_options")
+    {
+        Some(raw) => serde_json::from_str(raw.get()).ok()?,
+        None => serde_json::Map::new(),
+    };
+    options.insert("include_usage".into(), serde_json::Value::Bool(true));
+    let raw = RawValue::from_string(serde_json::to_string(&options).ok()?).ok()?;
+    object.insert("stream_options".into(), raw);
+    serde_json::to_vec(&object).ok().map(Bytes::from)
+}
+
+/// Hides the usage chunk (`"choices": []` with a `usage`) from a client that did not ask for
+/// it, forwarding every other event as soon as it is complete. Events are kept byte for byte.
+#[derive(Debug, Default)]
+pub struct UsageFilter {
+    pending: Vec<u8>,
+}
+
+impl UsageFilter {
+    /// The complete events of what arrived so far, minus usage chunks; a partial event waits.
+    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.pending.len());
+        let mut event_start = 0;
+        let mut line_start = 0;
+        while let Some(offset) = self.pending[line_start..].iter().position(|&b| b == b'\n') {
+            let line_end = line_start + offset;
+            let line = &self.pending[line_start..line_end];
+            line_start = line_end + 1;
+            if line.is_empty() || line == b"\r" {
+                let event = &self.pending[event_start..line_start];
+                if !is_usage_chunk(event) {
+                    out.extend_from_slice(event);
+                }
+                event_start = line_start;
+            }
+        }
+        self.pending.drain(..event_start);
+        Bytes::from(out)
+    }
+
+    /// Whatever is left at the end of the stream (an unterminated last event).
+    pub fn finish(self) -> Bytes {
+        if is_usage_chunk(&self.pending) {
+            Bytes::new()
+        } else {
+            Bytes::from(self.pending)
+        }
+    }
+}
+
+/// Whether an SSE event is a chat chunk with no choices and a usage object.
+fn is_usage_chunk(event: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    let Ok(text) = std::str::from_utf8(event) else {
+        return false;
+    };
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    if data.is_empty() {
+        return false;
+    }
+    match serde_json::from_str::<Probe>(&data.join("\n")) {
+        Ok(probe) => probe.choices.is_some_and(|c| c.is_empty()) && probe.usage.is_some(),
+        Err(_) => false,
+    }
+}
+
 /// Copies `source` to `client` chunk by chunk. With `assemble`, returns the completed
 /// `chat.completion` JSON (`Ok(Some)`) only if the stream ended with `[DONE]` and every choice
 /// finished; without it, `Ok(None)` on a clean end. A client that disconnects or stops reading
@@ -57,6 +139,7 @@ pub async fn forward<S: ChunkSource>(
     mut source: S,
     client: mpsc::Sender<Bytes>,
     assemble: bool,
+    mut filter: Option<UsageFilter>,
     idle: Duration,
 ) -> Result<Option<Vec<u8>>, StreamError> {
     let mut client = Some(client);
@@ -75,12 +158,24 @@ pub async fn forward<S: ChunkSource>(
             assembly_error = Some(e);
             assembler = None;
         }
-        if let Some(tx) = &client
+        let chunk = match filter.as_mut() {
+            Some(filter) => filter.push(&chunk),
+            None => chunk,
+        };
+        if !chunk.is_empty()
+            && let Some(tx) = &client
             && tx.send_timeout(chunk, idle).await.is_err()
         {
             client = None;
         }
     };
+    if let Some(rest) = filter.map(UsageFilter::finish)
+        && !rest.is_empty()
+        && let Some(tx) = &client
+        && tx.send_timeout(rest, idle).await.is_err()
+    {
+        client = None;
+    }
     if let Err(error) = &end
         && let Some(tx) = &client
     {
@@ -136,6 +231,7 @@ mod tests {
             script(&[ROLE, HELLO, STOP, DONE]),
             tx,
             true,
+            None,
             Duration::from_secs(1),
         )
         .await
@@ -153,9 +249,15 @@ mod tests {
     #[tokio::test]
     async fn a_stream_without_done_is_not_assembled() {
         let (tx, _rx) = client_channel();
-        let err = forward(script(&[ROLE, HELLO]), tx, true, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = forward(
+            script(&[ROLE, HELLO]),
+            tx,
+            true,
+            None,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
         assert!(matches!(err, StreamError::Incomplete(_)), "{err:?}");
     }
 
@@ -164,7 +266,7 @@ mod tests {
         let (tx, rx) = client_channel();
         let mut s = script(&[ROLE]);
         s.0.push_back(Err("reset".into()));
-        let err = forward(s, tx, true, Duration::from_secs(1))
+        let err = forward(s, tx, true, None, Duration::from_secs(1))
             .await
             .unwrap_err();
         assert!(matches!(err, StreamError::Broken(_)));
@@ -176,6 +278,55 @@ mod tests {
         );
     }
 
+    const USAGE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\n";
+
+    #[tokio::test]
+    async fn the_usage_chunk_is_hidden_from_a_client_that_did_not_ask_but_still_assembled() {
+        let (tx, rx) = client_channel();
+        // Split mid-event to prove events are reassembled before they are judged.
+        let (a, b) = USAGE.split_at(20);
+        let out = forward(
+            script(&[ROLE, HELLO, STOP, a, b, DONE]),
+            tx,
+            true,
+            Some(UsageFilter::default()),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let completion: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(completion["usage"]["total_tokens"], 2);
+        let received: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
+        assert_eq!(
+            received.concat(),
+            [ROLE, HELLO, STOP, DONE].concat().as_bytes()
+        );
+    }
+
+    #[test]
+    fn usage_is_requested_without_touching_other_members() {
+        let body = with_usage_requested(
+            br#"{"model":"m","n":1.50,"stream":true,"stream_options":{"x":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            &body[..],
+            br#"{"model":"m","n":1.50,"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
+        );
+        assert!(with_usage_requested(b"[1]").is_none());
+    }
+
+    #[test]
+    fn crlf_events_are_filtered_too() {
+        let mut filter = UsageFilter::default();
+        let usage = USAGE.replace("\n", "\r\n");
+        let role = ROLE.replace("\n", "\r\n");
+        let out = filter.push(format!("{role}{usage}").as_bytes());
+        assert_eq!(&out[..], role.as_bytes());
+        assert!(filter.finish().is_empty());
+    }
+
     #[tokio::test]
     async fn a_gone_client_does_not_stop_the_assembly() {
         let (tx, rx) = client_channel();
@@ -184,6 +335,7 @@ mod tests {
             script(&[ROLE, HELLO, STOP, DONE]),
             tx,
             true,
+            None,
             Duration::from_secs(1),
         )
         .await;

@@ -150,3 +150,40 @@ async fn a_non_stream_request_waiting_on_a_streamed_miss_gets_json() {
     assert_eq!(content_of_json(&body), content_of_sse(&text));
     assert_eq!(stack.provider_calls(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_always_reports_its_tokens_but_shows_the_usage_chunk_only_when_asked() {
+    let stack = Stack::start().await;
+    let plain = stack
+        .post(
+            "/v1/chat/completions",
+            ACME,
+            &stream_body("count my tokens"),
+        )
+        .await
+        .text()
+        .await
+        .unwrap();
+    let sent = stack.provider().last_request().unwrap();
+    assert_eq!(
+        sent["stream_options"]["include_usage"], true,
+        "usage is requested upstream"
+    );
+    assert!(
+        !plain.contains(r#""choices":[]"#),
+        "but not shown to a client that did not ask"
+    );
+    assert!(plain.trim_end().ends_with("data: [DONE]"));
+    stack.settle().await;
+    assert!(stack.metric(r#"gateway_tokens_used_total{tenant="acme"}"#) > 0.0);
+
+    let mut asked = stream_body("count my tokens");
+    asked["stream_options"] = json!({"include_usage": true});
+    let replayed = stack.post("/v1/chat/completions", ACME, &asked).await;
+    assert_eq!(header(&replayed, "x-cache"), "HIT");
+    let text = replayed.text().await.unwrap();
+    assert!(
+        text.contains(r#""choices":[]"#) && text.contains("total_tokens"),
+        "{text}"
+    );
+}
