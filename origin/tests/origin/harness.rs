@@ -5,16 +5,14 @@
     reason = "test harness: a failed expectation is a failed test"
 )]
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::dev::ServerHandle;
 use gateway_common::tenant::{Tenant, TenantsFile};
 use gateway_fixtures::provider::{MockProvider, ProviderConfig};
+use gateway_fixtures::redis::RedisServer;
 use gateway_origin::replicate::RecordingReplicator;
 use gateway_origin::service::Service;
 use gateway_origin::settings::{ProviderSettings, Secret, Settings};
@@ -26,136 +24,53 @@ pub const ACME: &str = "sk-dev-acme";
 pub const GLOBEX: &str = "sk-dev-globex";
 pub const PROVIDER_KEY: &str = "sk-provider-test";
 
-/// A `redis-server` of our own, configured as a cache, stopped on drop.
-pub struct Redis {
-    child: Option<Child>,
-    pub port: u16,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
+/// The shared fixture `redis-server` (configured as a cache, stopped on drop), with the few
+/// helpers these tests use. Panics with a clear message when Redis is not installed.
+pub struct Redis(RedisServer);
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut redis = Redis {
-            child: None,
-            port: free_port(),
-        };
-        redis.spawn();
-        redis
-    }
-
-    fn spawn(&mut self) {
-        let binary = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-        let child = Command::new(&binary)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start `{binary}` ({e}). These tests need a real Redis: install it \
-                     (`apt-get install redis-server`) or point REDIS_SERVER at the binary."
-                )
-            });
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if self.command("PING").starts_with("+PONG") {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        match RedisServer::start() {
+            Ok(server) => Redis(server),
+            Err(e) => panic!("these tests need a real Redis: {e:#}"),
         }
-        panic!(
-            "redis-server on port {} did not answer PING within 10 s",
-            self.port
-        );
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn pid(&self) -> String {
-        self.child
-            .as_ref()
-            .expect("redis is running")
-            .id()
-            .to_string()
+        self.0.url()
     }
 
     /// SIGKILL, as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.0.kill();
     }
 
     /// A new, empty server on the same port.
     pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
+        self.0.restart().expect("redis-server restarts");
     }
 
     /// SIGSTOP: connections stay open, nothing answers.
     pub fn freeze(&self) {
-        let status = Command::new("kill")
-            .args(["-STOP", &self.pid()])
-            .status()
-            .expect("kill -STOP");
-        assert!(status.success());
+        self.0.freeze().expect("kill -STOP");
     }
 
     pub fn thaw(&self) {
-        let status = Command::new("kill")
-            .args(["-CONT", &self.pid()])
-            .status()
-            .expect("kill -CONT");
-        assert!(status.success());
+        self.0.thaw().expect("kill -CONT");
     }
 
-    /// One inline command over a fresh connection; the raw reply (empty on failure).
-    pub fn command(&self, command: &str) -> String {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
-            return String::new();
-        };
-        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-        if stream
-            .write_all(format!("{command}\r\n").as_bytes())
-            .is_err()
-        {
-            return String::new();
-        }
-        let mut reply = vec![0u8; 64 * 1024];
-        let n = stream.read(&mut reply).unwrap_or(0);
-        String::from_utf8_lossy(&reply[..n]).into_owned()
+    /// `redis-cli` output for one command.
+    pub fn cli(&self, args: &[&str]) -> String {
+        self.0.cli(args).expect("redis-cli runs")
+    }
+
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        self.0.keys(pattern).expect("redis-cli KEYS")
     }
 
     /// How many cache entries (`gw:v1:*`) Redis holds.
     pub fn entries(&self) -> usize {
-        let reply = self.command("KEYS gw:v1:*");
-        reply
-            .strip_prefix('*')
-            .and_then(|r| r.split("\r\n").next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected KEYS reply {reply:?}"))
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        if self.child.is_some() {
-            // A frozen server ignores SIGKILL until continued on some systems; thaw first.
-            let _ = Command::new("kill").args(["-CONT", &self.pid()]).status();
-        }
-        self.kill();
+        self.keys("gw:v1:*").len()
     }
 }
 

@@ -100,12 +100,7 @@ async fn with_redis_frozen_by_sigstop_every_request_succeeds_and_hits_resume_aft
 async fn with_redis_paused_by_client_pause_every_request_succeeds_and_hits_resume_after() {
     let stack = Stack::start_with(options()).await;
     warm(&stack).await;
-    assert!(
-        stack
-            .redis
-            .command("CLIENT PAUSE 3000 ALL")
-            .starts_with("+OK")
-    );
+    assert_eq!(stack.redis.cli(&["CLIENT", "PAUSE", "3000", "ALL"]), "OK");
     every_request_succeeds_in_time(&stack, "paused").await;
     hits_resume(&stack, "warm").await;
 }
