@@ -231,11 +231,16 @@ struct Decorate<'a> {
 
 /// Add the edge's headers to the origin's answer and decide whether to populate the KV store.
 fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
+    // Local populate stands in for the origin's dual-write, which replicates what the origin
+    // has stored. So the edge stores only answers the origin served from its own cache: never
+    // one the origin declined to keep (its policy decides), and never a fresh upstream answer
+    // whose Redis write may have failed. Locally this gives the walk MISS -> origin HIT -> edge HIT.
     let populate = d.settings.populate_on_fallback
         && d.plan.write
         && d.key.is_some()
         && !d.parsed.stream
         && resp.get_status().as_u16() == 200
+        && header_resp(&resp, X_CACHE) == Some(CacheOutcome::Hit.as_str())
         && header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json"));
 
     let member = CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate);

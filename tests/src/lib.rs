@@ -2,6 +2,7 @@
 //! API, origin, Viceroy) on free ports and stops them afterwards.
 
 pub mod edge;
+pub mod stack;
 
 use std::path::PathBuf;
 

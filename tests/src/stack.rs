@@ -1,0 +1,239 @@
+//! The whole stack for one test: Redis, the mock provider, the origin (in-process, port 0),
+//! a counting (optionally delaying) proxy standing for the distance to the origin, and the
+//! edge under Viceroy in front of it. Everything is stopped on drop.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServerHandle;
+use anyhow::Context;
+use gateway_common::key::CacheKey;
+use gateway_common::route::Route;
+use gateway_fixtures::{DelayProxy, MockProvider, ProviderConfig, RedisServer};
+use gateway_origin::service::Service;
+use gateway_origin::settings::{ProviderSettings, Secret, Settings};
+use gateway_origin::{Application, Parts};
+use serde_json::{Value, json};
+
+use crate::edge::{Edge, EdgeConfig, KvSeed};
+use crate::repo_root;
+
+/// The development API keys of `fixtures/tenants.json`.
+pub const ACME: &str = "sk-dev-acme";
+pub const GLOBEX: &str = "sk-dev-globex";
+/// The cache key secret both tiers get in tests.
+pub const SECRET: &str = "e2e-cache-key-secret-0123456789";
+
+/// How a test wants its stack.
+pub struct StackOptions {
+    /// Extra delay the proxy adds each way between edge and origin.
+    pub distance: Duration,
+    /// Entries the edge's KV store starts with.
+    pub kv: Vec<KvSeed>,
+    /// Local populate at the edge (on by default, as in `[local_server]`).
+    pub populate_on_fallback: bool,
+    /// Mock provider latency.
+    pub provider_latency_ms: u64,
+}
+
+impl Default for StackOptions {
+    fn default() -> StackOptions {
+        StackOptions {
+            distance: Duration::ZERO,
+            kv: Vec::new(),
+            populate_on_fallback: true,
+            provider_latency_ms: 0,
+        }
+    }
+}
+
+pub struct Stack {
+    pub redis: RedisServer,
+    pub provider: MockProvider,
+    /// The network path to the origin; `None` once the origin is stopped.
+    pub proxy: Option<DelayProxy>,
+    proxied_before_stop: u64,
+    pub edge: Edge,
+    pub origin_url: String,
+    pub service: Arc<Service>,
+    pub http: reqwest::Client,
+    origin: Option<ServerHandle>,
+    /// Requests the proxy had forwarded when the stack was ready (Viceroy probes its backends).
+    proxy_baseline: u64,
+}
+
+fn tenants_file() -> PathBuf {
+    repo_root().join("fixtures/tenants.json")
+}
+
+/// Origin settings for tests: one mock provider serving the development models.
+pub fn origin_settings(redis: &RedisServer, provider: &MockProvider) -> Settings {
+    let mut settings = Settings::for_tests();
+    settings.redis.url = Secret::new(redis.url());
+    settings.cache.key_secret = Some(Secret::new(SECRET));
+    settings.tenants.file = tenants_file();
+    settings.providers = vec![ProviderSettings {
+        name: provider.name().to_owned(),
+        base_url: provider.base_url(),
+        base_url_env: None,
+        api_key_env: None,
+        api_key: Some(Secret::new("sk-provider-e2e")),
+        models: ["gpt-4o-mini", "text-embedding-3-small"]
+            .iter()
+            .map(|m| (m.to_string(), m.to_string()))
+            .collect(),
+        priority: 0,
+        weight: 1,
+        timeout_ms: 10_000,
+        connect_timeout_ms: 500,
+    }];
+    settings
+}
+
+impl Stack {
+    pub async fn start() -> anyhow::Result<Stack> {
+        Stack::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> anyhow::Result<Stack> {
+        let redis = RedisServer::start()?;
+        let provider = MockProvider::start(ProviderConfig {
+            latency_ms: options.provider_latency_ms,
+            ..ProviderConfig::default()
+        })
+        .await?;
+        let app = Application::build_with(origin_settings(&redis, &provider), Parts::default())
+            .context("origin builds")?;
+        let origin_url = app.base_url();
+        let service = Arc::clone(app.service());
+        let origin = app.handle();
+        tokio::spawn(app.run());
+        let proxy = DelayProxy::start(origin_url.clone(), options.distance).await?;
+        let mut config = EdgeConfig::new(proxy.url(), SECRET);
+        config.populate_on_fallback = options.populate_on_fallback;
+        config.kv = options.kv;
+        let edge = tokio::task::spawn_blocking(move || Edge::start(&config)).await??;
+        // Viceroy probes each backend once at start-up; wait for it so counts start clean.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let proxy_baseline = proxy.requests();
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Stack {
+            redis,
+            provider,
+            proxy: Some(proxy),
+            proxied_before_stop: 0,
+            edge,
+            origin_url,
+            service,
+            http,
+            origin: Some(origin),
+            proxy_baseline,
+        })
+    }
+
+    /// Requests that crossed from the edge to the origin since the stack was ready.
+    pub fn origin_requests(&self) -> u64 {
+        self.proxy
+            .as_ref()
+            .map_or(self.proxied_before_stop, DelayProxy::requests)
+            - self.proxy_baseline
+    }
+
+    /// Take the origin down: the origin stops and its address refuses connections.
+    pub async fn stop_origin(&mut self) {
+        if let Some(proxy) = self.proxy.take() {
+            self.proxied_before_stop = proxy.requests();
+            proxy.stop().await;
+        }
+        if let Some(handle) = self.origin.take() {
+            handle.stop(false).await;
+        }
+    }
+
+    /// Wait until the origin has no provider call or cache write in flight.
+    pub async fn settle(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.service.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// POST a JSON body to the edge.
+    pub async fn edge_post(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        post(&self.http, &self.edge.url(), path, key, body, headers).await
+    }
+
+    /// POST a JSON body straight to the origin.
+    pub async fn origin_post(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
+        post(&self.http, &self.origin_url, path, key, body, &[]).await
+    }
+
+    pub async fn edge_chat(&self, key: &str, prompt: &str) -> reqwest::Response {
+        self.edge_post("/v1/chat/completions", key, &chat_body(prompt), &[])
+            .await
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(handle) = self.origin.take() {
+            drop(handle.stop(false));
+        }
+    }
+}
+
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    key: &str,
+    body: &Value,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut request = http
+        .post(format!("{base}{path}"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    match request.send().await {
+        Ok(resp) => resp,
+        Err(e) => panic!("POST {base}{path} failed: {e}"),
+    }
+}
+
+/// A chat completion request for `prompt` with the development model.
+pub fn chat_body(prompt: &str) -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]})
+}
+
+/// The cache key both tiers derive for `body` on `route` for `tenant`.
+pub fn key_for(tenant: &str, route: Route, body: &Value) -> CacheKey {
+    let parsed =
+        gateway_common::canonical::parse_request(route, body.to_string().as_bytes(), usize::MAX)
+            .unwrap_or_else(|e| panic!("test body does not parse: {e}"));
+    let canonical = parsed
+        .canonical
+        .unwrap_or_else(|| panic!("test body is not cacheable"));
+    CacheKey::derive(SECRET.as_bytes(), tenant, route, &canonical)
+}
+
+/// A response header as a string ("" when absent).
+pub fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}

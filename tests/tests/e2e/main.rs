@@ -1,0 +1,11 @@
+//! End-to-end tests: real processes on free ports (Redis, mock provider, origin, Viceroy).
+//! One binary, a module per feature. Run with `just test` (which builds the edge wasm first).
+
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
+mod config;
+mod edge;
