@@ -1,11 +1,6 @@
 //! Chat completions as Server-Sent Events: replaying a cached completion as the stream OpenAI
 //! would send, and assembling a streamed completion back into one `chat.completion`.
 //! Pure: bytes in, bytes out; no I/O, no clock, no buffering policy beyond one event.
-//!
-//! Round trip: for a chat completion `c` whose choices are numbered 0, 1, ... in order and each
-//! have a `finish_reason`, `assemble(replay(c, include_usage = true)) == c` as JSON values.
-//! What the trip normalizes: `tool_calls[i].index` is dropped (the position is the index), and
-//! with `include_usage = false` the `usage` member is not carried.
 
 use std::collections::BTreeMap;
 
@@ -54,6 +49,11 @@ pub fn replay_chat(completion_json: &[u8], include_usage: bool) -> Result<Vec<u8
 /// chunk, choice fields in the finish chunk, top-level fields in the first chunk.
 /// `service_tier` is repeated in every chunk, as OpenAI does. With `include_usage`, chunks carry
 /// `"usage": null` and the final chunk the usage (only if the completion has a `usage` member).
+///
+/// Round trip: for a chat completion `c` whose choices are numbered 0, 1, ... in order and each
+/// have a `finish_reason`, assembling `replay_chat_with(c, true, n)` gives `c` back as a JSON
+/// value. What the trip normalizes: `tool_calls[i].index` is dropped (the position is the
+/// index), and with `include_usage = false` the `usage` member is not carried.
 pub fn replay_chat_with(
     completion_json: &[u8],
     include_usage: bool,
