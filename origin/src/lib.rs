@@ -6,8 +6,10 @@ pub mod breaker;
 pub mod budget;
 pub mod coalesce;
 pub mod error;
+pub mod kv_api;
 pub mod metrics;
 pub mod replicate;
+pub mod replicator;
 pub mod router;
 pub mod routes;
 pub mod service;
@@ -25,6 +27,7 @@ use actix_web::{App, HttpServer, web};
 
 use crate::metrics::Metrics;
 use crate::replicate::{NoopReplicator, Replicator};
+use crate::replicator::KvReplicator;
 use crate::service::Service;
 use crate::settings::{Settings, ms};
 use crate::store::{RedisStore, Store};
@@ -43,6 +46,8 @@ pub enum StartError {
     Service(#[from] service::ServiceError),
     #[error(transparent)]
     Metrics(#[from] metrics::MetricsError),
+    #[error(transparent)]
+    Replicator(#[from] replicator::ReplicatorError),
     #[error("server.listen {addr}: {source}")]
     Bind {
         addr: String,
@@ -56,7 +61,7 @@ pub enum StartError {
 pub struct Parts {
     /// Instead of Redis at `redis.url` (e.g. `store::MemoryStore` in unit-level tests).
     pub store: Option<Arc<dyn Store>>,
-    /// Instead of `NoopReplicator`.
+    /// Instead of the replicator `replication.enabled` selects (`KvReplicator`, else `NoopReplicator`).
     pub replicator: Option<Arc<dyn Replicator>>,
     /// Instead of reading `tenants.file`.
     pub tenants: Option<Tenants>,
@@ -87,7 +92,15 @@ impl Application {
             Some(store) => store,
             None => Arc::new(RedisStore::new(&settings.redis, metrics.clone())?),
         };
-        let replicator = parts.replicator.unwrap_or_else(|| Arc::new(NoopReplicator));
+        let replicator: Arc<dyn Replicator> = match parts.replicator {
+            Some(replicator) => replicator,
+            None if settings.replication.enabled => Arc::new(KvReplicator::start(
+                &settings.replication,
+                &tenants,
+                &metrics,
+            )?),
+            None => Arc::new(NoopReplicator),
+        };
         let service = Service::new(&settings, tenants, store, replicator, metrics)?;
         service
             .budget()

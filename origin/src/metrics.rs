@@ -164,6 +164,11 @@ impl Metrics {
         })
     }
 
+    /// The registry, for parts that register their own metrics (the replicator).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();

@@ -52,6 +52,22 @@ stream_idle_timeout_ms = 60000
 [log]
 format = "text"
 filter = "info"
+
+[replication]
+enabled = false
+api_base_url = "https://api.fastly.com"
+store_id = ""
+api_token_env = "FASTLY_API_TOKEN"
+queue_capacity = 10000
+batch_max_entries = 500
+batch_max_bytes = 8388608
+linger_ms = 1000
+dedup_window_ms = 30000
+request_timeout_ms = 10000
+max_retries = 8
+backoff_base_ms = 500
+backoff_max_ms = 60000
+hourly_request_budget = 900
 "#;
 
 /// The cache key secret used when `dev_mode = true` and none is configured. It matches the
@@ -108,6 +124,7 @@ pub struct Settings {
     #[serde(default)]
     pub providers: Vec<ProviderSettings>,
     pub log: LogSettings,
+    pub replication: ReplicationSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -249,6 +266,42 @@ pub struct LogSettings {
     pub filter: String,
 }
 
+/// The dual-write to the edge tier through the Fastly KV REST API (`replicator.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSettings {
+    /// Off: nothing is written to KV (the edge still works from what it holds).
+    pub enabled: bool,
+    /// `https://api.fastly.com`; plain `http` is only accepted for a loopback host (a fake).
+    pub api_base_url: String,
+    /// The KV store's id (not its link name). Required when enabled.
+    pub store_id: String,
+    /// Name of the environment variable holding the Fastly API token (`Fastly-Key`).
+    pub api_token_env: String,
+    /// Resolved from `api_token_env` at load; tests set it directly. Never logged.
+    #[serde(skip)]
+    pub api_token: Option<Secret>,
+    /// Entries waiting to be written; beyond it offers are dropped and counted.
+    pub queue_capacity: usize,
+    /// Most entries in one batch request.
+    pub batch_max_entries: usize,
+    /// Most bytes in one batch body (base64 values included); a larger entry goes alone.
+    pub batch_max_bytes: usize,
+    /// How long a batch waits for more entries after its first one.
+    pub linger_ms: u64,
+    /// Offers of an entry already queued or written within this window are skipped.
+    pub dedup_window_ms: u64,
+    /// Bound on one API request, connection included.
+    pub request_timeout_ms: u64,
+    /// Retries of one request after 5xx, timeouts and resets (429s wait, they do not count).
+    pub max_retries: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// API requests this replica may make per hour (writes, lists and deletes together). The
+    /// Fastly limit (~1000/h) is per user, so split it between replicas sharing a token.
+    pub hourly_request_budget: u32,
+}
+
 /// Why settings could not be loaded. Every message names the offending key.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -308,6 +361,20 @@ impl Settings {
                             format!("environment variable {var} is not set"),
                         ));
                     }
+                }
+            }
+        }
+        if settings.replication.enabled {
+            let var = &settings.replication.api_token_env;
+            match env.get(var) {
+                Some(value) if !value.is_empty() => {
+                    settings.replication.api_token = Some(Secret::new(value.clone()))
+                }
+                _ => {
+                    return Err(invalid(
+                        "replication.api_token_env",
+                        format!("environment variable {var} is not set"),
+                    ));
                 }
             }
         }
@@ -418,6 +485,7 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| invalid("log.filter", e.to_string()))?;
+        self.replication.validate()?;
         if self.providers.is_empty() {
             return Err(invalid("providers", "at least one provider is required"));
         }
@@ -480,6 +548,76 @@ impl Settings {
             .listen
             .parse()
             .map_err(|e: std::net::AddrParseError| invalid("server.listen", e.to_string()))
+    }
+}
+
+impl ReplicationSettings {
+    /// Checked only when enabled, so the defaults need no store or token.
+    fn validate(&self) -> Result<(), SettingsError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        match reqwest::Url::parse(&self.api_base_url) {
+            Ok(url) if url.scheme() == "https" => {}
+            Ok(url)
+                if url.scheme() == "http"
+                    && matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
+            Ok(_) => {
+                return Err(invalid(
+                    "replication.api_base_url",
+                    "must be https (plain http only for a loopback host): it carries the API token",
+                ));
+            }
+            Err(e) => return Err(invalid("replication.api_base_url", e.to_string())),
+        }
+        if self.store_id.is_empty()
+            || !self
+                .store_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "replication.store_id",
+                "required: the KV store id, [A-Za-z0-9_-]",
+            ));
+        }
+        match &self.api_token {
+            Some(token) if !token.expose().is_empty() => {}
+            _ => {
+                return Err(invalid(
+                    "replication.api_token_env",
+                    format!("environment variable {} is not set", self.api_token_env),
+                ));
+            }
+        }
+        for (key, value) in [
+            ("replication.queue_capacity", self.queue_capacity as u64),
+            (
+                "replication.batch_max_entries",
+                self.batch_max_entries as u64,
+            ),
+            ("replication.batch_max_bytes", self.batch_max_bytes as u64),
+            ("replication.request_timeout_ms", self.request_timeout_ms),
+            ("replication.backoff_base_ms", self.backoff_base_ms),
+            (
+                "replication.hourly_request_budget",
+                u64::from(self.hourly_request_budget),
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be > 0"));
+            }
+        }
+        if self.batch_max_entries > 10_000 {
+            return Err(invalid("replication.batch_max_entries", "must be <= 10000"));
+        }
+        if self.backoff_max_ms < self.backoff_base_ms {
+            return Err(invalid(
+                "replication.backoff_max_ms",
+                "must be >= replication.backoff_base_ms",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -691,6 +829,61 @@ models = { "gpt-4o-mini" = "gpt-4o-mini" }
             .unwrap_err()
             .to_string();
         assert!(err.contains("security.edge_secret"), "{err}");
+    }
+
+    #[test]
+    fn replication_takes_its_token_from_the_named_variable_and_never_prints_it() {
+        let toml = format!(
+            "dev_mode = true\n{}[replication]\nenabled = true\nstore_id = \"kv-store-1\"\n",
+            provider_toml()
+        );
+        let file = write_file(&toml);
+        let err = Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("replication.api_token_env"), "{err}");
+        let env = HashMap::from([(
+            "FASTLY_API_TOKEN".to_string(),
+            "fastly-token-123".to_string(),
+        )]);
+        let s = Settings::load(Some(&file.0), &env).unwrap();
+        assert_eq!(s.replication.hourly_request_budget, 900);
+        assert_eq!(
+            s.replication.api_token.as_ref().unwrap().expose(),
+            "fastly-token-123"
+        );
+        assert!(!format!("{s:?}").contains("fastly-token-123"));
+    }
+
+    #[test]
+    fn replication_settings_are_validated_only_when_enabled_and_name_the_key() {
+        let mut s = Settings::for_tests();
+        s.providers = vec![];
+        let check = |s: &Settings| s.replication.validate().map_err(|e| e.to_string());
+        s.replication.store_id = String::new();
+        assert!(check(&s).is_ok());
+        s.replication.enabled = true;
+        s.replication.api_token = Some(Secret::new("t"));
+        assert!(check(&s).unwrap_err().contains("replication.store_id"));
+        s.replication.store_id = "abc".into();
+        assert!(check(&s).is_ok());
+        s.replication.api_base_url = "http://api.example.com".into();
+        assert!(check(&s).unwrap_err().contains("replication.api_base_url"));
+        s.replication.api_base_url = "http://127.0.0.1:9999".into();
+        assert!(check(&s).is_ok());
+        s.replication.backoff_max_ms = 1;
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .contains("replication.backoff_max_ms")
+        );
+        s.replication.backoff_max_ms = 60_000;
+        s.replication.queue_capacity = 0;
+        assert!(
+            check(&s)
+                .unwrap_err()
+                .contains("replication.queue_capacity")
+        );
     }
 
     #[test]

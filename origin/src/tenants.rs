@@ -67,6 +67,11 @@ impl Tenants {
         self.all.len()
     }
 
+    /// Every tenant, in file order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.all.iter()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.all.is_empty()
     }
