@@ -74,7 +74,7 @@ serve-edge: build-edge
     mkdir -p bin && cp {{wasm}} bin/main.wasm
     fastly compute serve --skip-build --viceroy-path "$(command -v viceroy)" --addr "127.0.0.1:${EDGE_PORT:-7676}"
 
-# The whole stack on loopback (issue 6 wires the origin, Redis and the fakes in).
+# The whole stack on loopback: Redis, mock provider, fake Fastly KV API, origin (:8080), edge (:7676).
 serve: setup build-edge
-    @echo "serve: the origin and the stack runner are not built yet; run 'just serve-edge' for the edge alone." >&2
-    @exit 1
+    cargo build --release -p gateway-origin -p gateway-fixtures --bins
+    scripts/serve.sh

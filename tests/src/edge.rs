@@ -31,6 +31,8 @@ pub struct EdgeConfig {
     pub kv: Vec<KvSeed>,
     pub origin_connect_timeout_ms: u64,
     pub origin_first_byte_timeout_ms: u64,
+    /// The Config Store `tenants` file; `fixtures/edge/tenants.json` when `None`.
+    pub tenants_store: Option<PathBuf>,
 }
 
 impl EdgeConfig {
@@ -43,6 +45,7 @@ impl EdgeConfig {
             kv: Vec::new(),
             origin_connect_timeout_ms: 1000,
             origin_first_byte_timeout_ms: 30_000,
+            tenants_store: None,
         }
     }
 }
@@ -137,7 +140,7 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
         .collect();
     let seed_file = dir.join("kv-seed.json");
     std::fs::write(&seed_file, serde_json::to_vec(&seed)?)?;
-    let tenants = repo_root().join("fixtures/edge/tenants.json");
+    let tenants = config.tenants_store.clone().unwrap_or_else(|| repo_root().join("fixtures/edge/tenants.json"));
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut t = String::new();
     writeln!(

@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 
 use actix_web::dev::ServerHandle;
 use anyhow::Context;
-use gateway_common::key::CacheKey;
+use gateway_common::key::{CacheKey, api_key_digest};
 use gateway_common::route::Route;
+use gateway_common::tenant::Tenant;
 use gateway_fixtures::{DelayProxy, MockProvider, ProviderConfig, RedisServer};
 use gateway_origin::service::Service;
 use gateway_origin::settings::{ProviderSettings, Secret, Settings};
+use gateway_origin::tenants::Tenants;
 use gateway_origin::{Application, Parts};
 use serde_json::{Value, json};
 
@@ -33,8 +35,12 @@ pub struct StackOptions {
     pub kv: Vec<KvSeed>,
     /// Local populate at the edge (on by default, as in `[local_server]`).
     pub populate_on_fallback: bool,
-    /// Mock provider latency.
-    pub provider_latency_ms: u64,
+    /// Mock providers in priority order (the first is preferred); one plain mock by default.
+    pub providers: Vec<ProviderConfig>,
+    /// Tenants instead of `fixtures/tenants.json` (both tiers get the same set).
+    pub tenants: Option<Vec<Tenant>>,
+    /// Last word on the origin's settings.
+    pub origin_settings: Option<Box<dyn FnOnce(&mut Settings) + Send>>,
 }
 
 impl Default for StackOptions {
@@ -43,14 +49,19 @@ impl Default for StackOptions {
             distance: Duration::ZERO,
             kv: Vec::new(),
             populate_on_fallback: true,
-            provider_latency_ms: 0,
+            providers: vec![ProviderConfig::default()],
+            tenants: None,
+            origin_settings: None,
         }
     }
 }
 
 pub struct Stack {
     pub redis: RedisServer,
+    /// The first (preferred) provider.
     pub provider: MockProvider,
+    /// Every provider after the first, in priority order.
+    pub fallbacks: Vec<MockProvider>,
     /// The network path to the origin; `None` once the origin is stopped.
     pub proxy: Option<DelayProxy>,
     proxied_before_stop: u64,
@@ -67,28 +78,49 @@ fn tenants_file() -> PathBuf {
     repo_root().join("fixtures/tenants.json")
 }
 
-/// Origin settings for tests: one mock provider serving the development models.
-pub fn origin_settings(redis: &RedisServer, provider: &MockProvider) -> Settings {
+/// Origin settings for tests: the mock providers (in priority order) serving the development
+/// models.
+pub fn origin_settings(redis: &RedisServer, providers: &[&MockProvider]) -> Settings {
     let mut settings = Settings::for_tests();
     settings.redis.url = Secret::new(redis.url());
     settings.cache.key_secret = Some(Secret::new(SECRET));
     settings.tenants.file = tenants_file();
-    settings.providers = vec![ProviderSettings {
-        name: provider.name().to_owned(),
-        base_url: provider.base_url(),
-        base_url_env: None,
-        api_key_env: None,
-        api_key: Some(Secret::new("sk-provider-e2e")),
-        models: ["gpt-4o-mini", "text-embedding-3-small"]
-            .iter()
-            .map(|m| (m.to_string(), m.to_string()))
-            .collect(),
-        priority: 0,
-        weight: 1,
-        timeout_ms: 10_000,
-        connect_timeout_ms: 500,
-    }];
+    settings.router.breaker_cooldown_ms = 500;
+    settings.providers = providers
+        .iter()
+        .zip(0u32..)
+        .map(|(provider, priority)| ProviderSettings {
+            name: provider.name().to_owned(),
+            base_url: provider.base_url(),
+            base_url_env: None,
+            api_key_env: None,
+            api_key: Some(Secret::new("sk-provider-e2e")),
+            models: ["gpt-4o-mini", "text-embedding-3-small"]
+                .iter()
+                .map(|m| (m.to_string(), m.to_string()))
+                .collect(),
+            priority,
+            weight: 1,
+            timeout_ms: 5_000,
+            connect_timeout_ms: 500,
+        })
+        .collect();
     settings
+}
+
+/// `count` tenants `t00`, `t01`, ... with API keys `sk-t00`, ... allowed the development models.
+pub fn many_tenants(count: usize) -> Vec<Tenant> {
+    (0..count)
+        .map(|i| Tenant {
+            id: format!("t{i:02}"),
+            api_key_sha256: vec![api_key_digest(&format!("sk-t{i:02}"))],
+            allowed_models: vec!["gpt-4o-mini".to_owned(), "text-embedding-3-small".to_owned()],
+            cache_ttl_secs: 3600,
+            stale_if_error_secs: 86_400,
+            monthly_token_budget: None,
+            requests_per_second: None,
+        })
+        .collect()
 }
 
 impl Stack {
@@ -98,13 +130,26 @@ impl Stack {
 
     pub async fn start_with(options: StackOptions) -> anyhow::Result<Stack> {
         let redis = RedisServer::start()?;
-        let provider = MockProvider::start(ProviderConfig {
-            latency_ms: options.provider_latency_ms,
-            ..ProviderConfig::default()
-        })
-        .await?;
-        let app = Application::build_with(origin_settings(&redis, &provider), Parts::default())
-            .context("origin builds")?;
+        let mut providers = Vec::new();
+        for config in options.providers {
+            providers.push(MockProvider::start(config).await?);
+        }
+        let mut settings = origin_settings(&redis, &providers.iter().collect::<Vec<_>>());
+        if let Some(adjust) = options.origin_settings {
+            adjust(&mut settings);
+        }
+        let scratch = std::env::temp_dir().join(format!("gw-stack-{}-{}", std::process::id(), redis.port()));
+        std::fs::create_dir_all(&scratch)?;
+        let mut parts = Parts::default();
+        let mut edge_tenants = None;
+        if let Some(tenants) = options.tenants {
+            let file = serde_json::to_vec(&serde_json::json!({ "tenants": tenants }))?;
+            let store = scratch.join("edge-tenants.json");
+            std::fs::write(&store, crate::edge_tenants_json(&file)?)?;
+            edge_tenants = Some(store);
+            parts.tenants = Some(Tenants::new(tenants));
+        }
+        let app = Application::build_with(settings, parts).context("origin builds")?;
         let origin_url = app.base_url();
         let service = Arc::clone(app.service());
         let origin = app.handle();
@@ -113,6 +158,7 @@ impl Stack {
         let mut config = EdgeConfig::new(proxy.url(), SECRET);
         config.populate_on_fallback = options.populate_on_fallback;
         config.kv = options.kv;
+        config.tenants_store = edge_tenants;
         let edge = tokio::task::spawn_blocking(move || Edge::start(&config)).await??;
         // Viceroy probes each backend once at start-up; wait for it so counts start clean.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -120,9 +166,12 @@ impl Stack {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()?;
+        let mut providers = providers.into_iter();
+        let provider = providers.next().context("at least one provider")?;
         Ok(Stack {
             redis,
             provider,
+            fallbacks: providers.collect(),
             proxy: Some(proxy),
             proxied_before_stop: 0,
             edge,

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `just serve`: the whole stack on loopback, in the foreground. Ctrl-C stops everything it
+# started. Ports are overridable: REDIS_PORT, PROVIDER_PORT, FASTLY_API_PORT, ORIGIN_PORT, EDGE_PORT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+REDIS_PORT=${REDIS_PORT:-6390}
+PROVIDER_PORT=${PROVIDER_PORT:-9100}
+FASTLY_API_PORT=${FASTLY_API_PORT:-9200}
+ORIGIN_PORT=${ORIGIN_PORT:-8080}
+EDGE_PORT=${EDGE_PORT:-7676}
+FASTLY_API_TOKEN=${FASTLY_API_TOKEN:-dev-fastly-token}
+STATE=.local/serve
+mkdir -p "$STATE/redis"
+
+pids=()
+cleanup() {
+    trap - INT TERM EXIT
+    echo "serve: stopping"
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+}
+trap cleanup INT TERM EXIT
+
+# run NAME COLOR CMD...: start CMD with its output prefixed by NAME.
+run() {
+    local name=$1 color=$2
+    shift 2
+    "$@" > >(sed -u "s/^/\x1b[${color}m${name}\x1b[0m | /") 2>&1 &
+    pids+=($!)
+}
+
+wait_port() {
+    local name=$1 port=$2
+    for _ in $(seq 1 300); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.2
+    done
+    echo "serve: $name did not start on port $port" >&2
+    exit 1
+}
+
+run "redis   " 31 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+    --maxmemory 256mb --maxmemory-policy allkeys-lru --dir "$STATE/redis"
+wait_port redis "$REDIS_PORT"
+
+if [ -n "${OPENAI_API_KEY:-}" ]; then
+    echo "serve: OPENAI_API_KEY is set: the origin routes to the real OpenAI API"
+    origin_config=origin/config/dev-openai.toml
+else
+    run "provider" 32 target/release/mock-provider --addr "127.0.0.1:$PROVIDER_PORT" --latency-ms "${PROVIDER_LATENCY_MS:-300}"
+    wait_port mock-provider "$PROVIDER_PORT"
+    origin_config=origin/config/dev.toml
+fi
+
+run "kv-api  " 33 target/release/fake-fastly-api --addr "127.0.0.1:$FASTLY_API_PORT" --token "$FASTLY_API_TOKEN"
+wait_port fake-fastly-api "$FASTLY_API_PORT"
+
+run "origin  " 34 env \
+    GATEWAY__SERVER__LISTEN="127.0.0.1:$ORIGIN_PORT" \
+    GATEWAY__REDIS__URL="redis://127.0.0.1:$REDIS_PORT" \
+    MOCK_PROVIDER_URL="http://127.0.0.1:$PROVIDER_PORT/v1" \
+    MOCK_PROVIDER_API_KEY=mock \
+    FASTLY_API_URL="http://127.0.0.1:$FASTLY_API_PORT" \
+    FASTLY_API_TOKEN="$FASTLY_API_TOKEN" \
+    target/release/gateway-origin --config "$origin_config"
+wait_port origin "$ORIGIN_PORT"
+
+# The edge's manifest points its origin backend at ORIGIN_PORT.
+sed "s#url = \"http://127.0.0.1:8080\"#url = \"http://127.0.0.1:$ORIGIN_PORT\"#" fastly.toml > "$STATE/fastly.toml"
+run "edge    " 35 viceroy -C "$STATE/fastly.toml" --addr "127.0.0.1:$EDGE_PORT" target/wasm32-wasip1/release/gateway-compute.wasm
+wait_port edge "$EDGE_PORT"
+
+cat <<BANNER
+
+  edge    http://127.0.0.1:$EDGE_PORT      (Fastly Compute under Viceroy)
+  origin  http://127.0.0.1:$ORIGIN_PORT      (metrics: /metrics)
+  redis   127.0.0.1:$REDIS_PORT   fake Fastly KV API http://127.0.0.1:$FASTLY_API_PORT
+
+  curl -si http://127.0.0.1:$EDGE_PORT/v1/chat/completions \\
+    -H 'Authorization: Bearer sk-dev-acme' -H 'Content-Type: application/json' \\
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Hello"}]}'
+
+  Ctrl-C stops everything.
+
+BANNER
+wait -n "${pids[@]}"
+echo "serve: a process exited; stopping the rest" >&2
+exit 1
