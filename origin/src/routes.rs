@@ -50,6 +50,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                 .default_service(web::to(method_not_allowed)),
         )
         .service(
+            web::resource("/admin/tenants/{tenant}/cache")
+                .route(web::delete().to(admin_purge))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .service(
             web::resource("/healthz")
                 .route(web::get().to(healthz))
                 .default_service(web::to(method_not_allowed)),
@@ -325,6 +330,17 @@ async fn purge(request: HttpRequest, service: web::Data<Service>) -> HttpRespons
         .await
         .map(json);
     plain(&service, "cache", start, result)
+}
+
+async fn admin_purge(request: HttpRequest, service: web::Data<Service>) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
+    let tenant = request.match_info().get("tenant").unwrap_or("");
+    let result = service
+        .admin_purge_tenant(header(request.headers(), "authorization"), tenant)
+        .await
+        .map(json);
+    plain(&service, "admin", start, result)
 }
 
 async fn healthz() -> HttpResponse {

@@ -10,7 +10,7 @@ use gateway_common::canonical::parse_request;
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
-use gateway_common::key::CacheKey;
+use gateway_common::key::{CacheKey, validate_tenant_id};
 use gateway_common::policy::{self, Freshness};
 use gateway_common::route::Route;
 use gateway_common::sse::replay_chat;
@@ -775,6 +775,46 @@ impl Service {
         self.replicator.purge_tenant(&tenant.id);
         Ok(Bytes::from(
             serde_json::json!({"deleted": deleted}).to_string(),
+        ))
+    }
+
+    /// `DELETE /admin/tenants/{tenant}/cache`: an operator purges every entry of a tenant (one
+    /// in tenants.json or one since removed from it), in Redis now and in KV through the
+    /// replicator. Requires `Authorization: Bearer <security.admin_token>`; with no admin token
+    /// configured every caller is refused.
+    pub async fn admin_purge_tenant(
+        &self,
+        authorization: Option<&str>,
+        tenant: &str,
+    ) -> Result<Bytes, Refusal> {
+        let authorized = match &self.admin_token {
+            Some(token) if !token.expose().is_empty() => {
+                constant_time_eq(authorization.and_then(bearer).unwrap_or(""), token.expose())
+            }
+            _ => false,
+        };
+        if !authorized {
+            return Err(ApiError::unauthorized().into());
+        }
+        validate_tenant_id(tenant).map_err(|_| {
+            Refusal::from(ApiError::bad_request(
+                "The tenant id must be 1 to 64 characters of [a-z0-9_-].",
+                Some("tenant"),
+            ))
+        })?;
+        let deleted = self
+            .store
+            .purge(&CacheKey::redis_pattern(tenant))
+            .await
+            .map_err(|_| {
+                Refusal::from(ApiError::unavailable(
+                    "The cache is unavailable; try again.",
+                ))
+            })?;
+        self.replicator.purge_tenant(tenant);
+        tracing::info!(tenant, deleted, "admin purge of a tenant's cache");
+        Ok(Bytes::from(
+            serde_json::json!({"tenant": tenant, "deleted": deleted}).to_string(),
         ))
     }
 

@@ -178,7 +178,9 @@ impl Stack {
         let app = Application::build_with(
             settings.clone(),
             Parts {
-                replicator: Some(replicator.clone()),
+                // With replication enabled the origin builds its own KvReplicator.
+                replicator: (!settings.replication.enabled)
+                    .then(|| replicator.clone() as Arc<dyn gateway_origin::replicate::Replicator>),
                 tenants: Some(Tenants::new(tenants)),
                 ..Parts::default()
             },

@@ -8,4 +8,5 @@ mod failover;
 mod harness;
 mod operations;
 mod redis_outage;
+mod replication;
 mod streaming;
