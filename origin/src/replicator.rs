@@ -191,13 +191,24 @@ impl Replicator for KvReplicator {
         };
         let kv_key = key.kv_key();
         let now = Instant::now();
-        if !self
+        let admission = self
             .shared
             .dedup()
-            .admit(&kv_key, entry.envelope.created, now)
-        {
-            self.shared.metrics.deduplicated.inc();
-            return true;
+            .admit(&kv_key, entry.envelope.created, now);
+        match admission {
+            Admission::Admit => {}
+            Admission::Duplicate => {
+                self.shared.metrics.deduplicated.inc();
+                return true;
+            }
+            Admission::Purged => {
+                self.shared
+                    .metrics
+                    .dropped
+                    .with_label_values(&["purged"])
+                    .inc();
+                return false;
+            }
         }
         let shared = &self.shared;
         if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.capacity {
@@ -233,15 +244,18 @@ impl Replicator for KvReplicator {
 
     fn purge_key(&self, key: &CacheKey) {
         let kv_key = key.kv_key();
-        // Forget first: an offer after this purge must be written again, after the delete.
-        self.shared.dedup().forget(&kv_key);
+        // Recorded before the purge is queued: a newer entry offered after this point is
+        // queued behind the delete and written again; an older one is refused.
+        self.shared
+            .dedup()
+            .purge(&kv_key, Instant::now(), unix_now());
         self.send_purge(Command::PurgeKey(kv_key));
     }
 
     fn purge_tenant(&self, tenant: &str) {
         self.shared
             .dedup()
-            .forget_prefix(&CacheKey::kv_prefix(tenant));
+            .purge(&CacheKey::kv_prefix(tenant), Instant::now(), unix_now());
         self.send_purge(Command::PurgeTenant(tenant.to_string()));
     }
 
@@ -367,14 +381,32 @@ impl RequestBudget {
     }
 }
 
+/// How long after a purge an offer of an entry created no later than the purge is refused: a
+/// request that read the entry from Redis just before the purge must not write it back to KV
+/// just after. (An entry created in the purge's own second waits this long to be re-offered.)
+pub const PURGE_GUARD: Duration = Duration::from_secs(10);
+
+/// What [`Dedup::admit`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admit,
+    /// The same entry was admitted within the window.
+    Duplicate,
+    /// The entry predates a purge of its key or tenant made within [`PURGE_GUARD`].
+    Purged,
+}
+
 /// Recently admitted writes, by KV key: an offer of the same entry (same `created`) within the
-/// window is a duplicate. A newer entry for the key (after `no-cache`, or expiry) is admitted.
+/// window is a duplicate; a newer entry for the key (after `no-cache`, or expiry) is admitted.
+/// Also remembers recent purges, so an entry read before a purge is not written after it.
 #[derive(Debug)]
 pub struct Dedup {
     window: Duration,
     /// Pruned of expired records when it grows past this.
     prune_at: usize,
     seen: HashMap<String, (Instant, u64)>,
+    /// A KV key or a tenant prefix (`v1/<tenant>/`) → when it was purged (and in unix seconds).
+    purges: HashMap<String, (Instant, u64)>,
 }
 
 impl Dedup {
@@ -383,19 +415,33 @@ impl Dedup {
             window,
             prune_at: prune_at.max(1),
             seen: HashMap::new(),
+            purges: HashMap::new(),
         }
     }
 
-    /// `true` when the write should go ahead (and records it); `false` for a duplicate.
-    pub fn admit(&mut self, kv_key: &str, created: u64, now: Instant) -> bool {
+    /// Whether an offer of the entry `created` at that unix second under `kv_key` goes ahead
+    /// (then it is recorded).
+    pub fn admit(&mut self, kv_key: &str, created: u64, now: Instant) -> Admission {
+        if !self.purges.is_empty() {
+            // `v1/<tenant>/<hex>` → `v1/<tenant>/`
+            let prefix = kv_key.match_indices('/').nth(1).map(|(i, _)| &kv_key[..=i]);
+            let purged = [Some(kv_key), prefix].into_iter().flatten().any(|scope| {
+                self.purges.get(scope).is_some_and(|(at, unix)| {
+                    now.saturating_duration_since(*at) < PURGE_GUARD && created <= *unix
+                })
+            });
+            if purged {
+                return Admission::Purged;
+            }
+        }
         if self.window.is_zero() {
-            return true;
+            return Admission::Admit;
         }
         if let Some((at, seen_created)) = self.seen.get(kv_key)
             && now.saturating_duration_since(*at) < self.window
             && *seen_created >= created
         {
-            return false;
+            return Admission::Duplicate;
         }
         if self.seen.len() >= self.prune_at {
             let window = self.window;
@@ -403,16 +449,21 @@ impl Dedup {
                 .retain(|_, (at, _)| now.saturating_duration_since(*at) < window);
         }
         self.seen.insert(kv_key.to_string(), (now, created));
-        true
+        Admission::Admit
     }
 
-    /// The write was dropped or purged: the next offer must not be taken for a duplicate.
+    /// The write was dropped: the next offer must not be taken for a duplicate.
     pub fn forget(&mut self, kv_key: &str) {
         self.seen.remove(kv_key);
     }
 
-    pub fn forget_prefix(&mut self, prefix: &str) {
-        self.seen.retain(|key, _| !key.starts_with(prefix));
+    /// A purge of a KV key or of a tenant prefix, at `now` (`now_unix` in unix seconds): the
+    /// next offer of a newer entry is written again, an older one is refused for a while.
+    pub fn purge(&mut self, scope: &str, now: Instant, now_unix: u64) {
+        self.seen.retain(|key, _| !key.starts_with(scope));
+        self.purges
+            .retain(|_, (at, _)| now.saturating_duration_since(*at) < PURGE_GUARD);
+        self.purges.insert(scope.to_string(), (now, now_unix));
     }
 
     pub fn len(&self) -> usize {
@@ -1128,27 +1179,46 @@ mod tests {
 
     #[test]
     fn dedup_skips_the_same_entry_within_the_window_but_not_a_newer_one() {
+        use Admission::*;
         let t0 = Instant::now();
         let mut dedup = Dedup::new(10 * SEC, 100);
-        assert!(dedup.admit("v1/acme/a", 100, t0));
-        assert!(!dedup.admit("v1/acme/a", 100, t0 + 9 * SEC));
-        assert!(dedup.admit("v1/acme/b", 100, t0), "another key");
-        assert!(dedup.admit("v1/acme/a", 101, t0 + SEC), "a newer entry");
-        assert!(!dedup.admit("v1/acme/a", 100, t0 + 2 * SEC), "an older one");
-        assert!(
-            dedup.admit("v1/acme/a", 101, t0 + 12 * SEC),
-            "after the window"
-        );
+        assert_eq!(dedup.admit("v1/acme/a", 100, t0), Admit);
+        assert_eq!(dedup.admit("v1/acme/a", 100, t0 + 9 * SEC), Duplicate);
+        assert_eq!(dedup.admit("v1/acme/b", 100, t0), Admit, "another key");
+        assert_eq!(dedup.admit("v1/acme/a", 101, t0 + SEC), Admit, "newer");
+        assert_eq!(dedup.admit("v1/acme/a", 100, t0 + 2 * SEC), Duplicate);
+        assert_eq!(dedup.admit("v1/acme/a", 101, t0 + 12 * SEC), Admit, "later");
         dedup.forget("v1/acme/a");
-        assert!(dedup.admit("v1/acme/a", 101, t0 + 13 * SEC), "after a drop");
-        assert!(dedup.admit("v1/globex/a", 1, t0));
-        dedup.forget_prefix("v1/acme/");
-        assert!(
-            dedup.admit("v1/acme/b", 100, t0 + SEC),
-            "after a tenant purge"
+        assert_eq!(
+            dedup.admit("v1/acme/a", 101, t0 + 13 * SEC),
+            Admit,
+            "dropped"
         );
-        assert!(!dedup.admit("v1/globex/a", 1, t0 + SEC));
-        assert!(Dedup::new(Duration::ZERO, 1).admit("k", 1, t0));
+        assert_eq!(Dedup::new(Duration::ZERO, 1).admit("k", 1, t0), Admit);
+    }
+
+    #[test]
+    fn after_a_purge_an_older_entry_is_refused_and_a_newer_one_admitted() {
+        use Admission::*;
+        let t0 = Instant::now();
+        let mut dedup = Dedup::new(30 * SEC, 100);
+        assert_eq!(dedup.admit("v1/acme/a", 100, t0), Admit);
+        assert_eq!(dedup.admit("v1/acme2/a", 100, t0), Admit);
+        dedup.purge("v1/acme/a", t0 + SEC, 105);
+        // An offer in flight across the purge (read from Redis before it) is refused ...
+        assert_eq!(dedup.admit("v1/acme/a", 100, t0 + 2 * SEC), Purged);
+        // ... a new entry is written again, past the dedup record the purge cleared ...
+        assert_eq!(dedup.admit("v1/acme/a", 106, t0 + 2 * SEC), Admit);
+        // ... and after the guard an entry of the purge's own second can be re-offered.
+        dedup.purge("v1/acme/", t0 + 3 * SEC, 110);
+        assert_eq!(dedup.admit("v1/acme/b", 110, t0 + 4 * SEC), Purged);
+        assert_eq!(
+            dedup.admit("v1/acme/b", 110, t0 + 3 * SEC + PURGE_GUARD),
+            Admit
+        );
+        // Another tenant, even one whose id extends this one's, is untouched.
+        assert_eq!(dedup.admit("v1/acme2/a", 100, t0 + 4 * SEC), Duplicate);
+        assert_eq!(dedup.admit("v1/acme2/b", 100, t0 + 4 * SEC), Admit);
     }
 
     #[test]
@@ -1156,10 +1226,10 @@ mod tests {
         let t0 = Instant::now();
         let mut dedup = Dedup::new(SEC, 4);
         for i in 0..4 {
-            assert!(dedup.admit(&format!("k{i}"), 1, t0));
+            assert_eq!(dedup.admit(&format!("k{i}"), 1, t0), Admission::Admit);
         }
         assert_eq!(dedup.len(), 4);
-        assert!(dedup.admit("k4", 1, t0 + 2 * SEC));
+        assert_eq!(dedup.admit("k4", 1, t0 + 2 * SEC), Admission::Admit);
         assert_eq!(dedup.len(), 1);
     }
 
