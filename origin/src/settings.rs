@@ -274,6 +274,10 @@ pub struct ReplicationSettings {
     pub enabled: bool,
     /// `https://api.fastly.com`; plain `http` is only accepted for a loopback host (a fake).
     pub api_base_url: String,
+    /// Name of an environment variable that, when set, replaces `api_base_url` (local runs
+    /// point the fake Fastly API's address in this way).
+    #[serde(default)]
+    pub api_base_url_env: Option<String>,
     /// The KV store's id (not its link name). Required when enabled.
     pub store_id: String,
     /// Name of the environment variable holding the Fastly API token (`Fastly-Key`).
@@ -363,6 +367,15 @@ impl Settings {
                     }
                 }
             }
+        }
+        if let Some(url) = settings
+            .replication
+            .api_base_url_env
+            .as_ref()
+            .and_then(|var| env.get(var))
+            && !url.is_empty()
+        {
+            settings.replication.api_base_url = url.clone();
         }
         if settings.replication.enabled {
             let var = &settings.replication.api_token_env;
@@ -791,9 +804,21 @@ models = { "gpt-4o-mini" = "gpt-4o-mini" }
     #[test]
     fn the_dev_config_file_loads() {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/dev.toml");
-        let env = HashMap::from([("MOCK_PROVIDER_API_KEY".to_string(), "sk-mock".to_string())]);
+        let env = HashMap::from([
+            ("MOCK_PROVIDER_API_KEY".to_string(), "sk-mock".to_string()),
+            (
+                "FASTLY_API_TOKEN".to_string(),
+                "dev-fastly-token".to_string(),
+            ),
+            (
+                "FASTLY_API_URL".to_string(),
+                "http://127.0.0.1:9201".to_string(),
+            ),
+        ]);
         let s = Settings::load(Some(&path), &env).unwrap();
         assert_eq!(s.server.listen, "127.0.0.1:8080");
+        assert!(s.replication.enabled);
+        assert_eq!(s.replication.api_base_url, "http://127.0.0.1:9201");
         assert_eq!(s.cache_key_secret(), DEV_CACHE_KEY_SECRET.as_bytes());
         // Model names keep their dots and case (config must not read them as key paths).
         assert_eq!(
