@@ -434,3 +434,36 @@ async fn purges_remove_entries_from_redis_and_kv_and_the_next_request_is_a_miss(
     assert!(stack.metric("gateway_replication_purged_keys_total") >= 4.0);
     assert_eq!(stack.metric_sum("gateway_replication_dropped_total"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_batch_endpoint_falls_back_to_single_key_writes() {
+    let api = fake_api().await;
+    let stack = Stack::start_with(replicating_to(&api, |_| {})).await;
+    api.set_fault(Fault::RefuseBatch { status: 405 }, None);
+
+    let keys = edge_misses(&stack, "one by one", 3, 1).await;
+    eventually(
+        "three single-key writes",
+        Duration::from_secs(10),
+        || async { api.entries().len() == 3 },
+    )
+    .await;
+    let stats = api.stats();
+    // One refused batch, then single PUTs (the batch endpoint is not retried for a while).
+    assert_eq!((stats.batch, stats.put), (1, 3), "{stats:?}");
+    for (key, _) in &keys {
+        let item = api.get(&key.kv_key()).expect("the KV item");
+        assert!(item.ttl_sec.is_some_and(|ttl| ttl > 3600));
+        let entry = Entry::decode_kv(
+            item.value.to_vec(),
+            item.metadata.as_deref().map(str::as_bytes),
+            key,
+        )
+        .expect("a single-key write decodes like a batch line");
+        assert_eq!(entry.envelope.tenant, "acme");
+    }
+    assert_eq!(
+        stack.metric(r#"gateway_replication_api_requests_total{kind="batch",status="405"}"#),
+        1.0
+    );
+}
