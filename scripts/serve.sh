@@ -30,10 +30,16 @@ run() {
     pids+=($!)
 }
 
+# wait_port NAME PORT: until the last started process listens on PORT (or dies).
 wait_port() {
-    local name=$1 port=$2
+    local name=$1 port=$2 pid=${pids[-1]}
     for _ in $(seq 1 300); do
         if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            sleep 0.2
+            echo "serve: $name exited during start-up (see its output above)" >&2
+            exit 1
+        fi
         sleep 0.2
     done
     echo "serve: $name did not start on port $port" >&2
