@@ -111,6 +111,15 @@ impl Edge {
         std::fs::read_to_string(self.dir.join("viceroy.log")).unwrap_or_default()
     }
 
+    /// Requests the edge has finished, work after the response (local populate) included:
+    /// its last step for each request is one `"tier":"edge"` log line.
+    pub fn finished(&self) -> usize {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("\"tier\":\"edge\""))
+            .count()
+    }
+
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -140,7 +149,10 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
         .collect();
     let seed_file = dir.join("kv-seed.json");
     std::fs::write(&seed_file, serde_json::to_vec(&seed)?)?;
-    let tenants = config.tenants_store.clone().unwrap_or_else(|| repo_root().join("fixtures/edge/tenants.json"));
+    let tenants = config
+        .tenants_store
+        .clone()
+        .unwrap_or_else(|| repo_root().join("fixtures/edge/tenants.json"));
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut t = String::new();
     writeln!(

@@ -2,6 +2,8 @@
 //! API, origin, Viceroy) on free ports and stops them afterwards.
 
 pub mod edge;
+pub mod entry;
+pub mod sse;
 pub mod stack;
 
 use std::path::PathBuf;

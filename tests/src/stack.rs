@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use actix_web::dev::ServerHandle;
@@ -27,6 +28,9 @@ pub const GLOBEX: &str = "sk-dev-globex";
 /// The cache key secret both tiers get in tests.
 pub const SECRET: &str = "e2e-cache-key-secret-0123456789";
 
+/// A last change to the origin's settings, made just before it starts.
+pub type AdjustSettings = Box<dyn FnOnce(&mut Settings) + Send>;
+
 /// How a test wants its stack.
 pub struct StackOptions {
     /// Extra delay the proxy adds each way between edge and origin.
@@ -40,7 +44,7 @@ pub struct StackOptions {
     /// Tenants instead of `fixtures/tenants.json` (both tiers get the same set).
     pub tenants: Option<Vec<Tenant>>,
     /// Last word on the origin's settings.
-    pub origin_settings: Option<Box<dyn FnOnce(&mut Settings) + Send>>,
+    pub origin_settings: Option<AdjustSettings>,
 }
 
 impl Default for StackOptions {
@@ -72,6 +76,8 @@ pub struct Stack {
     origin: Option<ServerHandle>,
     /// Requests the proxy had forwarded when the stack was ready (Viceroy probes its backends).
     proxy_baseline: u64,
+    /// Requests sent to the edge, so `settle` can wait for the edge to finish them.
+    edge_requests: AtomicU64,
 }
 
 fn tenants_file() -> PathBuf {
@@ -114,7 +120,10 @@ pub fn many_tenants(count: usize) -> Vec<Tenant> {
         .map(|i| Tenant {
             id: format!("t{i:02}"),
             api_key_sha256: vec![api_key_digest(&format!("sk-t{i:02}"))],
-            allowed_models: vec!["gpt-4o-mini".to_owned(), "text-embedding-3-small".to_owned()],
+            allowed_models: vec![
+                "gpt-4o-mini".to_owned(),
+                "text-embedding-3-small".to_owned(),
+            ],
             cache_ttl_secs: 3600,
             stale_if_error_secs: 86_400,
             monthly_token_budget: None,
@@ -138,7 +147,8 @@ impl Stack {
         if let Some(adjust) = options.origin_settings {
             adjust(&mut settings);
         }
-        let scratch = std::env::temp_dir().join(format!("gw-stack-{}-{}", std::process::id(), redis.port()));
+        let scratch =
+            std::env::temp_dir().join(format!("gw-stack-{}-{}", std::process::id(), redis.port()));
         std::fs::create_dir_all(&scratch)?;
         let mut parts = Parts::default();
         let mut edge_tenants = None;
@@ -180,6 +190,7 @@ impl Stack {
             http,
             origin: Some(origin),
             proxy_baseline,
+            edge_requests: AtomicU64::new(0),
         })
     }
 
@@ -202,12 +213,24 @@ impl Stack {
         }
     }
 
-    /// Wait until the origin has no provider call or cache write in flight.
+    /// Wait until the origin has no provider call or cache write in flight and the edge has
+    /// finished every request sent to it (a local populate runs after the response is sent).
+    /// Gives up silently after 10 s: the assertions that follow then say what is missing.
     pub async fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.service.in_flight() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        let sent = usize::try_from(self.edge_requests.load(Ordering::SeqCst)).unwrap_or(usize::MAX);
+        while self.edge.finished() < sent && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Count `n` requests sent to the edge by something other than [`Stack::edge_post`] (an
+    /// external client), so that [`Stack::settle`] waits for them too.
+    pub fn count_edge_requests(&self, n: u64) {
+        self.edge_requests.fetch_add(n, Ordering::SeqCst);
     }
 
     /// POST a JSON body to the edge.
@@ -218,6 +241,7 @@ impl Stack {
         body: &Value,
         headers: &[(&str, &str)],
     ) -> reqwest::Response {
+        self.count_edge_requests(1);
         post(&self.http, &self.edge.url(), path, key, body, headers).await
     }
 
@@ -265,6 +289,14 @@ async fn post(
 /// A chat completion request for `prompt` with the development model.
 pub fn chat_body(prompt: &str) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]})
+}
+
+/// The assistant's text in a (non-streamed) chat completion body; "" when absent.
+pub fn completion_text(body: &Value) -> String {
+    body.pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// The cache key both tiers derive for `body` on `route` for `tenant`.

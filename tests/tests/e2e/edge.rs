@@ -1,53 +1,13 @@
 //! The edge tier under Viceroy against a real origin, Redis and the mock provider.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
+use gateway_common::entry::ENTRY_VERSION;
 use gateway_common::route::Route;
 use gateway_e2e::edge::KvSeed;
+use gateway_e2e::entry::{completion, kv_seed, now};
 use gateway_e2e::stack::{ACME, GLOBEX, Stack, StackOptions, chat_body, header, key_for};
 use serde_json::{Value, json};
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// A well-formed cached completion for `prompt`, as the origin would have written it.
-fn entry_for(tenant: &str, prompt: &str, created: u64, ttl: u64, content: &str) -> Entry {
-    let key = key_for(tenant, Route::ChatCompletions, &chat_body(prompt));
-    let body = json!({
-        "id": "chatcmpl-seeded", "object": "chat.completion", "created": created, "model": "gpt-4o-mini",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
-    });
-    Entry {
-        envelope: Envelope {
-            v: ENTRY_VERSION,
-            tenant: tenant.to_owned(),
-            key: key.hex().to_owned(),
-            created,
-            ttl,
-            status: 200,
-            content_type: "application/json".to_owned(),
-            model: "gpt-4o-mini".to_owned(),
-            provider: "seeded".to_owned(),
-            usage: None,
-        },
-        body: body.to_string().into_bytes(),
-    }
-}
-
-fn seed(entry: &Entry) -> KvSeed {
-    let (value, metadata) = entry.encode_kv().expect("entry encodes");
-    KvSeed {
-        key: format!("v1/{}/{}", entry.envelope.tenant, entry.envelope.key),
-        data: String::from_utf8(value).expect("utf-8 body"),
-        metadata: Some(metadata),
-    }
-}
 
 async fn content(resp: reqwest::Response) -> String {
     let body: Value = resp.json().await.expect("a JSON body");
@@ -145,20 +105,20 @@ async fn a_stream_request_is_answered_at_the_edge_from_a_cached_completion() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kv_entries_that_do_not_belong_to_the_request_are_never_served() {
     let t = now();
-    let good = entry_for("acme", "control", t, 3600, "seeded-good");
+    let good = completion("acme", "control", t, 3600, "seeded-good");
 
-    let mut other_tenant = entry_for("acme", "other tenant", t, 3600, "seeded-bad");
+    let mut other_tenant = completion("acme", "other tenant", t, 3600, "seeded-bad");
     other_tenant.envelope.tenant = "globex".to_owned();
-    let mut unknown_version = entry_for("acme", "unknown version", t, 3600, "seeded-bad");
+    let mut unknown_version = completion("acme", "unknown version", t, 3600, "seeded-bad");
     unknown_version.envelope.v = ENTRY_VERSION + 1;
-    let expired = entry_for("acme", "expired", t - 7200, 3600, "seeded-bad");
+    let expired = completion("acme", "expired", t - 7200, 3600, "seeded-bad");
 
     let mut seeds: Vec<KvSeed> = [&good, &unknown_version, &expired]
         .into_iter()
-        .map(seed)
+        .map(kv_seed)
         .collect();
     // Metadata naming another tenant, stored under acme's key.
-    let mut misfiled = seed(&other_tenant);
+    let mut misfiled = kv_seed(&other_tenant);
     misfiled.key = format!("v1/acme/{}", other_tenant.envelope.key);
     seeds.push(misfiled);
     let corrupt_key = key_for("acme", Route::ChatCompletions, &chat_body("corrupt"));
@@ -167,10 +127,10 @@ async fn kv_entries_that_do_not_belong_to_the_request_are_never_served() {
         data: "{\"choices\":[".to_owned(),
         metadata: Some("{not json".to_owned()),
     });
-    let bare = entry_for("acme", "no metadata", t, 3600, "seeded-bad");
+    let bare = completion("acme", "no metadata", t, 3600, "seeded-bad");
     seeds.push(KvSeed {
         metadata: None,
-        ..seed(&bare)
+        ..kv_seed(&bare)
     });
 
     let stack = Stack::start_with(StackOptions {
@@ -214,10 +174,10 @@ async fn kv_entries_that_do_not_belong_to_the_request_are_never_served() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn with_the_origin_down_the_edge_serves_fresh_then_stale_then_a_clean_503() {
     let t = now();
-    let fresh = entry_for("acme", "fresh while down", t, 3600, "seeded-fresh");
+    let fresh = completion("acme", "fresh while down", t, 3600, "seeded-fresh");
     // Expired by its own created-at + TTL, but inside acme's stale-if-error window.
-    let stale = entry_for("acme", "stale while down", t - 7200, 3600, "seeded-stale");
-    let seeds = vec![seed(&fresh), seed(&stale)];
+    let stale = completion("acme", "stale while down", t - 7200, 3600, "seeded-stale");
+    let seeds = vec![kv_seed(&fresh), kv_seed(&stale)];
     let mut stack = Stack::start_with(StackOptions {
         kv: seeds,
         ..StackOptions::default()

@@ -1,0 +1,56 @@
+//! Cache entries as the origin would have written them, for seeding an edge's KV store.
+//! Test data only: nothing here reads or writes a store.
+
+use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
+use gateway_common::route::Route;
+use serde_json::json;
+
+use crate::edge::KvSeed;
+use crate::stack::{chat_body, key_for};
+
+/// A well-formed cached chat completion of `prompt` for `tenant` whose answer is `content`,
+/// created at `created` (Unix seconds) and fresh for `ttl` seconds.
+pub fn completion(tenant: &str, prompt: &str, created: u64, ttl: u64, content: &str) -> Entry {
+    let key = key_for(tenant, Route::ChatCompletions, &chat_body(prompt));
+    let body = json!({
+        "id": "chatcmpl-seeded", "object": "chat.completion", "created": created, "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    });
+    Entry {
+        envelope: Envelope {
+            v: ENTRY_VERSION,
+            tenant: tenant.to_owned(),
+            key: key.hex().to_owned(),
+            created,
+            ttl,
+            status: 200,
+            content_type: "application/json".to_owned(),
+            model: "gpt-4o-mini".to_owned(),
+            provider: "seeded".to_owned(),
+            usage: None,
+        },
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// The KV item the origin's dual-write would store for `entry`: value = body, metadata =
+/// envelope, under `v1/<tenant>/<key>`. Panics if the entry does not encode (a test bug).
+pub fn kv_seed(entry: &Entry) -> KvSeed {
+    let (value, metadata) = entry
+        .encode_kv()
+        .unwrap_or_else(|e| panic!("seed entry does not encode: {e}"));
+    KvSeed {
+        key: format!("v1/{}/{}", entry.envelope.tenant, entry.envelope.key),
+        data: String::from_utf8(value).unwrap_or_else(|e| panic!("seed body is not UTF-8: {e}")),
+        metadata: Some(metadata),
+    }
+}
+
+/// Unix seconds now.
+pub fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
