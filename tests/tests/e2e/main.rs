@@ -9,3 +9,4 @@
 
 mod config;
 mod edge;
+mod walk;
