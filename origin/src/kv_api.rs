@@ -89,8 +89,8 @@ struct Line<'a> {
 
 /// The NDJSON body of `PUT /resources/stores/kv/{store_id}/batch`: one JSON object per line,
 /// each ending in `\n`, values base64-encoded.
-pub fn encode_batch(items: &[Item]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(items.iter().map(Item::line_len_bound).sum());
+pub fn encode_batch<'a>(items: impl IntoIterator<Item = &'a Item> + Clone) -> Vec<u8> {
+    let mut body = Vec::with_capacity(items.clone().into_iter().map(Item::line_len_bound).sum());
     for item in items {
         let line = Line {
             key: &item.key,

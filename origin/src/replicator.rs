@@ -51,9 +51,11 @@ pub enum ReplicatorError {
     NoRuntime,
 }
 
-/// The real [`Replicator`]: see the module doc. Cloning shares the queue and the task.
+/// The real [`Replicator`]: see the module doc. Cloning shares the queue and the task; when
+/// the last clone is dropped the task writes what it holds and stops.
 #[derive(Clone)]
 pub struct KvReplicator {
+    tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
 }
 
@@ -66,9 +68,9 @@ impl std::fmt::Debug for KvReplicator {
     }
 }
 
-/// What the request path and the background task share.
+/// What the request path and the background task share (not the sender: the task must not
+/// keep its own channel open).
 struct Shared {
-    tx: mpsc::Sender<Command>,
     /// Writes in the channel; purges are not counted (they use [`PURGE_HEADROOM`]).
     queued: AtomicUsize,
     capacity: usize,
@@ -123,7 +125,6 @@ impl KvReplicator {
         let metrics = ReplicationMetrics::register(metrics.registry())?;
         let (tx, rx) = mpsc::channel(settings.queue_capacity + PURGE_HEADROOM);
         let shared = Arc::new(Shared {
-            tx,
             queued: AtomicUsize::new(0),
             capacity: settings.queue_capacity,
             dedup: Mutex::new(Dedup::new(
@@ -149,7 +150,7 @@ impl KvReplicator {
             log: ThrottledLog::new(Duration::from_secs(10)),
         };
         runtime.spawn(worker.run());
-        Ok(KvReplicator { shared })
+        Ok(KvReplicator { tx, shared })
     }
 
     /// Writes waiting in the queue (not counting the batch being sent).
@@ -167,7 +168,7 @@ impl KvReplicator {
     }
 
     fn send_purge(&self, command: Command) {
-        if self.shared.tx.try_send(command).is_err() {
+        if self.tx.try_send(command).is_err() {
             // More than PURGE_HEADROOM purges waiting: the KV copies stay until their TTL.
             self.shared
                 .metrics
@@ -190,6 +191,15 @@ impl Replicator for KvReplicator {
             return false;
         };
         let kv_key = key.kv_key();
+        if entry.body.len() > MAX_VALUE_BYTES {
+            // The KV Store refuses it; better not to hold it in the queue at all.
+            self.shared
+                .metrics
+                .dropped
+                .with_label_values(&["too_large"])
+                .inc();
+            return false;
+        }
         let now = Instant::now();
         let admission = self
             .shared
@@ -221,7 +231,7 @@ impl Replicator for KvReplicator {
             kv_key: kv_key.clone(),
             offered_at: now,
         };
-        match shared.tx.try_send(Command::Write(pending)) {
+        match self.tx.try_send(Command::Write(pending)) {
             Ok(()) => {
                 shared.metrics.queued.inc();
                 shared
@@ -771,10 +781,6 @@ impl Worker {
                 return None;
             }
         };
-        if value.len() > MAX_VALUE_BYTES {
-            self.drop_one(&pending.kv_key, "too_large");
-            return None;
-        }
         let tenant = pending.entry.envelope.tenant.clone();
         let stale = self.stale_windows.get(&tenant).copied().unwrap_or(0);
         let expires_unix = kv_expiry(&pending.entry, stale);
@@ -834,9 +840,7 @@ impl Worker {
                 }
                 continue;
             }
-            let items: Vec<Item> = part.iter().map(|r| r.item.clone()).collect();
-            let body = Bytes::from(encode_batch(&items));
-            drop(items);
+            let body = Bytes::from(encode_batch(part.iter().map(|r| &r.item)));
             self.shared
                 .metrics
                 .batch_entries
@@ -1284,5 +1288,109 @@ mod tests {
         assert!(batch.bytes > bytes);
         let items = batch.into_items();
         assert_eq!(items[0].item.value, b"333333");
+    }
+
+    fn settings_for(api: &gateway_fixtures::FakeFastlyApi, token: &str) -> ReplicationSettings {
+        let mut settings = crate::settings::Settings::for_tests().replication;
+        settings.enabled = true;
+        settings.api_base_url = api.base_url();
+        settings.store_id = api.store_id().to_string();
+        settings.api_token = Some(crate::settings::Secret::new(token));
+        settings.linger_ms = 100;
+        settings.backoff_base_ms = 10;
+        settings.backoff_max_ms = 50;
+        settings
+    }
+
+    fn fresh(i: u64) -> Arc<Entry> {
+        let mut entry = entry(unix_now(), 60);
+        entry.envelope.key = format!("{i:064x}");
+        Arc::new(entry)
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + 10 * SEC;
+        while !done() {
+            assert!(Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn sample(metrics: &Metrics, name: &str) -> f64 {
+        let page = String::from_utf8(metrics.render()).unwrap();
+        page.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_batch_refused_as_invalid_is_halved_and_every_entry_still_written() {
+        use gateway_fixtures::fastly_api::Fault;
+        let api = gateway_fixtures::FakeFastlyApi::start(Default::default())
+            .await
+            .unwrap();
+        let metrics = Metrics::new().unwrap();
+        let replicator = KvReplicator::start(
+            &settings_for(&api, api.token()),
+            &Tenants::default(),
+            &metrics,
+        )
+        .unwrap();
+        // The API refuses the first batch as a whole (it never says which line).
+        api.set_fault(Fault::RefuseBatch { status: 400 }, Some(1));
+        for i in 0..4 {
+            assert!(replicator.offer(fresh(i)));
+        }
+        until("four entries", || api.entries().len() == 4).await;
+        let stats = api.stats();
+        assert_eq!(
+            stats.batch, 3,
+            "the refused batch and its two halves: {stats:?}"
+        );
+        assert_eq!(sample(&metrics, "gateway_replication_written_total"), 4.0);
+        // 60 s of freshness, no stale window (an unknown tenant has none).
+        assert!(
+            api.entries()
+                .iter()
+                .all(|e| e.ttl_sec.is_some_and(|t| (59..=60).contains(&t)))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_wrong_token_drops_the_batch_as_unauthorized_and_says_so() {
+        let api = gateway_fixtures::FakeFastlyApi::start(Default::default())
+            .await
+            .unwrap();
+        let metrics = Metrics::new().unwrap();
+        let replicator = KvReplicator::start(
+            &settings_for(&api, "not-the-token"),
+            &Tenants::default(),
+            &metrics,
+        )
+        .unwrap();
+        assert!(replicator.offer(fresh(1)));
+        let dropped = r#"gateway_replication_dropped_total{reason="unauthorized"}"#;
+        until("the drop", || sample(&metrics, dropped) == 1.0).await;
+        assert_eq!(api.stats().unauthorized, 1, "401 is not retried");
+        assert!(api.entries().is_empty());
+        // A dropped write is forgotten by dedup: the next offer of it is queued again.
+        assert!(replicator.offer(fresh(1)));
+        until("the second drop", || sample(&metrics, dropped) == 2.0).await;
+        assert!(!format!("{replicator:?}").contains("not-the-token"));
+    }
+
+    #[tokio::test]
+    async fn dropping_every_handle_stops_the_task_after_it_wrote_what_it_held() {
+        let api = gateway_fixtures::FakeFastlyApi::start(Default::default())
+            .await
+            .unwrap();
+        let metrics = Metrics::new().unwrap();
+        let mut settings = settings_for(&api, api.token());
+        settings.linger_ms = 60_000;
+        let replicator = KvReplicator::start(&settings, &Tenants::default(), &metrics).unwrap();
+        assert!(replicator.offer(fresh(7)));
+        drop(replicator);
+        // The channel closes, the long linger ends early, and the entry is written.
+        until("the last write", || api.entries().len() == 1).await;
     }
 }
