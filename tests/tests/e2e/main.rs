@@ -9,4 +9,5 @@
 
 mod config;
 mod edge;
+mod isolation;
 mod walk;
