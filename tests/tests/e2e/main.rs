@@ -10,4 +10,5 @@
 mod config;
 mod edge;
 mod isolation;
+mod streaming;
 mod walk;
