@@ -9,6 +9,7 @@
 
 mod config;
 mod edge;
+mod faults;
 mod isolation;
 mod streaming;
 mod walk;
