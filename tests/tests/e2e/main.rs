@@ -8,6 +8,7 @@
 )]
 
 mod config;
+mod distance;
 mod edge;
 mod faults;
 mod isolation;
