@@ -12,7 +12,9 @@ use anyhow::Context;
 use gateway_common::key::{CacheKey, api_key_digest};
 use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
-use gateway_fixtures::{DelayProxy, MockProvider, ProviderConfig, RedisServer};
+use gateway_fixtures::{
+    DelayProxy, FakeFastlyApi, FastlyApiConfig, MockProvider, ProviderConfig, RedisServer,
+};
 use gateway_origin::service::Service;
 use gateway_origin::settings::{ProviderSettings, Secret, Settings};
 use gateway_origin::tenants::Tenants;
@@ -45,6 +47,8 @@ pub struct StackOptions {
     pub tenants: Option<Vec<Tenant>>,
     /// Last word on the origin's settings.
     pub origin_settings: Option<AdjustSettings>,
+    /// Run the fake Fastly KV API and have the origin dual-write to it.
+    pub replicate: bool,
 }
 
 impl Default for StackOptions {
@@ -56,6 +60,7 @@ impl Default for StackOptions {
             providers: vec![ProviderConfig::default()],
             tenants: None,
             origin_settings: None,
+            replicate: false,
         }
     }
 }
@@ -73,6 +78,8 @@ pub struct Stack {
     pub origin_url: String,
     pub service: Arc<Service>,
     pub http: reqwest::Client,
+    /// The fake Fastly KV API the origin replicates to (with `replicate`).
+    pub kv_api: Option<FakeFastlyApi>,
     origin: Option<ServerHandle>,
     /// Requests the proxy had forwarded when the stack was ready (Viceroy probes its backends).
     proxy_baseline: u64,
@@ -144,6 +151,17 @@ impl Stack {
             providers.push(MockProvider::start(config).await?);
         }
         let mut settings = origin_settings(&redis, &providers.iter().collect::<Vec<_>>());
+        let kv_api = if options.replicate {
+            let api = FakeFastlyApi::start(FastlyApiConfig::default()).await?;
+            settings.replication.enabled = true;
+            settings.replication.api_base_url = api.base_url();
+            settings.replication.store_id = api.store_id().to_owned();
+            settings.replication.api_token = Some(Secret::new(api.token()));
+            settings.replication.linger_ms = 50;
+            Some(api)
+        } else {
+            None
+        };
         if let Some(adjust) = options.origin_settings {
             adjust(&mut settings);
         }
@@ -188,6 +206,7 @@ impl Stack {
             origin_url,
             service,
             http,
+            kv_api,
             origin: Some(origin),
             proxy_baseline,
             edge_requests: AtomicU64::new(0),
@@ -200,6 +219,17 @@ impl Stack {
             .as_ref()
             .map_or(self.proxied_before_stop, DelayProxy::requests)
             - self.proxy_baseline
+    }
+
+    /// A fresh edge ("a new POP") in front of the same origin, starting with `kv` and with
+    /// local populate off, as in production; with its own counting proxy to the origin.
+    pub async fn start_pop(&self, kv: Vec<KvSeed>) -> anyhow::Result<(Edge, DelayProxy)> {
+        let proxy = DelayProxy::start(self.origin_url.clone(), Duration::ZERO).await?;
+        let mut config = EdgeConfig::new(proxy.url(), SECRET);
+        config.populate_on_fallback = false;
+        config.kv = kv;
+        let edge = tokio::task::spawn_blocking(move || Edge::start(&config)).await??;
+        Ok((edge, proxy))
     }
 
     /// Take the origin down: the origin stops and its address refuses connections.
