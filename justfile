@@ -38,7 +38,17 @@ setup:
         echo "setup: installing the Fastly CLI {{fastly_cli_version}} from npm"
         npm install -g --silent @fastly/cli@{{fastly_cli_version}}
     fi
+    just python-venv
     echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), $(redis-server --version | awk '{print $3}'), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
+
+# The official `openai` Python client in .local/venv (gitignored), for the real-client e2e test.
+python-venv:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! .local/venv/bin/python -c 'import openai' 2>/dev/null; then
+        echo "python-venv: installing the openai package into .local/venv"
+        python3 -m venv .local/venv && .local/venv/bin/pip install -q 'openai>=1.50,<3'
+    fi
 
 # Build the host crates (origin, fixtures, tests).
 build:

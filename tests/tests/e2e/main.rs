@@ -12,5 +12,6 @@ mod distance;
 mod edge;
 mod faults;
 mod isolation;
+mod openai_client;
 mod streaming;
 mod walk;
