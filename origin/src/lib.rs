@@ -150,8 +150,10 @@ impl Application {
         &self.service
     }
 
-    /// Serves until stopped.
+    /// Serves until stopped, then flushes the token counts still pending.
     pub async fn run(self) -> std::io::Result<()> {
-        self.server.await
+        let result = self.server.await;
+        self.service.budget().flush(budget::unix_now()).await;
+        result
     }
 }

@@ -459,7 +459,10 @@ impl Service {
             .await;
         let upstream_ms = start.elapsed().as_secs_f64() * 1000.0;
         let shared: Shared = match sent {
-            Err(error) => Err(refusal_for(&error)),
+            Err(error) => {
+                drop(live_tx);
+                Err(refusal_for(&error))
+            }
             Ok(Upstream {
                 provider,
                 body: UpstreamBody::Stream(response),
