@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::future::join_all;
 use gateway_e2e::sse::ChatStream;
 use gateway_e2e::stack::{ACME, Stack, StackOptions, chat_body, completion_text, header};
 use gateway_fixtures::ProviderConfig;
@@ -189,4 +190,44 @@ async fn a_json_request_is_answered_from_a_cached_streamed_completion_at_the_ori
     assert_eq!(stack.origin_requests(), before, "both answered at the edge");
     assert_eq!(stack.provider.calls(), 1);
     assert_eq!(stack.provider.stats().streams, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn identical_streamed_misses_in_flight_together_cost_one_provider_call_and_all_end_whole() {
+    let stack = Stack::start_with(StackOptions {
+        providers: vec![ProviderConfig {
+            chunk_delay_ms: 50,
+            ..ProviderConfig::default()
+        }],
+        ..StackOptions::default()
+    })
+    .await
+    .expect("stack starts");
+    let (stack, prompt) = (&stack, "many clients, one stream");
+    // Some start together, some join while the provider is still streaming.
+    let streams = join_all((0..5u64).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(40 * i)).await;
+        stream_answer(stack, prompt, false).await
+    }))
+    .await;
+    let (_, _, first) = &streams[0];
+    assert!(first.content().starts_with("echo:"));
+    for (i, (cache, layer, stream)) in streams.iter().enumerate() {
+        assert!(
+            matches!(
+                (cache.as_str(), layer.as_str()),
+                ("MISS", "upstream") | ("HIT", "origin")
+            ),
+            "client {i}: {cache} from {layer}"
+        );
+        assert_eq!(stream.content(), first.content(), "client {i}");
+        assert_eq!(
+            stream.id(),
+            first.id(),
+            "client {i}: the one provider answer"
+        );
+    }
+    stack.settle().await;
+    assert_eq!(stack.provider.calls(), 1);
+    assert_eq!(stack.redis.keys("gw:v1:acme:*").expect("keys").len(), 1);
 }
