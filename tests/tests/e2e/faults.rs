@@ -309,3 +309,77 @@ async fn a_provider_resetting_connections_fails_over_to_the_next_with_no_request
 async fn a_hanging_provider_fails_over_to_the_next_with_no_request_failing() {
     every_request_fails_over_to_the_second_provider(Fault::Hang { ms: None }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_every_provider_fails_the_client_gets_a_clean_502_or_the_edge_copy_and_nothing_is_cached()
+ {
+    let stale = completion(
+        "acme",
+        "stale while failing",
+        now() - 7200,
+        3600,
+        "seeded-stale",
+    );
+    let stack = Stack::start_with(StackOptions {
+        kv: vec![kv_seed(&stale)],
+        providers: ["primary", "secondary"]
+            .map(|name| ProviderConfig {
+                name: name.to_owned(),
+                ..ProviderConfig::default()
+            })
+            .to_vec(),
+        ..StackOptions::default()
+    })
+    .await
+    .expect("stack starts");
+    stack.provider.set_fault(
+        Fault::Status {
+            status: 500,
+            retry_after_secs: None,
+        },
+        None,
+    );
+    stack.fallbacks[0].set_fault(
+        Fault::Status {
+            status: 503,
+            retry_after_secs: None,
+        },
+        None,
+    );
+
+    for stream in [false, true] {
+        let mut body = chat_body("nobody can answer");
+        body["stream"] = json!(stream);
+        let resp = stack
+            .edge_post("/v1/chat/completions", ACME, &body, &[])
+            .await;
+        assert_eq!(resp.status(), 502, "stream: {stream}");
+        assert!(header(&resp, "content-type").starts_with("application/json"));
+        let error: Value = resp.json().await.expect("an OpenAI-shaped error");
+        assert_eq!(error["error"]["type"], "api_error");
+        assert!(error["error"]["message"].is_string());
+    }
+
+    // The origin answers 502 for an entry the edge holds, expired but within stale-if-error.
+    let resp = stack.edge_chat(ACME, "stale while failing").await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(header(&resp, "x-cache"), "STALE");
+    assert_eq!(header(&resp, "x-cache-layer"), "edge");
+    let body: Value = resp.json().await.expect("JSON");
+    assert_eq!(completion_text(&body), "seeded-stale");
+
+    stack.settle().await;
+    assert!(
+        stack.redis.keys("gw:v1:*").expect("keys").is_empty(),
+        "errors are never cached"
+    );
+    assert_eq!(stack.origin_requests(), 3);
+    assert_eq!(
+        (
+            stack.provider.stats().faulted,
+            stack.fallbacks[0].stats().faulted
+        ),
+        (3, 3),
+        "each request tried both providers"
+    );
+}
