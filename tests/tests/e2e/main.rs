@@ -9,6 +9,7 @@
 
 mod config;
 mod distance;
+mod dual_write;
 mod edge;
 mod faults;
 mod isolation;
