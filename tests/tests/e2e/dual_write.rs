@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use gateway_e2e::edge::KvSeed;
+use gateway_e2e::edge::{Edge, KvSeed};
 use gateway_e2e::stack::{ACME, Stack, StackOptions, chat_body, header, many_tenants};
 use gateway_fixtures::FakeFastlyApi;
 use gateway_fixtures::fastly_api::Fault;
@@ -44,18 +44,36 @@ fn exported(api: &FakeFastlyApi) -> Vec<KvSeed> {
         .collect()
 }
 
+/// Ask a POP started with `Stack::start_pop` for `prompt` as acme.
+async fn ask_pop(stack: &Stack, pop: &Edge, prompt: &str) -> reqwest::Response {
+    let url = format!("{}/v1/chat/completions", pop.url());
+    let sent = stack
+        .http
+        .post(url)
+        .bearer_auth(ACME)
+        .json(&chat_body(prompt))
+        .send();
+    sent.await.expect("the POP answers")
+}
+
+/// A stack as in production: the origin dual-writes to the (fake) KV API and the edge never
+/// writes its KV store itself.
+async fn replicating_stack() -> Stack {
+    let options = StackOptions {
+        replicate: true,
+        populate_on_fallback: false,
+        ..StackOptions::default()
+    };
+    Stack::start_with(options).await.expect("stack starts")
+}
+
 fn id_of(body: &Value) -> String {
     body["id"].as_str().unwrap_or_default().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn what_the_origin_replicates_is_served_by_a_new_pop_without_an_origin_request() {
-    let options = StackOptions {
-        replicate: true,
-        populate_on_fallback: false,
-        ..StackOptions::default()
-    };
-    let stack = Stack::start_with(options).await.expect("stack starts");
+    let stack = replicating_stack().await;
     let api = stack.kv_api.as_ref().expect("replication is on");
 
     let first = stack.edge_chat(ACME, "replicate me to every POP").await;
@@ -75,14 +93,7 @@ async fn what_the_origin_replicates_is_served_by_a_new_pop_without_an_origin_req
         .expect("a new POP starts");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let before = proxy.requests();
-    let resp = stack
-        .http
-        .post(format!("{}/v1/chat/completions", pop.url()))
-        .bearer_auth(ACME)
-        .json(&chat_body("replicate me to every POP"))
-        .send()
-        .await
-        .expect("the new POP answers");
+    let resp = ask_pop(&stack, &pop, "replicate me to every POP").await;
     assert_eq!(header(&resp, "x-cache"), "HIT");
     assert_eq!(header(&resp, "x-cache-layer"), "edge");
     let served: Value = resp.json().await.expect("JSON");
@@ -100,12 +111,7 @@ async fn what_the_origin_replicates_is_served_by_a_new_pop_without_an_origin_req
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_kv_api_never_fails_a_request_and_catches_up_when_it_recovers() {
-    let options = StackOptions {
-        replicate: true,
-        populate_on_fallback: false,
-        ..StackOptions::default()
-    };
-    let stack = Stack::start_with(options).await.expect("stack starts");
+    let stack = replicating_stack().await;
     let api = stack.kv_api.as_ref().expect("replication is on");
 
     api.set_fault(Fault::Status { status: 503 }, None);
@@ -212,12 +218,7 @@ async fn an_entry_changed_at_the_origin_is_corrected_at_the_edge_once_its_copy_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_purge_reaches_redis_and_the_kv_store_and_the_next_request_is_a_miss() {
-    let options = StackOptions {
-        replicate: true,
-        populate_on_fallback: false,
-        ..StackOptions::default()
-    };
-    let stack = Stack::start_with(options).await.expect("stack starts");
+    let stack = replicating_stack().await;
     let api = stack.kv_api.as_ref().expect("replication is on");
     for prompt in ["purge one", "purge two"] {
         stack.edge_chat(ACME, prompt).await;
@@ -256,14 +257,7 @@ async fn a_purge_reaches_redis_and_the_kv_store_and_the_next_request_is_a_miss()
         .start_pop(exported(api))
         .await
         .expect("a new POP starts");
-    let resp = stack
-        .http
-        .post(format!("{}/v1/chat/completions", pop.url()))
-        .bearer_auth(ACME)
-        .json(&chat_body("purge one"))
-        .send()
-        .await
-        .expect("answers");
+    let resp = ask_pop(&stack, &pop, "purge one").await;
     assert_eq!(
         header(&resp, "x-cache"),
         "MISS",
