@@ -90,7 +90,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         }
         Err(AuthError::Missing | AuthError::Unknown) => return fail(&ApiError::unauthorized()),
     };
-    timing.add("auth", ms(auth_started));
+    record(&mut timing, log, "auth", auth_started);
     log.tenant = Some(tenant.id.clone());
     let settings = EdgeSettings::load();
 
@@ -127,7 +127,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     if let (true, Some(key)) = (plan.read, &key) {
         let kv_started = Instant::now();
         let found = kv::lookup(key);
-        timing.add("kv", ms(kv_started));
+        record(&mut timing, log, "kv", kv_started);
         match found {
             Ok(entry) => {
                 let env = &entry.envelope;
@@ -171,7 +171,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     };
     let origin_started = Instant::now();
     let answered = origin::send(req, &settings, forward);
-    timing.add("origin", ms(origin_started));
+    record(&mut timing, log, "origin", origin_started);
 
     let resp = match answered {
         Ok(resp) if resp.get_status().is_server_error() => {
@@ -342,7 +342,7 @@ fn pass_through(
 ) -> Reply {
     let started = Instant::now();
     let answered = origin::send(req, settings, Forward { edge_miss: false });
-    timing.add("origin", ms(started));
+    record(&mut timing, log, "origin", started);
     log.kv = None;
     match answered {
         Ok(mut resp) => {
@@ -413,8 +413,19 @@ fn header_resp<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
     resp.get_header(name).and_then(|v| v.to_str().ok())
 }
 
+/// One step's duration, in `Server-Timing` and in the log line alike.
+fn record(timing: &mut ServerTiming, log: &mut LogLine, step: &'static str, started: Instant) {
+    let took = ms(started);
+    timing.add(step, took);
+    log.steps.push((step, took));
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
+}
+
+fn round2(ms: f64) -> f64 {
+    (ms * 100.0).round() / 100.0
 }
 
 fn unix_now() -> u64 {
@@ -435,6 +446,8 @@ struct LogLine {
     status: u16,
     cache: String,
     layer: String,
+    /// `auth`, `kv`, `origin` durations (ms), as in `Server-Timing`.
+    steps: Vec<(&'static str, f64)>,
     total_ms: f64,
 }
 
@@ -449,6 +462,7 @@ impl LogLine {
             status: 0,
             cache: String::new(),
             layer: String::new(),
+            steps: Vec::new(),
             total_ms: 0.0,
         }
     }
@@ -461,19 +475,26 @@ impl LogLine {
     }
 
     fn emit(&self) {
-        let line = serde_json::json!({
+        let route: &str = match Route::from_path(&self.path) {
+            Some(route) => route.as_str(),
+            None => &self.path,
+        };
+        let mut line = serde_json::json!({
             "tier": "edge",
             "pop": std::env::var("FASTLY_POP").unwrap_or_default(),
             "method": self.method,
-            "route": self.path,
+            "route": route,
             "status": self.status,
             "cache": self.cache,
             "layer": self.layer,
             "kv": self.kv,
             "tenant": self.tenant,
             "key": self.key,
-            "total_ms": (self.total_ms * 100.0).round() / 100.0,
+            "total_ms": round2(self.total_ms),
         });
+        for (step, took) in &self.steps {
+            line[format!("{step}_ms")] = serde_json::json!(round2(*took));
+        }
         println!("{line}");
     }
 }
