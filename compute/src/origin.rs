@@ -4,6 +4,7 @@
 use std::sync::OnceLock;
 
 use fastly::backend::{Backend, BackendCreationError};
+use fastly::http::HeaderValue;
 use fastly::http::request::SendErrorCause;
 use fastly::{Request, Response};
 use gateway_common::headers::{X_EDGE_MISS, X_EDGE_SECRET};
@@ -45,7 +46,11 @@ pub fn send(
         req.set_header(X_EDGE_MISS, "1");
     }
     if let Some(secret) = &settings.edge_shared_secret {
-        req.set_header(X_EDGE_SECRET, secret.as_slice());
+        match HeaderValue::from_bytes(secret) {
+            Ok(value) => req.set_header(X_EDGE_SECRET, value),
+            // Never log the secret itself; the origin will refuse the request.
+            Err(_) => eprintln!("edge: edge_shared_secret is not a valid header value; not sent"),
+        }
     }
     let result = match backend(settings) {
         Some(timed) => req.with_pass(true).send(timed),

@@ -2,7 +2,7 @@
 //! OpenAI-shaped errors. Pure construction; nothing here reads a store or the network.
 
 use fastly::Response;
-use fastly::http::StatusCode;
+use fastly::http::{HeaderValue, StatusCode};
 use gateway_common::entry::Entry;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
@@ -55,7 +55,6 @@ pub fn from_entry(served: &Served<'_>, timing: &ServerTiming) -> Option<Response
     };
     let mut resp =
         Response::from_status(StatusCode::from_u16(env.status).unwrap_or(StatusCode::OK))
-            .with_header("content-type", content_type)
             .with_header(X_CACHE, served.outcome.as_str())
             .with_header(X_CACHE_LAYER, Layer::Edge.as_str())
             .with_header(CACHE_STATUS, member.render())
@@ -63,8 +62,15 @@ pub fn from_entry(served: &Served<'_>, timing: &ServerTiming) -> Option<Response
             .with_header(X_CACHE_KEY, served.key.hex())
             .with_header(SERVER_TIMING, timing.render())
             .with_body(body);
-    if !env.provider.is_empty() {
-        resp.set_header(X_UPSTREAM_PROVIDER, env.provider.as_str());
+    // Both come from the stored envelope: set them only if they are valid header values (a
+    // conversion from an invalid &str would panic).
+    let content_type = HeaderValue::from_str(content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static("application/json"));
+    resp.set_header("content-type", content_type);
+    if let Ok(provider) = HeaderValue::from_str(&env.provider)
+        && !env.provider.is_empty()
+    {
+        resp.set_header(X_UPSTREAM_PROVIDER, provider);
     }
     if served.stream {
         resp.set_header("cache-control", "no-cache");
