@@ -11,6 +11,7 @@ mod config;
 mod distance;
 mod dual_write;
 mod edge;
+mod edge_input;
 mod faults;
 mod isolation;
 mod openai_client;
