@@ -1,0 +1,89 @@
+//! The edge's KV-hit path under Viceroy against the bare Compute service under Viceroy, both
+//! answering the bytes of `hit.json`: the bench seeds the edge's KV store with an entry whose
+//! body is exactly those bytes. Starts and stops both Viceroys.
+
+use std::path::Path;
+
+use anyhow::bail;
+use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
+use gateway_common::route::Route;
+use gateway_e2e::edge::{Edge, EdgeConfig};
+use gateway_e2e::entry::{kv_seed, now};
+use gateway_e2e::free_port;
+use gateway_e2e::stack::{SECRET, key_for};
+
+use crate::compare::{self, Comparison};
+use crate::origin_hit::{API_KEY, HIT_REQUEST, json_target};
+use crate::viceroy::{BareCompute, HIT_BODY};
+
+pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result<Comparison> {
+    let request: serde_json::Value = serde_json::from_str(HIT_REQUEST)?;
+    let key = key_for("acme", Route::ChatCompletions, &request);
+    let entry = Entry {
+        envelope: Envelope {
+            v: ENTRY_VERSION,
+            tenant: "acme".to_owned(),
+            key: key.hex().to_owned(),
+            created: now(),
+            ttl: 86_400,
+            status: 200,
+            content_type: "application/json".to_owned(),
+            model: "gpt-4o-mini".to_owned(),
+            provider: "mock".to_owned(),
+            usage: None,
+        },
+        body: HIT_BODY.to_vec(),
+    };
+    // A hit never reaches the origin; its backend points at a closed port, so a miss would
+    // show up as an error in the figures rather than pass unnoticed.
+    let mut config = EdgeConfig::new(format!("http://127.0.0.1:{}", free_port()?), SECRET);
+    config.kv = vec![kv_seed(&entry)];
+    config.populate_on_fallback = false;
+    let (edge, bare) = tokio::task::spawn_blocking(move || {
+        let edge = Edge::start(&config)?;
+        let bare = BareCompute::start()?;
+        anyhow::Ok((edge, bare))
+    })
+    .await??;
+    let edge_url = format!("{}/v1/chat/completions", edge.url());
+    let bare_url = format!("{}/v1/chat/completions", bare.url());
+
+    let http = reqwest::Client::new();
+    for (name, url) in [("edge", &edge_url), ("bare service", &bare_url)] {
+        let resp = http
+            .post(url)
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(HIT_REQUEST)
+            .send()
+            .await?;
+        let cache = resp
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        let body = resp.bytes().await?;
+        if body.as_ref() != HIT_BODY {
+            bail!(
+                "the {name} does not answer the cached bytes (x-cache: {cache}):\n{}",
+                String::from_utf8_lossy(&body)
+            );
+        }
+        if name == "edge" && cache != "HIT" {
+            bail!("the edge's answer was not a hit (x-cache: {cache})");
+        }
+    }
+
+    let body = scratch.join("hit-request.json");
+    std::fs::write(&body, HIT_REQUEST)?;
+    let floor = json_target("bare Compute (Viceroy)", bare_url, Some(API_KEY), &body);
+    let subject = json_target("edge KV hit (Viceroy)", edge_url, Some(API_KEY), &body);
+    let settings = settings.clone();
+    let comparison = tokio::task::spawn_blocking(move || {
+        compare::compare(&settings, "edge hit", &floor, &[subject])
+    })
+    .await??;
+    drop((edge, bare));
+    Ok(comparison)
+}

@@ -1,0 +1,187 @@
+//! The origin as its own process: the release `gateway-origin` binary with a generated settings
+//! file, so its peak RSS (`VmHWM`) is the origin's alone. Killed on drop; it logs to a file in
+//! its scratch directory, which goes with it.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use gateway_common::tenant::TenantsFile;
+use gateway_e2e::stack::SECRET;
+use gateway_e2e::{free_port, repo_root, wait_for_port};
+
+/// What the origin is started with.
+#[derive(Debug, Clone)]
+pub struct OriginConfig {
+    pub redis_url: String,
+    /// The mock provider's `http://127.0.0.1:PORT/v1`.
+    pub provider_base_url: String,
+    /// actix workers (the bare floor gets the same number).
+    pub workers: usize,
+}
+
+/// A running `gateway-origin` process.
+pub struct OriginProcess {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// The `gateway-origin` binary built beside this one (`cargo build --release` builds both).
+fn origin_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let binary = exe
+        .parent()
+        .context("the bench binary has a directory")?
+        .join("gateway-origin");
+    if !binary.exists() {
+        bail!(
+            "{} is missing: build it with `cargo build --release -p gateway-origin` (`just bench` does)",
+            binary.display()
+        );
+    }
+    Ok(binary)
+}
+
+/// The fixture tenants with their request-rate limit raised out of reach: the hit path still
+/// pays for the rate and budget accounting (one pipelined Redis call beside the cache read),
+/// but no request is refused, so every answer measured is a real hit.
+fn bench_tenants() -> anyhow::Result<String> {
+    let file = TenantsFile::parse(&std::fs::read(repo_root().join("fixtures/tenants.json"))?)
+        .map_err(anyhow::Error::msg)?;
+    let tenants: Vec<_> = file
+        .tenants
+        .into_iter()
+        .map(|mut t| {
+            t.requests_per_second = t.requests_per_second.map(|_| 1_000_000_000);
+            t.monthly_token_budget = t.monthly_token_budget.map(|_| u64::MAX / 4);
+            t
+        })
+        .collect();
+    Ok(serde_json::to_string(
+        &serde_json::json!({ "tenants": tenants }),
+    )?)
+}
+
+impl OriginProcess {
+    pub fn start(config: &OriginConfig) -> anyhow::Result<OriginProcess> {
+        let binary = origin_binary()?;
+        let port = free_port()?;
+        let dir =
+            std::env::temp_dir().join(format!("gw-bench-origin-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let tenants = dir.join("tenants.json");
+        std::fs::write(&tenants, bench_tenants()?)?;
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let settings = format!(
+            r#"dev_mode = true
+
+[server]
+listen = "127.0.0.1:{port}"
+workers = {workers}
+
+[redis]
+url = {redis}
+
+[cache]
+key_secret = {secret}
+
+[tenants]
+file = {tenants}
+
+[[providers]]
+name = "mock"
+base_url = {provider}
+api_key_env = "BENCH_PROVIDER_API_KEY"
+models = {{ "gpt-4o-mini" = "gpt-4o-mini" }}
+timeout_ms = 10000
+connect_timeout_ms = 1000
+
+[log]
+format = "json"
+filter = "info"
+
+[replication]
+enabled = false
+"#,
+            workers = config.workers,
+            redis = q(&config.redis_url),
+            secret = q(SECRET),
+            tenants = q(&tenants.to_string_lossy()),
+            provider = q(&config.provider_base_url),
+        );
+        let settings_file = dir.join("origin.toml");
+        std::fs::write(&settings_file, settings)?;
+        let log = std::fs::File::create(dir.join("origin.log"))?;
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&settings_file)
+            .env("BENCH_PROVIDER_API_KEY", "sk-bench")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting gateway-origin")?;
+        let mut origin = OriginProcess {
+            child: Some(child),
+            port,
+            dir,
+        };
+        if let Err(e) = wait_for_port(port, Duration::from_secs(20)) {
+            origin.stop();
+            bail!("gateway-origin did not start: {e}\n{}", origin.log_tail());
+        }
+        Ok(origin)
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Peak resident set size so far (`VmHWM`), in KiB.
+    pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.as_ref().context("the origin is stopped")?.id();
+        proc_status_kib(pid, "VmHWM:")
+    }
+
+    /// Resident set size now (`VmRSS`), in KiB.
+    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+        let pid = self.child.as_ref().context("the origin is stopped")?.id();
+        proc_status_kib(pid, "VmRSS:")
+    }
+
+    /// The last lines the origin wrote (for error messages).
+    pub fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("origin.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OriginProcess {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `kB` field of `/proc/<pid>/status`.
+pub fn proc_status_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("{field} in /proc/{pid}/status"))
+}

@@ -1,0 +1,158 @@
+//! The origin's Redis-hit path against a bare actix-web handler answering the same bytes, and
+//! the origin's peak RSS under that load. With `peers`, LiteLLM's Redis-cache hit joins as a
+//! second comparison in the same run. Starts and stops everything it uses.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use gateway_fixtures::{MockProvider, ProviderConfig, RedisServer};
+
+use crate::compare::{self, Comparison};
+use crate::floor::BareActix;
+use crate::load::{Body, Target};
+use crate::origin::{OriginConfig, OriginProcess};
+use crate::peers::LiteLlm;
+use crate::report::Memory;
+
+/// The request every hit benchmark sends (the same for origin, floor and peers).
+pub const HIT_REQUEST: &str =
+    r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Benchmark the hit path."}]}"#;
+
+/// API key of the fixture tenant `acme`.
+pub const API_KEY: &str = "sk-dev-acme";
+
+/// What this part produced.
+pub struct OriginHit {
+    pub comparison: Comparison,
+    pub memory: Memory,
+    /// LiteLLM against the same floor, when asked for.
+    pub peers: Option<Comparison>,
+    /// Provider calls during the measured runs (0 when every answer was a hit).
+    pub provider_calls: u64,
+}
+
+pub fn json_target(name: &str, url: String, key: Option<&str>, body: &Path) -> Target {
+    let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+    if let Some(key) = key {
+        headers.push(("authorization".to_owned(), format!("Bearer {key}")));
+    }
+    Target {
+        name: name.to_owned(),
+        url,
+        headers,
+        body: Body::Fixed(body.to_path_buf()),
+    }
+}
+
+pub async fn run(
+    settings: &compare::Settings,
+    scratch: &Path,
+    workers: usize,
+    litellm: Option<&Path>,
+) -> anyhow::Result<OriginHit> {
+    let redis = RedisServer::start()?;
+    let provider = MockProvider::start(ProviderConfig::default()).await?;
+    let config = OriginConfig {
+        redis_url: redis.url(),
+        provider_base_url: provider.base_url(),
+        workers,
+    };
+    let origin = tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??;
+    let origin_url = format!("{}/v1/chat/completions", origin.url());
+    let idle_rss_kib = origin.rss_kib()?;
+
+    // Warm the entry and take the exact bytes a hit answers with.
+    let http = reqwest::Client::new();
+    let post = |url: &str, key: &str| {
+        http.post(url)
+            .bearer_auth(key)
+            .header("content-type", "application/json")
+            .body(HIT_REQUEST)
+            .send()
+    };
+    post(&origin_url, API_KEY).await?.bytes().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let hit = post(&origin_url, API_KEY).await?;
+    let cache = hit
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let bytes = hit.bytes().await?;
+    if cache != "HIT" {
+        bail!(
+            "the origin's second answer was not a hit (x-cache: {cache:?}):\n{}",
+            origin.log_tail()
+        );
+    }
+    let bare = BareActix::start(bytes.clone(), workers)?;
+    let bare_answer = post(bare.url(), API_KEY).await?.bytes().await?;
+    if bare_answer != bytes {
+        bail!("the bare handler does not answer the origin's bytes");
+    }
+
+    let body = scratch.join("hit-request.json");
+    std::fs::write(&body, HIT_REQUEST)?;
+    let floor = json_target(
+        "bare actix-web",
+        bare.url().to_owned(),
+        Some(API_KEY),
+        &body,
+    );
+    let subject = json_target("origin Redis hit", origin_url.clone(), Some(API_KEY), &body);
+    let calls_before = provider.calls();
+    let comparison = {
+        let (settings, floor, subject) = (settings.clone(), floor.clone(), subject.clone());
+        tokio::task::spawn_blocking(move || {
+            compare::compare(&settings, "origin hit", &floor, &[subject])
+        })
+        .await??
+    };
+    let provider_calls = provider.calls() - calls_before;
+    let memory = Memory {
+        origin_peak_rss_kib: origin.peak_rss_kib()?,
+        origin_idle_rss_kib: idle_rss_kib,
+        workers,
+    };
+
+    let peers = match litellm {
+        Some(litellm) => {
+            let peer = LiteLlm::start(litellm, &provider.base_url(), &redis, scratch).await?;
+            let peer_url = peer.chat_url();
+            post(&peer_url, "sk-bench").await?.bytes().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let before = provider.calls();
+            post(&peer_url, "sk-bench")
+                .await?
+                .error_for_status()?
+                .bytes()
+                .await?;
+            if provider.calls() != before {
+                bail!("LiteLLM's second answer was not a cache hit (the provider was called)");
+            }
+            let peer_target = json_target("LiteLLM Redis hit", peer_url, Some("sk-bench"), &body);
+            let settings = settings.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                compare::compare(&settings, "peer hit", &floor, &[subject, peer_target])
+            })
+            .await?
+            .context("measuring LiteLLM");
+            drop(peer);
+            Some(result?)
+        }
+        None => None,
+    };
+
+    bare.stop().await;
+    drop(origin);
+    provider.stop().await;
+    drop(redis);
+    Ok(OriginHit {
+        comparison,
+        memory,
+        peers,
+        provider_calls,
+    })
+}

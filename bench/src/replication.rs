@@ -1,0 +1,132 @@
+//! The dual-write replicator driven directly: `KvReplicator` with the origin's default batching
+//! offers distinct entries as fast as its queue takes them, to the in-process fake Fastly KV
+//! API; measures entries per second and API requests per entry. The request budget is lifted.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
+use gateway_common::key::CacheKey;
+use gateway_common::route::Route;
+use gateway_common::tenant::Tenant;
+use gateway_e2e::entry::now;
+use gateway_fixtures::{FakeFastlyApi, FastlyApiConfig};
+use gateway_origin::metrics::Metrics;
+use gateway_origin::replicate::Replicator;
+use gateway_origin::replicator::KvReplicator;
+use gateway_origin::settings::{Secret, Settings};
+use gateway_origin::tenants::Tenants;
+
+use crate::viceroy::HIT_BODY;
+
+/// What this part measured.
+#[derive(Debug, Clone)]
+pub struct Replication {
+    pub entries: u64,
+    pub elapsed: Duration,
+    pub api_requests: u64,
+    pub batch_max_entries: usize,
+    pub linger_ms: u64,
+    pub dropped: u64,
+}
+
+impl Replication {
+    pub fn entries_per_sec(&self) -> f64 {
+        self.entries as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn requests_per_entry(&self) -> f64 {
+        self.api_requests as f64 / self.entries as f64
+    }
+}
+
+fn entry(i: u64, created: u64) -> Entry {
+    let key = CacheKey::derive(
+        b"bench-replication-secret",
+        "acme",
+        Route::ChatCompletions,
+        format!("{{\"prompt\":{i}}}").as_bytes(),
+    );
+    Entry {
+        envelope: Envelope {
+            v: ENTRY_VERSION,
+            tenant: "acme".to_owned(),
+            key: key.hex().to_owned(),
+            created,
+            ttl: 3600,
+            status: 200,
+            content_type: "application/json".to_owned(),
+            model: "gpt-4o-mini".to_owned(),
+            provider: "mock".to_owned(),
+            usage: Some(Usage {
+                prompt_tokens: 12,
+                completion_tokens: 40,
+                total_tokens: 52,
+            }),
+        },
+        body: HIT_BODY.to_vec(),
+    }
+}
+
+pub async fn run(entries: u64) -> anyhow::Result<Replication> {
+    let api = FakeFastlyApi::start(FastlyApiConfig {
+        hourly_budget: u32::MAX,
+        ..FastlyApiConfig::default()
+    })
+    .await?;
+    let mut settings = Settings::for_tests().replication;
+    settings.enabled = true;
+    settings.api_base_url = api.base_url();
+    settings.store_id = api.store_id().to_owned();
+    settings.api_token = Some(Secret::new(api.token()));
+    // The default budget (~900 requests/h) is the production limit; the bench measures the
+    // replicator's own pace, so it is lifted here and on the fake.
+    settings.hourly_request_budget = u32::MAX;
+    let tenant = Tenant {
+        id: "acme".to_owned(),
+        api_key_sha256: Vec::new(),
+        allowed_models: Vec::new(),
+        cache_ttl_secs: 3600,
+        stale_if_error_secs: 86_400,
+        monthly_token_budget: None,
+        requests_per_second: None,
+    };
+    let replicator = KvReplicator::start(&settings, &Tenants::new(vec![tenant]), &Metrics::new()?)?;
+    let created = now();
+    let batch: Vec<Arc<Entry>> = (0..entries).map(|i| Arc::new(entry(i, created))).collect();
+
+    let started = Instant::now();
+    let mut dropped = 0;
+    for entry in batch {
+        // Offer only while the queue has room: a full queue drops, which is not what is measured.
+        while replicator.queued() >= settings.queue_capacity {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        if !replicator.offer(entry) {
+            dropped += 1;
+        }
+    }
+    let deadline = started + Duration::from_secs(120);
+    while api.stats().entries_written < entries - dropped {
+        if Instant::now() > deadline {
+            bail!(
+                "the replicator wrote {} of {entries} entries in 120 s",
+                api.stats().entries_written
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let elapsed = started.elapsed();
+    let stats = api.stats();
+    drop(replicator);
+    api.stop().await;
+    Ok(Replication {
+        entries: stats.entries_written,
+        elapsed,
+        api_requests: stats.requests,
+        batch_max_entries: settings.batch_max_entries,
+        linger_ms: settings.linger_ms,
+        dropped,
+    })
+}
