@@ -88,3 +88,38 @@ serve-edge: build-edge
 serve: setup build-edge
     cargo build --release -p gateway-origin -p gateway-fixtures --bins
     scripts/serve.sh
+
+# Install the load generator `oha` into ~/.cargo/bin when it is missing (a few minutes, once).
+bench-tools:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v oha >/dev/null; then
+        echo "bench-tools: installing oha from crates.io"
+        cargo install oha --locked
+    fi
+
+# Build what the benchmarks run: the origin and bench binaries (release), both wasm services.
+bench-build: build-edge
+    cargo build --release -p gateway-origin -p gateway-bench
+    cargo build --release -p gateway-bench-bare-compute --target wasm32-wasip1
+
+# Every tier against its floor in one run (~5 min); rewrites bench/REPORT.md and bench/latency.png.
+bench: setup bench-tools bench-build
+    target/release/gateway-bench --report bench/REPORT.md --chart bench/latency.png --notes bench/NOTES.md
+
+# Only the origin's Redis-hit path against a bare actix-web handler (prints; writes nothing).
+bench-origin: setup bench-tools bench-build
+    target/release/gateway-bench --part origin-hit
+
+# `just bench` plus LiteLLM's Redis-cache hit as a peer (installs LiteLLM from PyPI into
+# .local/bench-venv the first time). Optional; never run in CI.
+bench-peers: setup bench-tools bench-build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! .local/bench-venv/bin/litellm --version >/dev/null 2>&1; then
+        echo "bench-peers: installing litellm[proxy] into .local/bench-venv"
+        python3 -m venv .local/bench-venv
+        .local/bench-venv/bin/pip install -q 'litellm[proxy]>=1.50,<2' redis
+    fi
+    target/release/gateway-bench --litellm .local/bench-venv/bin/litellm \
+        --report bench/REPORT.md --chart bench/latency.png --notes bench/NOTES.md
