@@ -3,7 +3,7 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 set positional-arguments := false
 
-export PATH := env_var("HOME") + "/.cargo/bin:" + env_var("PATH")
+export PATH := env_var_or_default("CARGO_HOME", env_var("HOME") + "/.cargo") + "/bin:" + env_var("PATH")
 
 viceroy_version := "0.22.0"
 fastly_cli_version := "16.1.0"
@@ -39,7 +39,7 @@ setup:
         npm install -g --silent @fastly/cli@{{fastly_cli_version}}
     fi
     just python-venv
-    echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), $(redis-server --version | awk '{print $3}'), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
+    echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
 
 # The official `openai` Python client in .local/venv (gitignored), for the real-client e2e test.
 python-venv:
