@@ -62,6 +62,18 @@ impl Budget {
 
     /// One Redis round trip at most (none for a tenant without limits). `now` is unix seconds.
     pub async fn check(&self, tenant: &Tenant, now: u64) -> Standing {
+        let ops = self.counter_ops(tenant, now);
+        if ops.is_empty() {
+            return Standing::ALLOWED;
+        }
+        let values = self.store.counters(&ops).await.ok();
+        self.standing(tenant, now, values)
+    }
+
+    /// The counter ops [`Budget::check`] runs for `tenant` (they count this request against
+    /// the rate limit); empty for a tenant without limits. A caller that runs them itself, in
+    /// the round trip of its cache read, passes their values to [`Budget::standing`].
+    pub fn counter_ops(&self, tenant: &Tenant, now: u64) -> Vec<CounterOp> {
         let mut ops = Vec::new();
         if tenant.requests_per_second.is_some() {
             ops.push(CounterOp::Incr {
@@ -75,10 +87,13 @@ impl Budget {
                 key: usage_key("usage", &tenant.id, now),
             });
         }
-        if ops.is_empty() {
-            return Standing::ALLOWED;
-        }
-        let Ok(values) = self.store.counters(&ops).await else {
+        ops
+    }
+
+    /// The tenant's standing from the values of [`Budget::counter_ops`], in order; `None`
+    /// (Redis did not answer) allows the request: budgets fail open.
+    pub fn standing(&self, tenant: &Tenant, now: u64, values: Option<Vec<u64>>) -> Standing {
+        let Some(values) = values else {
             return Standing::ALLOWED;
         };
         let mut values = values.into_iter();

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::replicate::Replicator;
 use crate::router::{AttemptError, Router, RouterError, Upstream, UpstreamBody};
 use crate::settings::{Secret, Settings, ms};
-use crate::store::{Store, ThrottledLog};
+use crate::store::{CounterOp, Store, ThrottledLog};
 use crate::stream::{self, ClientStream};
 use crate::tenants::Tenants;
 
@@ -288,14 +288,15 @@ impl Service {
         trace.key = key.as_ref().map(|k| k.hex().to_string());
         let now = unix_now();
 
-        // The budget check and the cache read are independent: one Redis wait, not two.
-        let read = async {
-            match &key {
-                Some(key) if plan.read => Some(self.lookup(key, now, plan.max_age).await),
-                _ => None,
+        // The budget counters ride in the cache read's round trip: one Redis call, not two.
+        let (standing, looked) = match &key {
+            Some(key) if plan.read => {
+                let ops = self.budget.counter_ops(&tenant, now);
+                let (values, looked) = self.lookup(key, now, plan.max_age, &ops).await;
+                (self.budget.standing(&tenant, now, values), Some(looked))
             }
+            _ => (self.budget.check(&tenant, now).await, None),
         };
-        let (standing, looked) = tokio::join!(self.budget.check(&tenant, now), read);
         if let Some(rejection) = standing.rate {
             return Err(self.refuse_budget(&tenant.id, rejection));
         }
@@ -612,17 +613,40 @@ impl Service {
             .inc();
     }
 
-    /// The fresh entry for `key`, whether an entry was present but too old, and the Redis time.
+    /// The values of the budget counter `ops` (`None` when Redis did not answer), then the
+    /// fresh entry for `key`, whether an entry was present but too old, and the Redis time.
     async fn lookup(
         &self,
         key: &CacheKey,
         now: u64,
         max_age: Option<u64>,
-    ) -> (Option<Hit>, f64, bool) {
+        ops: &[CounterOp],
+    ) -> (Option<Vec<u64>>, (Option<Hit>, f64, bool)) {
         let start = Instant::now();
-        let got = self.store.get(&key.redis_key()).await;
+        let redis_key = key.redis_key();
+        let got = if ops.is_empty() {
+            self.store.get(&redis_key).await.map(|v| (v, Vec::new()))
+        } else {
+            self.store.get_with_counters(&redis_key, ops).await
+        };
         let redis_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let Ok(Some(bytes)) = got else {
+        let (got, values) = match got {
+            Ok((got, values)) => (got, Some(values)),
+            Err(_) => (None, None),
+        };
+        (values, self.decode(key, got, now, max_age, redis_ms))
+    }
+
+    /// The entry read for `key` as a fresh hit, or why not (see [`Service::lookup`]).
+    fn decode(
+        &self,
+        key: &CacheKey,
+        got: Option<Vec<u8>>,
+        now: u64,
+        max_age: Option<u64>,
+        redis_ms: f64,
+    ) -> (Option<Hit>, f64, bool) {
+        let Some(bytes) = got else {
             return (None, redis_ms, false);
         };
         match Entry::decode(&bytes, key) {
