@@ -34,6 +34,9 @@ pub fn draw(path: &Path, comparisons: &[&Comparison], connections: &[u32]) -> an
     let root = BitMapBackend::new(path, (1000, 520 * panels as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let areas = root.split_evenly((panels, 1));
+    // A target measured again in a later comparison (the origin and its floor beside a peer)
+    // is drawn once, from the first.
+    let mut seen = std::collections::HashSet::new();
     let series: Vec<(String, &crate::compare::Series)> = comparisons
         .iter()
         .flat_map(|c| {
@@ -41,6 +44,7 @@ pub fn draw(path: &Path, comparisons: &[&Comparison], connections: &[u32]) -> an
                 .chain(&c.subjects)
                 .map(move |s| (format!("{}: {}", c.tier, s.name), s))
         })
+        .filter(|(_, s)| seen.insert(s.name.clone()))
         .collect();
     for (area, &conns) in areas.iter().zip(connections) {
         let values: Vec<f64> = series
@@ -55,7 +59,8 @@ pub fn draw(path: &Path, comparisons: &[&Comparison], connections: &[u32]) -> an
             .fold(f64::INFINITY, f64::min)
             .max(0.01)
             / 1.5;
-        let high = values.iter().copied().fold(0.0, f64::max).max(low * 10.0) * 1.5;
+        // Room above the highest line for the legend (upper left).
+        let high = values.iter().copied().fold(0.0, f64::max).max(low * 10.0) * 12.0;
         let last = (PERCENTILES.len() - 1) as f64;
         let mut chart = ChartBuilder::on(area)
             .caption(

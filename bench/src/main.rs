@@ -40,8 +40,11 @@ struct Args {
     #[arg(long = "part", value_enum)]
     parts: Vec<Part>,
     /// Seconds of each measured run.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, default_value_t = 3.0)]
     secs: f64,
+    /// Rounds of every comparison (alternating order); the report gives medians and ranges.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Seconds of closed-loop warm-up per target before its measured runs.
     #[arg(long, default_value_t = 1.0)]
     warmup_secs: f64,
@@ -102,6 +105,7 @@ async fn main() -> anyhow::Result<()> {
         oha: oha.clone(),
         connections: args.connections.clone(),
         duration: Duration::from_secs_f64(args.secs),
+        rounds: args.rounds,
         warmup: Duration::from_secs_f64(args.warmup_secs),
         rate_fraction: args.rate_fraction,
     };
@@ -118,8 +122,9 @@ async fn main() -> anyhow::Result<()> {
         setup: vec![
             format!("Run: {date}, {cores} cores, shared with the load generator and every server."),
             format!(
-                "Load: {}, HTTP/1.1 keep-alive, {} s per measured run after {} s of warm-up per target, at {:?} connections; fixed rate = {} × the slowest target's closed-loop max.",
+                "Load: {}, HTTP/1.1 keep-alive, {} rounds (floor and subjects in alternating order) of {} s per measured run, after {} s of warm-up per target, at {:?} connections; fixed rate = {} × the slowest target's closed-loop max in that round. Figures are medians over the rounds; ranges in brackets are the lowest and highest round.",
                 version(&oha.to_string_lossy()),
+                args.rounds,
                 args.secs,
                 args.warmup_secs,
                 args.connections,
@@ -147,6 +152,7 @@ async fn main() -> anyhow::Result<()> {
             results.origin_hit_provider_calls = hit.provider_calls;
             results.memory = Some(hit.memory);
             results.peers = hit.peers;
+            results.peer_provider_calls = hit.peer_provider_calls;
         }
         if parts.contains(&Part::EdgeHit) {
             results.edge_hit = Some(

@@ -28,6 +28,8 @@ pub struct OriginHit {
     pub memory: Memory,
     /// LiteLLM against the same floor, when asked for.
     pub peers: Option<Comparison>,
+    /// Provider calls during the peer runs (0 when every answer was a cache hit).
+    pub peer_provider_calls: u64,
     /// Provider calls during the measured runs (0 when every answer was a hit).
     pub provider_calls: u64,
 }
@@ -117,23 +119,32 @@ pub async fn run(
         workers,
     };
 
+    let mut peer_calls_before = provider.calls();
     let peers = match litellm {
         Some(litellm) => {
             let peer = LiteLlm::start(litellm, &provider.base_url(), &redis, scratch).await?;
             let peer_url = peer.chat_url();
-            post(&peer_url, "sk-bench").await?.bytes().await?;
+            let peer_key = peer.api_key().to_owned();
+            post(&peer_url, &peer_key)
+                .await?
+                .error_for_status()
+                .context("LiteLLM's first answer")?
+                .bytes()
+                .await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
             let before = provider.calls();
-            post(&peer_url, "sk-bench")
+            post(&peer_url, &peer_key)
                 .await?
-                .error_for_status()?
+                .error_for_status()
+                .context("LiteLLM's second answer")?
                 .bytes()
                 .await?;
             if provider.calls() != before {
                 bail!("LiteLLM's second answer was not a cache hit (the provider was called)");
             }
-            let peer_target = json_target("LiteLLM Redis hit", peer_url, Some("sk-bench"), &body);
+            let peer_target = json_target("LiteLLM Redis hit", peer_url, Some(&peer_key), &body);
             let settings = settings.clone();
+            peer_calls_before = provider.calls();
             let result = tokio::task::spawn_blocking(move || {
                 compare::compare(&settings, "peer hit", &floor, &[subject, peer_target])
             })
@@ -145,6 +156,7 @@ pub async fn run(
         None => None,
     };
 
+    let peer_provider_calls = provider.calls() - peer_calls_before;
     bare.stop().await;
     drop(origin);
     provider.stop().await;
@@ -153,6 +165,7 @@ pub async fn run(
         comparison,
         memory,
         peers,
+        peer_provider_calls,
         provider_calls,
     })
 }

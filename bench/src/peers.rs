@@ -14,6 +14,7 @@ pub struct LiteLlm {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    master_key: String,
 }
 
 impl LiteLlm {
@@ -28,8 +29,14 @@ impl LiteLlm {
         let port = free_port()?;
         let dir = scratch.join(format!("litellm-{port}"));
         std::fs::create_dir_all(&dir)?;
+        // LiteLLM refuses to start without a master key; a fresh one per run, used as the
+        // clients' API key.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let master_key = format!("sk-bench-{nanos:032x}{:08x}", std::process::id());
         let config = format!(
-            "model_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n      api_base: {provider_base_url}\n      api_key: sk-bench\nlitellm_settings:\n  cache: true\n  cache_params:\n    type: redis\n    host: 127.0.0.1\n    port: {}\n    ttl: 3600\n",
+            "general_settings:\n  master_key: {master_key}\nmodel_list:\n  - model_name: gpt-4o-mini\n    litellm_params:\n      model: openai/gpt-4o-mini\n      api_base: {provider_base_url}\n      api_key: sk-bench\nlitellm_settings:\n  cache: true\n  cache_params:\n    type: redis\n    host: 127.0.0.1\n    port: {}\n    ttl: 3600\n",
             redis.port()
         );
         let config_file = dir.join("litellm.yaml");
@@ -53,15 +60,29 @@ impl LiteLlm {
             child: Some(child),
             port,
             dir,
+            master_key,
         };
-        let waited =
-            tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(180)))
-                .await?;
-        if let Err(e) = waited {
-            peer.stop();
-            bail!("litellm did not start: {e}\n{}", peer.log_tail());
+        // Start-up takes tens of seconds (imports); give up early if the process exits.
+        let deadline = std::time::Instant::now() + Duration::from_secs(180);
+        loop {
+            if wait_for_port(port, Duration::from_millis(500)).is_ok() {
+                return Ok(peer);
+            }
+            let exited = peer
+                .child
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if exited || std::time::Instant::now() > deadline {
+                peer.stop();
+                bail!("litellm did not start:\n{}", peer.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        Ok(peer)
+    }
+
+    /// The API key clients send (the proxy's master key).
+    pub fn api_key(&self) -> &str {
+        &self.master_key
     }
 
     pub fn chat_url(&self) -> String {
