@@ -235,7 +235,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     // has stored. So the edge stores only answers the origin served from its own cache: never
     // one the origin declined to keep (its policy decides), and never a fresh upstream answer
     // whose Redis write may have failed. Locally this gives the walk MISS -> origin HIT -> edge HIT.
-    let populate = d.settings.populate_on_fallback
+    let populate = d.settings.fallback().populate_on_fallback
         && d.plan.write
         && d.key.is_some()
         && !d.parsed.stream
@@ -269,7 +269,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     let age = header_resp(&resp, "age")
         .and_then(|a| a.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.ttl_cap_secs);
+    let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.fallback().ttl_cap_secs);
     let provider = header_resp(&resp, X_UPSTREAM_PROVIDER)
         .unwrap_or_default()
         .to_owned();

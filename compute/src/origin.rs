@@ -45,7 +45,7 @@ pub fn send(
     if forward.edge_miss {
         req.set_header(X_EDGE_MISS, "1");
     }
-    if let Some(secret) = &settings.edge_shared_secret {
+    if let Some(secret) = &settings.fallback().edge_shared_secret {
         match HeaderValue::from_bytes(secret) {
             Ok(value) => req.set_header(X_EDGE_SECRET, value),
             // Never log the secret itself; the origin will refuse the request.
@@ -102,9 +102,9 @@ fn timed_backend(settings: &EdgeSettings) -> Option<Backend> {
         "origin-timed",
         format!("{}:{}", base.get_host(), base.get_port()),
     )
-    .connect_timeout(settings.origin_connect_timeout)
-    .first_byte_timeout(settings.origin_first_byte_timeout)
-    .between_bytes_timeout(settings.origin_between_bytes_timeout);
+    .connect_timeout(settings.fallback().origin_connect_timeout)
+    .first_byte_timeout(settings.fallback().origin_first_byte_timeout)
+    .between_bytes_timeout(settings.fallback().origin_between_bytes_timeout);
     if let Some(host) = base
         .get_host_override()
         .and_then(|h| h.to_str().ok().map(str::to_owned))

@@ -1,6 +1,7 @@
 //! The edge's settings: Config Store `edge_config` and Secret Store `gateway_secrets`.
 //! Every value has a documented default; a bad value is logged and falls back, never panics.
 
+use std::cell::OnceCell;
 use std::time::Duration;
 
 use fastly::{ConfigStore, SecretStore};
@@ -10,9 +11,22 @@ pub const EDGE_CONFIG_STORE: &str = "edge_config";
 /// Secret Store holding the cache key secret and the origin's shared secret.
 pub const SECRET_STORE: &str = "gateway_secrets";
 
-/// Settings read once per request (a Compute instance serves one request).
-#[derive(Debug, Clone)]
+/// Settings for one request (a Compute instance serves one request). What a KV hit needs is
+/// read up front; what only a fallback to the origin needs is read on first use, so a hit
+/// pays for two store lookups, not nine. Deliberately not `Debug`: it holds secrets.
 pub struct EdgeSettings {
+    /// Largest request body accepted. Default `common::canonical::DEFAULT_MAX_BODY_BYTES`.
+    pub max_body_bytes: usize,
+    /// The HMAC key for cache keys; `None` when the secret is missing, in which case the edge
+    /// keys nothing and forwards every request (slower, never wrong).
+    pub cache_key_secret: Option<Vec<u8>>,
+    config: Option<ConfigStore>,
+    secrets: Option<SecretStore>,
+    fallback: OnceCell<Fallback>,
+}
+
+/// What the edge needs only when it goes to the origin. Not `Debug`: it holds a secret.
+pub struct Fallback {
     /// Insert the origin's cacheable answers into the KV store ourselves. On under Viceroy,
     /// whose KV store the origin's API writes cannot reach; off in production, where the
     /// origin's dual-write fills the store. Default: false.
@@ -25,89 +39,52 @@ pub struct EdgeSettings {
     pub origin_between_bytes_timeout: Duration,
     /// Upper bound on any entry's TTL, as on the origin. Default 86400 s.
     pub ttl_cap_secs: u64,
-    /// Largest request body accepted. Default `common::canonical::DEFAULT_MAX_BODY_BYTES`.
-    pub max_body_bytes: usize,
-    /// The HMAC key for cache keys; `None` when the secret is missing, in which case the edge
-    /// keys nothing and forwards every request (slower, never wrong).
-    pub cache_key_secret: Option<Vec<u8>>,
     /// Sent to the origin in `x-gateway-edge-secret` when set.
     pub edge_shared_secret: Option<Vec<u8>>,
 }
 
-impl Default for EdgeSettings {
+impl Default for Fallback {
     fn default() -> Self {
-        EdgeSettings {
+        Fallback {
             populate_on_fallback: false,
             origin_connect_timeout: Duration::from_millis(1000),
             origin_first_byte_timeout: Duration::from_secs(300),
             origin_between_bytes_timeout: Duration::from_secs(120),
             ttl_cap_secs: 86_400,
-            max_body_bytes: gateway_common::canonical::DEFAULT_MAX_BODY_BYTES,
-            cache_key_secret: None,
             edge_shared_secret: None,
         }
     }
 }
 
 impl EdgeSettings {
-    /// Read both stores. Never fails: a missing store or value keeps the default (logged).
+    /// Open both stores and read what every request needs. Never fails: a missing store or
+    /// value keeps the default (logged).
     pub fn load() -> EdgeSettings {
-        let mut s = EdgeSettings::default();
-        match ConfigStore::try_open(EDGE_CONFIG_STORE) {
-            Ok(store) => {
-                let get = |k: &str| match store.try_get(k) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        eprintln!(
-                            "edge: config {EDGE_CONFIG_STORE}.{k} unreadable ({e:?}); using default"
-                        );
-                        None
-                    }
-                };
-                if let Some(v) = get("populate_on_fallback") {
-                    s.populate_on_fallback =
-                        parse_or(k_v("populate_on_fallback", &v), parse_bool, false);
-                }
-                if let Some(v) = get("origin_connect_timeout_ms") {
-                    s.origin_connect_timeout = parse_ms(
-                        k_v("origin_connect_timeout_ms", &v),
-                        s.origin_connect_timeout,
-                    );
-                }
-                if let Some(v) = get("origin_first_byte_timeout_ms") {
-                    s.origin_first_byte_timeout = parse_ms(
-                        k_v("origin_first_byte_timeout_ms", &v),
-                        s.origin_first_byte_timeout,
-                    );
-                }
-                if let Some(v) = get("origin_between_bytes_timeout_ms") {
-                    s.origin_between_bytes_timeout = parse_ms(
-                        k_v("origin_between_bytes_timeout_ms", &v),
-                        s.origin_between_bytes_timeout,
-                    );
-                }
-                if let Some(v) = get("ttl_cap_secs") {
-                    s.ttl_cap_secs =
-                        parse_or(k_v("ttl_cap_secs", &v), |x| x.parse().ok(), s.ttl_cap_secs);
-                }
-                if let Some(v) = get("max_body_bytes") {
-                    s.max_body_bytes = parse_or(
-                        k_v("max_body_bytes", &v),
-                        |x| x.parse().ok(),
-                        s.max_body_bytes,
-                    );
-                }
-            }
-            Err(e) => eprintln!(
-                "edge: config store {EDGE_CONFIG_STORE} unavailable ({e:?}); using defaults"
-            ),
-        }
-        match SecretStore::open(SECRET_STORE) {
-            Ok(store) => {
-                s.cache_key_secret = secret(&store, "cache_key_secret");
-                s.edge_shared_secret = secret(&store, "edge_shared_secret");
-            }
-            Err(e) => eprintln!("edge: secret store {SECRET_STORE} unavailable ({e:?})"),
+        let config = ConfigStore::try_open(EDGE_CONFIG_STORE)
+            .map_err(|e| {
+                eprintln!(
+                    "edge: config store {EDGE_CONFIG_STORE} unavailable ({e:?}); using defaults"
+                )
+            })
+            .ok();
+        let secrets = SecretStore::open(SECRET_STORE)
+            .map_err(|e| eprintln!("edge: secret store {SECRET_STORE} unavailable ({e:?})"))
+            .ok();
+        let mut s = EdgeSettings {
+            max_body_bytes: gateway_common::canonical::DEFAULT_MAX_BODY_BYTES,
+            cache_key_secret: secrets
+                .as_ref()
+                .and_then(|store| secret(store, "cache_key_secret")),
+            config,
+            secrets,
+            fallback: OnceCell::new(),
+        };
+        if let Some(v) = s.get("max_body_bytes") {
+            s.max_body_bytes = parse_or(
+                k_v("max_body_bytes", &v),
+                |x| x.parse().ok(),
+                s.max_body_bytes,
+            );
         }
         if s.cache_key_secret.is_none() {
             eprintln!(
@@ -115,6 +92,56 @@ impl EdgeSettings {
             );
         }
         s
+    }
+
+    /// The fallback settings, read on first use.
+    pub fn fallback(&self) -> &Fallback {
+        self.fallback.get_or_init(|| {
+            let mut f = Fallback::default();
+            if let Some(v) = self.get("populate_on_fallback") {
+                f.populate_on_fallback =
+                    parse_or(k_v("populate_on_fallback", &v), parse_bool, false);
+            }
+            if let Some(v) = self.get("origin_connect_timeout_ms") {
+                f.origin_connect_timeout = parse_ms(
+                    k_v("origin_connect_timeout_ms", &v),
+                    f.origin_connect_timeout,
+                );
+            }
+            if let Some(v) = self.get("origin_first_byte_timeout_ms") {
+                f.origin_first_byte_timeout = parse_ms(
+                    k_v("origin_first_byte_timeout_ms", &v),
+                    f.origin_first_byte_timeout,
+                );
+            }
+            if let Some(v) = self.get("origin_between_bytes_timeout_ms") {
+                f.origin_between_bytes_timeout = parse_ms(
+                    k_v("origin_between_bytes_timeout_ms", &v),
+                    f.origin_between_bytes_timeout,
+                );
+            }
+            if let Some(v) = self.get("ttl_cap_secs") {
+                f.ttl_cap_secs =
+                    parse_or(k_v("ttl_cap_secs", &v), |x| x.parse().ok(), f.ttl_cap_secs);
+            }
+            f.edge_shared_secret = self
+                .secrets
+                .as_ref()
+                .and_then(|store| secret(store, "edge_shared_secret"));
+            f
+        })
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        match self.config.as_ref()?.try_get(key) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!(
+                    "edge: config {EDGE_CONFIG_STORE}.{key} unreadable ({e:?}); using default"
+                );
+                None
+            }
+        }
     }
 }
 
