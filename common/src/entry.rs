@@ -71,8 +71,8 @@ pub enum EntryError {
     Missing,
 }
 
-/// Only the version, read first so a future envelope is reported as `UnknownVersion` rather
-/// than as malformed.
+/// Only the version, read when an envelope does not parse, so a future envelope of another
+/// shape is reported as `UnknownVersion` rather than as malformed.
 #[derive(Deserialize)]
 struct VersionProbe {
     v: u32,
@@ -140,13 +140,20 @@ impl Entry {
 }
 
 fn decode_envelope(metadata: &[u8], expect: &CacheKey) -> Result<Envelope, EntryError> {
-    let probe: VersionProbe = serde_json::from_slice(metadata)
-        .map_err(|e| EntryError::Malformed(format!("envelope: {e}")))?;
-    if probe.v != ENTRY_VERSION {
-        return Err(EntryError::UnknownVersion(probe.v));
+    // Every hit decodes an envelope: parse it once. Only when that fails is the version read
+    // alone, so a future envelope is still reported as `UnknownVersion`, not `Malformed`.
+    let envelope: Envelope = match serde_json::from_slice(metadata) {
+        Ok(envelope) => envelope,
+        Err(e) => {
+            return Err(match serde_json::from_slice::<VersionProbe>(metadata) {
+                Ok(probe) if probe.v != ENTRY_VERSION => EntryError::UnknownVersion(probe.v),
+                _ => EntryError::Malformed(format!("envelope: {e}")),
+            });
+        }
+    };
+    if envelope.v != ENTRY_VERSION {
+        return Err(EntryError::UnknownVersion(envelope.v));
     }
-    let envelope: Envelope = serde_json::from_slice(metadata)
-        .map_err(|e| EntryError::Malformed(format!("envelope: {e}")))?;
     if envelope.tenant != expect.tenant() {
         return Err(EntryError::WrongTenant);
     }
@@ -245,6 +252,11 @@ mod tests {
         assert_eq!(
             Entry::decode(&bytes, &k),
             Err(EntryError::UnknownVersion(2))
+        );
+        // A future envelope of another shape is still an unknown version, not garbage.
+        assert_eq!(
+            Entry::decode(b"{\"v\":3,\"shape\":\"new\"}\nbody", &k),
+            Err(EntryError::UnknownVersion(3))
         );
         assert!(matches!(
             Entry::decode(b"no newline", &k),
