@@ -109,16 +109,23 @@ impl Results {
             )?;
         }
         if let Some(miss) = &self.miss {
+            let share = if miss.gateway_provider_calls >= miss.gateway_requests {
+                "every answered request was a miss; the extra calls are requests cut at a run's \
+                 deadline after reaching the provider"
+                    .to_owned()
+            } else {
+                format!(
+                    "{:.1}% misses; the rest repeated a prompt drawn at random within a run",
+                    100.0 * miss.gateway_provider_calls as f64
+                        / miss.gateway_requests.max(1) as f64
+                )
+            };
             writeln!(
                 out,
                 "Miss runs: the mock provider answers after {} ms; every request carries a prompt \
                  not sent before, so it is a miss at both tiers. Provider calls for the gateway's \
-                 runs: {} for {} answered requests ({:.1}% misses; the rest are random repeats \
-                 within a run, or calls cut at a run's deadline).\n",
-                miss.provider_latency_ms,
-                miss.gateway_provider_calls,
-                miss.gateway_requests,
-                100.0 * miss.gateway_provider_calls as f64 / miss.gateway_requests.max(1) as f64
+                 runs: {} for {} answered requests ({share}).\n",
+                miss.provider_latency_ms, miss.gateway_provider_calls, miss.gateway_requests,
             )?;
         }
         if let Some(peers) = &self.peers {
