@@ -14,7 +14,7 @@ use gateway_e2e::stack::{SECRET, key_for};
 
 use crate::compare::{self, Comparison};
 use crate::origin_hit::{API_KEY, HIT_REQUEST, json_target};
-use crate::viceroy::{BareCompute, HIT_BODY};
+use crate::viceroy::{HIT_BODY, start_bare};
 
 pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result<Comparison> {
     let request: serde_json::Value = serde_json::from_str(HIT_REQUEST)?;
@@ -41,7 +41,7 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
     config.populate_on_fallback = false;
     let (edge, bare) = tokio::task::spawn_blocking(move || {
         let edge = Edge::start(&config)?;
-        let bare = BareCompute::start()?;
+        let bare = start_bare()?;
         anyhow::Ok((edge, bare))
     })
     .await??;

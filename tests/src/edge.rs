@@ -71,18 +71,28 @@ pub fn edge_wasm() -> anyhow::Result<PathBuf> {
 
 impl Edge {
     pub fn start(config: &EdgeConfig) -> anyhow::Result<Edge> {
-        let wasm = edge_wasm()?;
+        Edge::start_wasm(&edge_wasm()?, "gw-edge", |dir| manifest_toml(config, dir))
+    }
+
+    /// Any Compute wasm under Viceroy on a free port, with the manifest `manifest` writes
+    /// for a scratch directory (e.g. a bare service as a benchmark floor). `label` names the
+    /// scratch directory.
+    pub fn start_wasm(
+        wasm: &Path,
+        label: &str,
+        manifest: impl FnOnce(&Path) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Edge> {
         let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("gw-edge-{}-{port}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("{label}-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let manifest = dir.join("fastly.toml");
-        std::fs::write(&manifest, manifest_toml(config, &dir)?)?;
+        let manifest_path = dir.join("fastly.toml");
+        std::fs::write(&manifest_path, manifest(&dir)?)?;
         let log = std::fs::File::create(dir.join("viceroy.log"))?;
         let child = Command::new("viceroy")
             .arg("-C")
-            .arg(&manifest)
+            .arg(&manifest_path)
             .args(["--addr", &format!("127.0.0.1:{port}")])
-            .arg(&wasm)
+            .arg(wasm)
             .current_dir(repo_root())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
