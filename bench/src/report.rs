@@ -204,8 +204,11 @@ impl Results {
             "LiteLLM proxy (PyPI, `.local/bench-venv`, one worker, master key set, Redis cache on \
              the bench's Redis) in front of the same mock provider, against the same floor and \
              our origin in the same run (`just bench-peers`). Provider calls during these runs: \
-             {} (0 means every answer was a cache hit).\n",
-            self.peer_provider_calls
+             {} for {} LiteLLM answers and {} of ours, warm-up included (0 means every answer \
+             was a cache hit; ours never call the provider on a hit).\n",
+            self.peer_provider_calls,
+            peers.subjects.get(1).map_or(0, Series::requests),
+            peers.subjects.first().map_or(0, Series::requests),
         )?;
         let (Some(ours), Some(peer)) = (peers.subjects.first(), peers.subjects.get(1)) else {
             return Ok(());
