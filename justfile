@@ -111,8 +111,7 @@ bench: setup bench-tools bench-build
 bench-origin: setup bench-tools bench-build
     target/release/gateway-bench --part origin-hit
 
-# `just bench` plus LiteLLM's Redis-cache hit as a peer (installs LiteLLM from PyPI into
-# .local/bench-venv the first time). Optional; never run in CI.
+# Also LiteLLM's Redis-cache hit as a peer (LiteLLM from PyPI in .local/bench-venv); not in CI.
 bench-peers: setup bench-tools bench-build
     #!/usr/bin/env bash
     set -euo pipefail
