@@ -60,7 +60,7 @@ pub fn draw(path: &Path, comparisons: &[&Comparison], connections: &[u32]) -> an
             .max(0.01)
             / 1.5;
         // Room above the highest line for the legend (upper left).
-        let high = values.iter().copied().fold(0.0, f64::max).max(low * 10.0) * 12.0;
+        let high = values.iter().copied().fold(0.0, f64::max).max(low * 10.0) * 40.0;
         let last = (PERCENTILES.len() - 1) as f64;
         let mut chart = ChartBuilder::on(area)
             .caption(

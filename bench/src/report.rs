@@ -82,9 +82,11 @@ impl Results {
              answered). *p50/p99*: a second run of every target at one fixed rate (the *rate* \
              column, a fraction of the slowest target's max), timed from when each request was \
              due, so a stall is not hidden by coordinated omission. *× floor*: throughput \
-             ratio; *Δ p50/Δ p99*: latency difference to the floor at the same rate. \
-             Brackets: the lowest and highest round. At 1 connection a single stall of the \
-             machine (tens of ms) moves p99, so read tails there with care.\n"
+             ratio and *Δ p50*: the median over rounds of each round's ratio or difference \
+             to the floor measured beside it, brackets the lowest and highest round; *Δ p99*: \
+             difference of the median p99s. Absolute figures are medians over the rounds. At \
+             1 connection a single stall of the machine (tens of ms) moves p99, so read tails \
+             there with care.\n"
         )?;
         writeln!(
             out,
@@ -270,10 +272,11 @@ impl Results {
                 let Some(floor) = c.floor.at(p.connections) else {
                     continue;
                 };
-                let ratio = p.closed.rps / floor.closed.rps;
+                let rounds = round_ratios(p, floor);
+                let ratio = paired(&rounds, p.closed.rps / floor.closed.rps);
                 shown.push(format!(
                     "{ratio:.2}{} at {} conn",
-                    range(&round_ratios(p, floor), 2, false),
+                    range(&rounds, 2, false),
                     p.connections
                 ));
                 judged = Some(ratio);
@@ -295,11 +298,12 @@ impl Results {
                     let Some(floor) = c.floor.at(p.connections) else {
                         continue;
                     };
-                    let delta = p.fixed.at("p50") - floor.fixed.at("p50");
+                    let rounds = round_p50_deltas(p, floor);
+                    let delta = paired(&rounds, p.fixed.at("p50") - floor.fixed.at("p50"));
                     ok &= delta <= 2.0;
                     shown.push(format!(
                         "{delta:+.2} ms{} at {} conn",
-                        range(&round_p50_deltas(p, floor), 2, true),
+                        range(&rounds, 2, true),
                         p.connections
                     ));
                 }
@@ -343,6 +347,21 @@ fn round_ratios(point: &Point, floor: &Point) -> Vec<f64> {
         .collect()
 }
 
+/// The median over rounds of `per_round`, or `whole` when there were no rounds.
+fn paired(per_round: &[f64], whole: f64) -> f64 {
+    let mut values = per_round.to_vec();
+    if values.is_empty() {
+        return whole;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
 /// p50 difference subject - floor (ms) in each round at one connection count.
 fn round_p50_deltas(point: &Point, floor: &Point) -> Vec<f64> {
     point
@@ -382,18 +401,16 @@ fn write_row(
     let (ratio, d50, d99) = match (is_floor, floor) {
         (false, Some(f)) => (
             {
-                let ratio = point.closed.rps / f.closed.rps;
+                let rounds = round_ratios(point, f);
+                let ratio = paired(&rounds, point.closed.rps / f.closed.rps);
                 let decimals = if ratio < 0.1 { 4 } else { 2 };
-                format!(
-                    "{ratio:.decimals$}{}",
-                    range(&round_ratios(point, f), decimals, false)
-                )
+                format!("{ratio:.decimals$}{}", range(&rounds, decimals, false))
             },
-            format!(
-                "{:+.2}{}",
-                point.fixed.at("p50") - f.fixed.at("p50"),
-                range(&round_p50_deltas(point, f), 2, true)
-            ),
+            {
+                let rounds = round_p50_deltas(point, f);
+                let delta = paired(&rounds, point.fixed.at("p50") - f.fixed.at("p50"));
+                format!("{delta:+.2}{}", range(&rounds, 2, true))
+            },
             format!("{:+.2}", point.fixed.at("p99") - f.fixed.at("p99")),
         ),
         _ => ("floor".to_owned(), "-".to_owned(), "-".to_owned()),
