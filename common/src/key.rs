@@ -114,6 +114,14 @@ impl CacheKey {
     }
 }
 
+/// The key of an `Authorization: Bearer <key>` header value (scheme case-insensitive,
+/// surrounding spaces ignored); `None` for any other scheme or an empty key.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, key) = authorization.trim().split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+}
+
 /// sha256 hex (lowercase) of an API key (how tenants.json stores keys).
 pub fn api_key_digest(api_key: &str) -> String {
     hex::encode(Sha256::digest(api_key.as_bytes()))
@@ -122,6 +130,15 @@ pub fn api_key_digest(api_key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_are_read_case_insensitively() {
+        assert_eq!(bearer_token("Bearer sk-1"), Some("sk-1"));
+        assert_eq!(bearer_token("bearer   sk-1 "), Some("sk-1"));
+        assert_eq!(bearer_token("Basic abc"), None);
+        assert_eq!(bearer_token("Bearer "), None);
+        assert_eq!(bearer_token("sk-1"), None);
+    }
 
     #[test]
     fn tenant_ids_are_short_lowercase_tokens() {

@@ -19,7 +19,9 @@ pub use canonical::{
 pub use entry::{ENTRY_VERSION, Entry, EntryError, Envelope, MAX_METADATA_BYTES, Usage};
 pub use error::ApiError;
 pub use headers::{CacheOutcome, CacheStatusMember, Fwd, Layer, ServerTiming};
-pub use key::{CacheKey, KEY_VERSION, TenantIdError, api_key_digest, validate_tenant_id};
+pub use key::{
+    CacheKey, KEY_VERSION, TenantIdError, api_key_digest, bearer_token, validate_tenant_id,
+};
 pub use policy::{Freshness, Plan, RequestDirectives};
 pub use route::Route;
 pub use sse::{ChatAssembler, SseError, replay_chat};

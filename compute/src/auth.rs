@@ -2,7 +2,7 @@
 //! Runs before anything else, so an unknown key costs no KV read and no origin request.
 
 use fastly::ConfigStore;
-use gateway_common::key::api_key_digest;
+use gateway_common::key::{api_key_digest, bearer_token};
 use gateway_common::tenant::Tenant;
 
 /// Config Store mapping `sha256(api key)` (lowercase hex) to a tenant record (one line of JSON).
@@ -17,17 +17,11 @@ pub enum AuthError {
     Unavailable,
 }
 
-/// The bearer token of an `Authorization` header value, if it is one.
-pub fn bearer(header: Option<&str>) -> Option<&str> {
-    let value = header?.trim();
-    let (scheme, token) = value.split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 /// Resolve the caller's tenant. A record that does not decode is logged and treated as unknown.
 pub fn authenticate(authorization: Option<&str>) -> Result<Tenant, AuthError> {
-    let key = bearer(authorization).ok_or(AuthError::Missing)?;
+    let key = authorization
+        .and_then(bearer_token)
+        .ok_or(AuthError::Missing)?;
     let digest = api_key_digest(key);
     let store = ConfigStore::try_open(TENANTS_STORE).map_err(|e| {
         eprintln!("edge: config store {TENANTS_STORE} unavailable ({e:?})");
@@ -53,19 +47,5 @@ pub fn authenticate(authorization: Option<&str>) -> Result<Tenant, AuthError> {
             );
             Err(AuthError::Unknown)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_tokens_are_found_case_insensitively() {
-        assert_eq!(bearer(Some("Bearer sk-1")), Some("sk-1"));
-        assert_eq!(bearer(Some("bearer   sk-1 ")), Some("sk-1"));
-        assert_eq!(bearer(Some("Basic abc")), None);
-        assert_eq!(bearer(Some("Bearer ")), None);
-        assert_eq!(bearer(None), None);
     }
 }

@@ -10,7 +10,7 @@ use gateway_common::canonical::parse_request;
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
-use gateway_common::key::{CacheKey, validate_tenant_id};
+use gateway_common::key::{CacheKey, bearer_token, validate_tenant_id};
 use gateway_common::policy::{self, Freshness};
 use gateway_common::route::Route;
 use gateway_common::sse::replay_chat;
@@ -705,7 +705,7 @@ impl Service {
         edge_secret: Option<&str>,
     ) -> Result<Arc<Tenant>, Refusal> {
         let tenant = authorization
-            .and_then(bearer)
+            .and_then(bearer_token)
             .and_then(|key| self.tenants.authenticate(key))
             .ok_or_else(|| Refusal::from(ApiError::unauthorized()))?;
         if let Some(expected) = &self.edge_secret {
@@ -815,9 +815,10 @@ impl Service {
         tenant: &str,
     ) -> Result<Bytes, Refusal> {
         let authorized = match &self.admin_token {
-            Some(token) if !token.expose().is_empty() => {
-                constant_time_eq(authorization.and_then(bearer).unwrap_or(""), token.expose())
-            }
+            Some(token) if !token.expose().is_empty() => constant_time_eq(
+                authorization.and_then(bearer_token).unwrap_or(""),
+                token.expose(),
+            ),
             _ => false,
         };
         if !authorized {
@@ -856,7 +857,7 @@ impl Service {
     /// The Prometheus page; requires the admin token when one is configured.
     pub fn metrics_page(&self, authorization: Option<&str>) -> Result<Vec<u8>, Refusal> {
         if let Some(token) = &self.admin_token {
-            let given = authorization.and_then(bearer).unwrap_or("");
+            let given = authorization.and_then(bearer_token).unwrap_or("");
             if !constant_time_eq(given, token.expose()) {
                 return Err(ApiError::unauthorized().into());
             }
@@ -868,15 +869,6 @@ impl Service {
 enum Led {
     Live(Reply),
     Done(Shared),
-}
-
-/// `Bearer <key>` (scheme case-insensitive) → key.
-fn bearer(header: &str) -> Option<&str> {
-    let (scheme, key) = header.trim().split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| key.trim())
-        .filter(|k| !k.is_empty())
 }
 
 fn constant_time_eq(given: &str, expected: &str) -> bool {
@@ -1003,15 +995,6 @@ fn extract_usage(body: &[u8]) -> Option<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bearer_keys_are_read_case_insensitively() {
-        assert_eq!(bearer("Bearer sk-1"), Some("sk-1"));
-        assert_eq!(bearer("bearer  sk-1 "), Some("sk-1"));
-        assert_eq!(bearer("Basic abc"), None);
-        assert_eq!(bearer("Bearer "), None);
-        assert_eq!(bearer("sk-1"), None);
-    }
 
     #[test]
     fn usage_is_read_from_chat_and_embedding_answers() {
