@@ -128,6 +128,18 @@ impl Entry {
         now.saturating_sub(self.envelope.created)
     }
 
+    /// When a KV copy of this entry stops being useful to the edge, in unix seconds: its
+    /// freshness lifetime plus the tenant's stale-if-error window, during which the edge may
+    /// still serve it when the origin is down. Both writers of the edge tier (the origin's
+    /// replicator and the edge's local populate) size the KV TTL from it; the KV TTL only
+    /// bounds storage, since the edge judges freshness from the envelope.
+    pub fn kv_expiry(&self, stale_window_secs: u64) -> u64 {
+        self.envelope
+            .created
+            .saturating_add(self.envelope.ttl)
+            .saturating_add(stale_window_secs)
+    }
+
     fn metadata(&self) -> Result<String, EntryError> {
         // serde_json escapes control characters in strings, so the output is one line.
         let line = serde_json::to_string(&self.envelope)
@@ -192,6 +204,19 @@ mod tests {
             },
             body: b"{\"id\":\"x\"}\n\nwith newlines\n".to_vec(),
         }
+    }
+
+    #[test]
+    fn the_kv_lifetime_is_the_ttl_plus_the_stale_window_from_creation() {
+        let at = |created: u64, ttl: u64| {
+            let mut e = entry(&key("acme", b"{}"));
+            e.envelope.created = created;
+            e.envelope.ttl = ttl;
+            e
+        };
+        assert_eq!(at(1_000, 3600).kv_expiry(86_400), 1_000 + 3600 + 86_400);
+        assert_eq!(at(1_000, 60).kv_expiry(0), 1_060);
+        assert_eq!(at(u64::MAX - 1, 60).kv_expiry(60), u64::MAX);
     }
 
     #[test]

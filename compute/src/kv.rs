@@ -65,10 +65,10 @@ pub fn lookup(key: &CacheKey) -> Result<Entry, Miss> {
     })
 }
 
-/// Store an entry (local populate). `kv_ttl_secs` is only a backstop for deletion (the
-/// entry's TTL plus the tenant's stale-if-error window, so a stale copy can still save a
-/// request when the origin is down); freshness is always judged from the entry's own
-/// created-at and TTL. Errors are logged and dropped.
+/// Store an entry (local populate). `kv_ttl_secs` only bounds storage (see
+/// `Entry::kv_expiry`: the TTL plus the tenant's stale-if-error window, so a stale copy can
+/// still save a request when the origin is down); freshness is always judged from the
+/// entry's own created-at and TTL. Errors are logged and dropped.
 pub fn insert(key: &CacheKey, entry: &Entry, kv_ttl_secs: u64) {
     let Some(store) = open() else { return };
     let (value, metadata) = match entry.encode_kv() {

@@ -289,7 +289,9 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         },
         body: body.clone(),
     };
-    let kv_ttl_secs = ttl.saturating_add(d.tenant.stale_if_error_secs);
+    let kv_ttl_secs = entry
+        .kv_expiry(d.tenant.stale_if_error_secs)
+        .saturating_sub(d.now);
     Reply::SendThenPopulate {
         resp: resp.with_body(body),
         key,

@@ -104,7 +104,7 @@ struct Pending {
 
 impl KvReplicator {
     /// Starts the background task on the current Tokio runtime. The tenants give each
-    /// tenant's stale-if-error window, which extends the KV TTL (see [`kv_expiry`]).
+    /// tenant's stale-if-error window, which extends the KV TTL (see `Entry::kv_expiry`).
     pub fn start(
         settings: &ReplicationSettings,
         tenants: &Tenants,
@@ -277,20 +277,6 @@ impl Replicator for KvReplicator {
         self.shared.queued.load(Ordering::Relaxed) >= self.shared.capacity
             && self.shared.unconstrained.load(Ordering::Relaxed)
     }
-}
-
-/// When a KV copy of `entry` stops being useful to the edge, in unix seconds: its freshness
-/// lifetime plus the tenant's stale-if-error window, during which the edge may still serve it
-/// when the origin is down. The edge's local populate writes `ttl + stale_if_error_secs`
-/// (`compute/src/main.rs`) for an entry it just received; counting from `created` gives the
-/// same for a new entry and the true remainder for an older one re-offered from Redis. The
-/// edge judges freshness from the envelope either way; the KV TTL only bounds storage.
-pub fn kv_expiry(entry: &Entry, stale_window_secs: u64) -> u64 {
-    entry
-        .envelope
-        .created
-        .saturating_add(entry.envelope.ttl)
-        .saturating_add(stale_window_secs)
 }
 
 /// Jittered exponential backoff for retry `attempt` (1-based): half of `base · 2^(attempt-1)`
@@ -783,7 +769,7 @@ impl Worker {
         };
         let tenant = pending.entry.envelope.tenant.clone();
         let stale = self.stale_windows.get(&tenant).copied().unwrap_or(0);
-        let expires_unix = kv_expiry(&pending.entry, stale);
+        let expires_unix = pending.entry.kv_expiry(stale);
         if expires_unix <= unix_now() {
             self.drop_one(&pending.kv_key, "expired");
             return None;
@@ -1253,16 +1239,6 @@ mod tests {
             },
             body: b"{}".to_vec(),
         }
-    }
-
-    #[test]
-    fn the_kv_lifetime_is_the_ttl_plus_the_stale_window_from_creation() {
-        assert_eq!(
-            kv_expiry(&entry(1_000, 3600), 86_400),
-            1_000 + 3600 + 86_400
-        );
-        assert_eq!(kv_expiry(&entry(1_000, 60), 0), 1_060);
-        assert_eq!(kv_expiry(&entry(u64::MAX - 1, 60), 60), u64::MAX);
     }
 
     #[test]
