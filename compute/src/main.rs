@@ -128,16 +128,17 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         let kv_started = Instant::now();
         let found = kv::lookup(key);
         record(&mut timing, log, "kv", kv_started);
-        match found {
+        let read = match found {
             Ok(entry) => {
                 let env = &entry.envelope;
-                match freshness(
+                let fresh = freshness(
                     env.created,
                     env.ttl,
                     now,
                     plan.max_age,
                     tenant.stale_if_error_secs,
-                ) {
+                );
+                match fresh {
                     Freshness::Fresh { age, remaining } => {
                         let served = Served {
                             entry: &entry,
@@ -151,18 +152,19 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                         if let Some(resp) = respond::from_entry(&served, &timing) {
                             return Reply::Send(resp);
                         }
-                        log.kv = Some("unservable");
+                        KvRead::Unservable
                     }
                     // A client that bounded the age it accepts gets nothing older, even on error.
                     Freshness::Stale { .. } if plan.max_age.is_none() => {
-                        log.kv = Some("stale");
                         stale = Some(entry);
+                        KvRead::Stale
                     }
-                    Freshness::Stale { .. } | Freshness::Expired => log.kv = Some("expired"),
+                    Freshness::Stale { .. } | Freshness::Expired => KvRead::Expired,
                 }
             }
-            Err(miss) => log.kv = Some(miss.as_str()),
-        }
+            Err(miss) => KvRead::Miss(miss),
+        };
+        log.kv = Some(read);
     }
 
     req.set_body(body);
@@ -174,33 +176,22 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     record(&mut timing, log, "origin", origin_started);
 
     let resp = match answered {
-        Ok(resp) if resp.get_status().is_server_error() => {
+        Ok(resp) if !resp.get_status().is_server_error() => resp,
+        failed => {
             if let Some(reply) = serve_stale(stale.as_ref(), key.as_ref(), &parsed, now, &timing) {
                 return reply;
             }
-            clean_server_error(resp)
-        }
-        Ok(resp) => resp,
-        Err(failure) => {
-            if let Some(reply) = serve_stale(stale.as_ref(), key.as_ref(), &parsed, now, &timing) {
-                return reply;
+            match failed {
+                Ok(resp) => clean_server_error(resp),
+                Err(failure) => return fail(&origin_error(failure)),
             }
-            return fail(&match failure {
-                OriginFailure::Unreachable => {
-                    ApiError::unavailable("the gateway origin is unreachable")
-                }
-                OriginFailure::Timeout => {
-                    ApiError::gateway_timeout("the gateway origin did not answer in time")
-                }
-                OriginFailure::Broken => ApiError::bad_gateway("the gateway origin failed"),
-            });
         }
     };
 
     let fwd = match (&key, plan) {
         (None, _) | (_, Plan { write: false, .. }) => Fwd::Bypass,
         (Some(_), Plan { read: false, .. }) => Fwd::Request,
-        _ if stale.is_some() || log.kv == Some("expired") => Fwd::Stale,
+        _ if matches!(log.kv, Some(KvRead::Stale | KvRead::Expired)) => Fwd::Stale,
         _ => Fwd::Miss,
     };
     finish_from_origin(
@@ -329,11 +320,11 @@ fn clean_server_error(resp: Response) -> Response {
     if header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json")) {
         return resp;
     }
-    respond::error(&match resp.get_status().as_u16() {
-        503 => ApiError::unavailable("the gateway origin is unavailable"),
-        504 => ApiError::gateway_timeout("the gateway origin timed out"),
-        _ => ApiError::bad_gateway("the gateway origin failed"),
-    })
+    respond::error(&origin_error(match resp.get_status().as_u16() {
+        503 => OriginFailure::Unreachable,
+        504 => OriginFailure::Timeout,
+        _ => OriginFailure::Broken,
+    }))
 }
 
 fn pass_through(
@@ -345,7 +336,6 @@ fn pass_through(
     let started = Instant::now();
     let answered = origin::send(req, settings, Forward { edge_miss: false });
     record(&mut timing, log, "origin", started);
-    log.kv = None;
     match answered {
         Ok(mut resp) => {
             let server_timing = timing.append_to(header_resp(&resp, SERVER_TIMING));
@@ -356,13 +346,41 @@ fn pass_through(
                 resp
             })
         }
-        Err(OriginFailure::Unreachable) => {
-            fail(&ApiError::unavailable("the gateway origin is unreachable"))
+        Err(failure) => fail(&origin_error(failure)),
+    }
+}
+
+/// The client's error when the origin gave no answer.
+fn origin_error(failure: OriginFailure) -> ApiError {
+    match failure {
+        OriginFailure::Unreachable => ApiError::unavailable("the gateway origin is unreachable"),
+        OriginFailure::Timeout => {
+            ApiError::gateway_timeout("the gateway origin did not answer in time")
         }
-        Err(OriginFailure::Timeout) => fail(&ApiError::gateway_timeout(
-            "the gateway origin did not answer in time",
-        )),
-        Err(OriginFailure::Broken) => fail(&ApiError::bad_gateway("the gateway origin failed")),
+        OriginFailure::Broken => ApiError::bad_gateway("the gateway origin failed"),
+    }
+}
+
+/// What the KV read found, when the edge read it (the log line's `kv` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KvRead {
+    Miss(kv::Miss),
+    /// Fresh, but cannot answer this request (a stream request for a non-chat entry).
+    Unservable,
+    /// Past its TTL, inside the stale-if-error window: kept in case the origin fails.
+    Stale,
+    /// Past any use.
+    Expired,
+}
+
+impl KvRead {
+    fn as_str(self) -> &'static str {
+        match self {
+            KvRead::Miss(miss) => miss.as_str(),
+            KvRead::Unservable => "unservable",
+            KvRead::Stale => "stale",
+            KvRead::Expired => "expired",
+        }
     }
 }
 
@@ -444,7 +462,7 @@ struct LogLine {
     path: String,
     tenant: Option<String>,
     key: Option<String>,
-    kv: Option<&'static str>,
+    kv: Option<KvRead>,
     status: u16,
     cache: String,
     layer: String,
@@ -489,7 +507,7 @@ impl LogLine {
             "status": self.status,
             "cache": self.cache,
             "layer": self.layer,
-            "kv": self.kv,
+            "kv": self.kv.map(KvRead::as_str),
             "tenant": self.tenant,
             "key": self.key,
             "total_ms": round2(self.total_ms),
