@@ -114,32 +114,28 @@ async fn a_failing_kv_api_never_fails_a_request_and_catches_up_when_it_recovers(
     let stack = replicating_stack().await;
     let api = stack.kv_api.as_ref().expect("replication is on");
 
-    api.set_fault(Fault::Status { status: 503 }, None);
-    for i in 0..10 {
-        let resp = stack
-            .edge_chat(ACME, &format!("during the KV outage {i}"))
-            .await;
-        assert_eq!(
-            resp.status(),
-            200,
-            "request {i} succeeds while the KV API is down"
-        );
-    }
-    api.set_fault(
-        Fault::RateLimited {
-            retry_after_secs: 1,
-        },
-        Some(3),
-    );
-    for i in 10..20 {
-        let resp = stack
-            .edge_chat(ACME, &format!("during the KV outage {i}"))
-            .await;
-        assert_eq!(
-            resp.status(),
-            200,
-            "request {i} succeeds while the KV API is rate limiting"
-        );
+    let outages = [
+        (Fault::Status { status: 503 }, None, "down"),
+        (
+            Fault::RateLimited {
+                retry_after_secs: 1,
+            },
+            Some(3),
+            "rate limiting",
+        ),
+    ];
+    for (phase, (fault, times, what)) in outages.into_iter().enumerate() {
+        api.set_fault(fault, times);
+        for i in phase * 10..phase * 10 + 10 {
+            let resp = stack
+                .edge_chat(ACME, &format!("during the KV outage {i}"))
+                .await;
+            assert_eq!(
+                resp.status(),
+                200,
+                "request {i} succeeds while the KV API is {what}"
+            );
+        }
     }
     assert_eq!(api.stats().entries_written, 0);
     api.clear_faults();
