@@ -1266,16 +1266,25 @@ mod tests {
         assert_eq!(items[0].item.value, b"333333");
     }
 
-    fn settings_for(api: &gateway_fixtures::FakeFastlyApi, token: &str) -> ReplicationSettings {
+    /// A fake Fastly API and a replicator writing to it with short timings, adjusted by `tune`.
+    async fn replicating(
+        tune: impl FnOnce(&mut ReplicationSettings),
+    ) -> (gateway_fixtures::FakeFastlyApi, Metrics, KvReplicator) {
+        let api = gateway_fixtures::FakeFastlyApi::start(Default::default())
+            .await
+            .unwrap();
         let mut settings = crate::settings::Settings::for_tests().replication;
         settings.enabled = true;
         settings.api_base_url = api.base_url();
         settings.store_id = api.store_id().to_string();
-        settings.api_token = Some(crate::settings::Secret::new(token));
+        settings.api_token = Some(crate::settings::Secret::new(api.token()));
         settings.linger_ms = 100;
         settings.backoff_base_ms = 10;
         settings.backoff_max_ms = 50;
-        settings
+        tune(&mut settings);
+        let metrics = Metrics::new().unwrap();
+        let replicator = KvReplicator::start(&settings, &Tenants::default(), &metrics).unwrap();
+        (api, metrics, replicator)
     }
 
     fn fresh(i: u64) -> Arc<Entry> {
@@ -1302,16 +1311,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_refused_as_invalid_is_halved_and_every_entry_still_written() {
         use gateway_fixtures::fastly_api::Fault;
-        let api = gateway_fixtures::FakeFastlyApi::start(Default::default())
-            .await
-            .unwrap();
-        let metrics = Metrics::new().unwrap();
-        let replicator = KvReplicator::start(
-            &settings_for(&api, api.token()),
-            &Tenants::default(),
-            &metrics,
-        )
-        .unwrap();
+        let (api, metrics, replicator) = replicating(|_| {}).await;
         // The API refuses the first batch as a whole (it never says which line).
         api.set_fault(Fault::RefuseBatch { status: 400 }, Some(1));
         for i in 0..4 {
@@ -1334,16 +1334,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_token_drops_the_batch_as_unauthorized_and_says_so() {
-        let api = gateway_fixtures::FakeFastlyApi::start(Default::default())
-            .await
-            .unwrap();
-        let metrics = Metrics::new().unwrap();
-        let replicator = KvReplicator::start(
-            &settings_for(&api, "not-the-token"),
-            &Tenants::default(),
-            &metrics,
-        )
-        .unwrap();
+        let (api, metrics, replicator) = replicating(|s| {
+            s.api_token = Some(crate::settings::Secret::new("not-the-token"));
+        })
+        .await;
         assert!(replicator.offer(fresh(1)));
         let dropped = r#"gateway_replication_dropped_total{reason="unauthorized"}"#;
         until("the drop", || sample(&metrics, dropped) == 1.0).await;
@@ -1357,13 +1351,7 @@ mod tests {
 
     #[tokio::test]
     async fn dropping_every_handle_stops_the_task_after_it_wrote_what_it_held() {
-        let api = gateway_fixtures::FakeFastlyApi::start(Default::default())
-            .await
-            .unwrap();
-        let metrics = Metrics::new().unwrap();
-        let mut settings = settings_for(&api, api.token());
-        settings.linger_ms = 60_000;
-        let replicator = KvReplicator::start(&settings, &Tenants::default(), &metrics).unwrap();
+        let (api, _metrics, replicator) = replicating(|s| s.linger_ms = 60_000).await;
         assert!(replicator.offer(fresh(7)));
         drop(replicator);
         // The channel closes, the long linger ends early, and the entry is written.
