@@ -86,6 +86,13 @@ impl Shared {
         // Dedup state is a cache of recent keys: a panic mid-update loses nothing that matters.
         self.dedup.lock().unwrap_or_else(PoisonError::into_inner)
     }
+
+    /// Counts one write given up for `reason` and forgets it in dedup, so a later offer of
+    /// the same entry is not taken for a duplicate.
+    fn drop_write(&self, kv_key: &str, reason: &str) {
+        self.dedup().forget(kv_key);
+        self.metrics.count_dropped(reason, 1);
+    }
 }
 
 enum Command {
@@ -158,23 +165,10 @@ impl KvReplicator {
         self.shared.queued.load(Ordering::Relaxed)
     }
 
-    fn drop_write(&self, kv_key: &str, reason: &str) {
-        self.shared.dedup().forget(kv_key);
-        self.shared
-            .metrics
-            .dropped
-            .with_label_values(&[reason])
-            .inc();
-    }
-
     fn send_purge(&self, command: Command) {
         if self.tx.try_send(command).is_err() {
             // More than PURGE_HEADROOM purges waiting: the KV copies stay until their TTL.
-            self.shared
-                .metrics
-                .dropped
-                .with_label_values(&["purge_queue_full"])
-                .inc();
+            self.shared.metrics.count_dropped("purge_queue_full", 1);
             tracing::warn!("replication: purge queue full; KV entries will expire by TTL instead");
         }
     }
@@ -183,21 +177,13 @@ impl KvReplicator {
 impl Replicator for KvReplicator {
     fn offer(&self, entry: Arc<Entry>) -> bool {
         let Some(key) = CacheKey::from_hex(&entry.envelope.tenant, &entry.envelope.key) else {
-            self.shared
-                .metrics
-                .dropped
-                .with_label_values(&["invalid"])
-                .inc();
+            self.shared.metrics.count_dropped("invalid", 1);
             return false;
         };
         let kv_key = key.kv_key();
         if entry.body.len() > MAX_VALUE_BYTES {
             // The KV Store refuses it; better not to hold it in the queue at all.
-            self.shared
-                .metrics
-                .dropped
-                .with_label_values(&["too_large"])
-                .inc();
+            self.shared.metrics.count_dropped("too_large", 1);
             return false;
         }
         let now = Instant::now();
@@ -212,18 +198,14 @@ impl Replicator for KvReplicator {
                 return true;
             }
             Admission::Purged => {
-                self.shared
-                    .metrics
-                    .dropped
-                    .with_label_values(&["purged"])
-                    .inc();
+                self.shared.metrics.count_dropped("purged", 1);
                 return false;
             }
         }
         let shared = &self.shared;
         if shared.queued.fetch_add(1, Ordering::AcqRel) >= shared.capacity {
             shared.queued.fetch_sub(1, Ordering::AcqRel);
-            self.drop_write(&kv_key, "queue_full");
+            shared.drop_write(&kv_key, "queue_full");
             return false;
         }
         let pending = Pending {
@@ -246,7 +228,7 @@ impl Replicator for KvReplicator {
                     mpsc::error::TrySendError::Full(_) => "queue_full",
                     mpsc::error::TrySendError::Closed(_) => "stopped",
                 };
-                self.drop_write(&kv_key, reason);
+                shared.drop_write(&kv_key, reason);
                 false
             }
         }
@@ -493,6 +475,11 @@ struct ReplicationMetrics {
 }
 
 impl ReplicationMetrics {
+    /// Counts `n` entries (or purges) given up for `reason`.
+    fn count_dropped(&self, reason: &str, n: u64) {
+        self.dropped.with_label_values(&[reason]).inc_by(n);
+    }
+
     fn register(registry: &prometheus::Registry) -> Result<ReplicationMetrics, prometheus::Error> {
         fn reg<C: prometheus::core::Collector + Clone + 'static>(
             registry: &prometheus::Registry,
@@ -763,7 +750,7 @@ impl Worker {
         let (value, metadata) = match pending.entry.encode_kv() {
             Ok(parts) => parts,
             Err(_) => {
-                self.drop_one(&pending.kv_key, "unencodable");
+                self.shared.drop_write(&pending.kv_key, "unencodable");
                 return None;
             }
         };
@@ -771,7 +758,7 @@ impl Worker {
         let stale = self.stale_windows.get(&tenant).copied().unwrap_or(0);
         let expires_unix = pending.entry.kv_expiry(stale);
         if expires_unix <= unix_now() {
-            self.drop_one(&pending.kv_key, "expired");
+            self.shared.drop_write(&pending.kv_key, "expired");
             return None;
         }
         Some(Ready {
@@ -890,11 +877,7 @@ impl Worker {
                 Ok(keys) => keys,
                 Err((keys, e)) => {
                     // Delete what was listed; the rest expires by TTL.
-                    self.shared
-                        .metrics
-                        .dropped
-                        .with_label_values(&["purge_failed"])
-                        .inc();
+                    self.shared.metrics.count_dropped("purge_failed", 1);
                     tracing::warn!(tenant = %tenant, error = %e, listed = keys.len(), "replication: listing a tenant's KV keys for a purge failed");
                     keys
                 }
@@ -910,11 +893,7 @@ impl Worker {
             match result {
                 Ok(()) => self.shared.metrics.purged.inc(),
                 Err(e) => {
-                    self.shared
-                        .metrics
-                        .dropped
-                        .with_label_values(&["purge_failed"])
-                        .inc();
+                    self.shared.metrics.count_dropped("purge_failed", 1);
                     if let Some(suppressed) = self.log.admit() {
                         tracing::warn!(key = %key, error = %e, suppressed, "replication: a KV delete failed; the entry expires by TTL");
                     }
@@ -1066,24 +1045,13 @@ impl Worker {
         }
         self.shared
             .metrics
-            .dropped
-            .with_label_values(&[reason])
-            .inc_by(items.len() as u64);
+            .count_dropped(reason, items.len() as u64);
         if forget {
             let mut dedup = self.shared.dedup();
             for ready in items {
                 dedup.forget(&ready.item.key);
             }
         }
-    }
-
-    fn drop_one(&self, kv_key: &str, reason: &str) {
-        self.shared.dedup().forget(kv_key);
-        self.shared
-            .metrics
-            .dropped
-            .with_label_values(&[reason])
-            .inc();
     }
 }
 
