@@ -141,7 +141,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                 match fresh {
                     Freshness::Fresh { age, remaining } => {
                         let served = Served {
-                            entry: &entry,
+                            entry,
                             key,
                             outcome: CacheOutcome::Hit,
                             age,
@@ -149,7 +149,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                             stream: parsed.stream,
                             include_usage: parsed.include_usage,
                         };
-                        if let Some(resp) = respond::from_entry(&served, &timing) {
+                        if let Some(resp) = respond::from_entry(served, &timing) {
                             return Reply::Send(resp);
                         }
                         KvRead::Unservable
@@ -178,7 +178,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     let resp = match answered {
         Ok(resp) if !resp.get_status().is_server_error() => resp,
         failed => {
-            if let Some(reply) = serve_stale(stale.as_ref(), key.as_ref(), &parsed, now, &timing) {
+            if let Some(reply) = serve_stale(stale.take(), key.as_ref(), &parsed, now, &timing) {
                 return reply;
             }
             match failed {
@@ -293,7 +293,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
 
 /// Answer from a stale entry when the origin failed, if the tenant's window allows it.
 fn serve_stale(
-    stale: Option<&Entry>,
+    stale: Option<Entry>,
     key: Option<&CacheKey>,
     parsed: &ParsedRequest,
     now: u64,
@@ -301,17 +301,18 @@ fn serve_stale(
 ) -> Option<Reply> {
     let (entry, key) = (stale?, key?);
     let age = entry.age(now);
+    let ttl_remaining = i64::try_from(entry.envelope.ttl).unwrap_or(i64::MAX)
+        - i64::try_from(age).unwrap_or(i64::MAX);
     let served = Served {
         entry,
         key,
         outcome: CacheOutcome::Stale,
         age,
-        ttl_remaining: i64::try_from(entry.envelope.ttl).unwrap_or(i64::MAX)
-            - i64::try_from(age).unwrap_or(i64::MAX),
+        ttl_remaining,
         stream: parsed.stream,
         include_usage: parsed.include_usage,
     };
-    respond::from_entry(&served, timing).map(Reply::Send)
+    respond::from_entry(served, timing).map(Reply::Send)
 }
 
 /// Keep the origin's own OpenAI-shaped 5xx; replace anything else (an HTML page from a load

@@ -24,9 +24,10 @@ pub fn error(err: &ApiError) -> Response {
     .with_body(err.to_json())
 }
 
-/// How a cached entry is to be presented.
+/// How a cached entry is to be presented. Owns the entry so the body moves into the
+/// response instead of being copied.
 pub struct Served<'a> {
-    pub entry: &'a Entry,
+    pub entry: Entry,
     pub key: &'a CacheKey,
     pub outcome: CacheOutcome,
     pub age: u64,
@@ -39,15 +40,18 @@ pub struct Served<'a> {
 
 /// A response from a cached entry, or `None` when the entry cannot answer this request
 /// (a `stream: true` request against an entry that is not a chat completion): a miss.
-pub fn from_entry(served: &Served<'_>, timing: &ServerTiming) -> Option<Response> {
-    let env = &served.entry.envelope;
+pub fn from_entry(served: Served<'_>, timing: &ServerTiming) -> Option<Response> {
+    let Entry {
+        envelope: env,
+        body,
+    } = served.entry;
     let (content_type, body) = if served.stream {
         (
             "text/event-stream",
-            replay_chat(&served.entry.body, served.include_usage).ok()?,
+            replay_chat(&body, served.include_usage).ok()?,
         )
     } else {
-        (env.content_type.as_str(), served.entry.body.clone())
+        (env.content_type.as_str(), body)
     };
     let member = match served.outcome {
         CacheOutcome::Stale => CacheStatusMember::stale(CACHE_NAME, served.ttl_remaining),
