@@ -224,24 +224,32 @@ mod tests {
     const STOP: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
 
+    /// [`forward`] with assembly on and a one-second idle timeout, as every test here wants.
+    async fn assemble(
+        source: Script,
+        client: mpsc::Sender<Bytes>,
+        filter: Option<UsageFilter>,
+    ) -> Result<Option<Vec<u8>>, StreamError> {
+        forward(source, client, true, filter, Duration::from_secs(1)).await
+    }
+
+    /// Everything the client received, concatenated.
+    async fn received(rx: ClientStream) -> Vec<u8> {
+        let chunks: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
+        chunks.concat()
+    }
+
     #[tokio::test]
     async fn a_complete_stream_is_forwarded_and_assembled() {
         let (tx, rx) = client_channel();
-        let out = forward(
-            script(&[ROLE, HELLO, STOP, DONE]),
-            tx,
-            true,
-            None,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let out = assemble(script(&[ROLE, HELLO, STOP, DONE]), tx, None)
+            .await
+            .unwrap()
+            .unwrap();
         let completion: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(completion["choices"][0]["message"]["content"], "Hello");
-        let received: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
         assert_eq!(
-            received.concat(),
+            received(rx).await,
             [ROLE, HELLO, STOP, DONE].concat().as_bytes()
         );
     }
@@ -249,15 +257,9 @@ mod tests {
     #[tokio::test]
     async fn a_stream_without_done_is_not_assembled() {
         let (tx, _rx) = client_channel();
-        let err = forward(
-            script(&[ROLE, HELLO]),
-            tx,
-            true,
-            None,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap_err();
+        let err = assemble(script(&[ROLE, HELLO]), tx, None)
+            .await
+            .unwrap_err();
         assert!(matches!(err, StreamError::Incomplete(_)), "{err:?}");
     }
 
@@ -266,12 +268,9 @@ mod tests {
         let (tx, rx) = client_channel();
         let mut s = script(&[ROLE]);
         s.0.push_back(Err("reset".into()));
-        let err = forward(s, tx, true, None, Duration::from_secs(1))
-            .await
-            .unwrap_err();
+        let err = assemble(s, tx, None).await.unwrap_err();
         assert!(matches!(err, StreamError::Broken(_)));
-        let received: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
-        let text = String::from_utf8(received.concat()).unwrap();
+        let text = String::from_utf8(received(rx).await).unwrap();
         assert!(
             text.ends_with("}}\n\n") && text.contains("\"error\""),
             "{text}"
@@ -285,21 +284,15 @@ mod tests {
         let (tx, rx) = client_channel();
         // Split mid-event to prove events are reassembled before they are judged.
         let (a, b) = USAGE.split_at(20);
-        let out = forward(
-            script(&[ROLE, HELLO, STOP, a, b, DONE]),
-            tx,
-            true,
-            Some(UsageFilter::default()),
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let source = script(&[ROLE, HELLO, STOP, a, b, DONE]);
+        let out = assemble(source, tx, Some(UsageFilter::default()))
+            .await
+            .unwrap()
+            .unwrap();
         let completion: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(completion["usage"]["total_tokens"], 2);
-        let received: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
         assert_eq!(
-            received.concat(),
+            received(rx).await,
             [ROLE, HELLO, STOP, DONE].concat().as_bytes()
         );
     }
@@ -331,14 +324,7 @@ mod tests {
     async fn a_gone_client_does_not_stop_the_assembly() {
         let (tx, rx) = client_channel();
         drop(rx);
-        let out = forward(
-            script(&[ROLE, HELLO, STOP, DONE]),
-            tx,
-            true,
-            None,
-            Duration::from_secs(1),
-        )
-        .await;
+        let out = assemble(script(&[ROLE, HELLO, STOP, DONE]), tx, None).await;
         assert!(out.unwrap().is_some());
     }
 }
