@@ -2,6 +2,7 @@
 //! buffering of the whole answer) while `common`'s `ChatAssembler` rebuilds the completion,
 //! which is returned only when the stream ended properly. Never decides about caching.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -70,6 +71,9 @@ pub fn with_usage_requested(body: &[u8]) -> Option<Bytes> {
 #[derive(Debug, Default)]
 pub struct UsageFilter {
     pending: Vec<u8>,
+    /// Where the unfinished last line of `pending` starts: the lines before it are already
+    /// known not to end the event, so the next chunk is searched from here, not from 0.
+    line_start: usize,
 }
 
 impl UsageFilter {
@@ -78,7 +82,7 @@ impl UsageFilter {
         self.pending.extend_from_slice(chunk);
         let mut out = Vec::with_capacity(self.pending.len());
         let mut event_start = 0;
-        let mut line_start = 0;
+        let mut line_start = self.line_start;
         while let Some(offset) = self.pending[line_start..].iter().position(|&b| b == b'\n') {
             let line_end = line_start + offset;
             let line = &self.pending[line_start..line_end];
@@ -92,6 +96,7 @@ impl UsageFilter {
             }
         }
         self.pending.drain(..event_start);
+        self.line_start = line_start - event_start;
         Bytes::from(out)
     }
 
@@ -115,15 +120,26 @@ fn is_usage_chunk(event: &[u8]) -> bool {
     let Ok(text) = std::str::from_utf8(event) else {
         return false;
     };
-    let data: Vec<&str> = text
+    let mut data = text
         .lines()
         .filter_map(|line| line.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d))
-        .collect();
-    if data.is_empty() {
+        .map(|d| d.strip_prefix(' ').unwrap_or(d));
+    let Some(first) = data.next() else {
         return false;
-    }
-    match serde_json::from_str::<Probe>(&data.join("\n")) {
+    };
+    // This runs for every event of a filtered stream; one data line is the norm, and it is
+    // parsed where it lies instead of being collected and joined.
+    let json: Cow<'_, str> = match data.next() {
+        None => Cow::Borrowed(first),
+        Some(second) => Cow::Owned(
+            [first, second]
+                .into_iter()
+                .chain(data)
+                .collect::<Vec<_>>()
+                .join("\n"),
+        ),
+    };
+    match serde_json::from_str::<Probe>(&json) {
         Ok(probe) => probe.choices.is_some_and(|c| c.is_empty()) && probe.usage.is_some(),
         Err(_) => false,
     }
@@ -308,6 +324,17 @@ mod tests {
             br#"{"model":"m","n":1.50,"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
         );
         assert!(with_usage_requested(b"[1]").is_none());
+    }
+
+    #[test]
+    fn an_event_split_over_many_chunks_is_judged_once_whole() {
+        let mut filter = UsageFilter::default();
+        let mut out = Vec::new();
+        for piece in format!("{ROLE}{USAGE}{HELLO}").as_bytes().chunks(7) {
+            out.extend_from_slice(&filter.push(piece));
+        }
+        assert_eq!(out, [ROLE, HELLO].concat().as_bytes());
+        assert!(filter.finish().is_empty());
     }
 
     #[test]
