@@ -163,6 +163,14 @@ struct Hit {
     remaining: u64,
 }
 
+/// What a cache read found: a fresh hit, how long Redis took, and whether an entry was there
+/// but too old (`Cache-Status: fwd=stale`).
+struct Looked {
+    hit: Option<Hit>,
+    redis_ms: f64,
+    stale: bool,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
     #[error(transparent)]
@@ -307,32 +315,44 @@ impl Service {
         } else {
             Fwd::Bypass
         };
-        if let Some((hit, redis_ms, stale)) = looked {
+        if let Some(Looked {
+            hit,
+            redis_ms,
+            stale,
+        }) = looked
+        {
             trace.redis_ms = Some(redis_ms);
             if stale {
                 fwd = Fwd::Stale;
             }
-            if let Some(hit) = hit
-                && let Some(reply) = render_entry(
-                    &hit.entry,
-                    request.route,
-                    parsed.stream,
-                    parsed.include_usage,
-                )
+            if let Some(Hit {
+                entry,
+                age,
+                remaining,
+            }) = hit
             {
-                trace.cache = Some(CacheOutcome::Hit);
-                trace.layer = Some(Layer::Origin);
-                trace.age = Some(hit.age);
-                trace.provider = Some(Arc::from(hit.entry.envelope.provider.as_str()));
-                trace.cache_status =
-                    Some(CacheStatusMember::hit(CACHE_NAME, hit.remaining).render());
-                if let Some(usage) = &hit.entry.envelope.usage {
-                    self.budget.record_saved(&tenant.id, usage.total_tokens);
+                // Only an edge miss needs the entry after the reply; otherwise its body moves
+                // into the reply uncopied.
+                let offered = request.edge_miss.then(|| Arc::new(entry.clone()));
+                let provider = Arc::from(entry.envelope.provider.as_str());
+                let saved = entry.envelope.usage.as_ref().map(|u| u.total_tokens);
+                if let Some(reply) =
+                    render_entry(entry, request.route, parsed.stream, parsed.include_usage)
+                {
+                    trace.cache = Some(CacheOutcome::Hit);
+                    trace.layer = Some(Layer::Origin);
+                    trace.age = Some(age);
+                    trace.provider = Some(provider);
+                    trace.cache_status =
+                        Some(CacheStatusMember::hit(CACHE_NAME, remaining).render());
+                    if let Some(tokens) = saved {
+                        self.budget.record_saved(&tenant.id, tokens);
+                    }
+                    if let Some(entry) = offered {
+                        self.offer(entry);
+                    }
+                    return Ok(reply);
                 }
-                if request.edge_miss {
-                    self.offer(Arc::new(hit.entry));
-                }
-                return Ok(reply);
             }
         }
         if let Some(rejection) = standing.tokens {
@@ -613,15 +633,15 @@ impl Service {
             .inc();
     }
 
-    /// The values of the budget counter `ops` (`None` when Redis did not answer), then the
-    /// fresh entry for `key`, whether an entry was present but too old, and the Redis time.
+    /// The values of the budget counter `ops` (`None` when Redis did not answer) and what the
+    /// cache read found for `key`.
     async fn lookup(
         &self,
         key: &CacheKey,
         now: u64,
         max_age: Option<u64>,
         ops: &[CounterOp],
-    ) -> (Option<Vec<u64>>, (Option<Hit>, f64, bool)) {
+    ) -> (Option<Vec<u64>>, Looked) {
         let start = Instant::now();
         let redis_key = key.redis_key();
         let got = if ops.is_empty() {
@@ -634,7 +654,15 @@ impl Service {
             Ok((got, values)) => (got, Some(values)),
             Err(_) => (None, None),
         };
-        (values, self.decode(key, got, now, max_age, redis_ms))
+        let (hit, stale) = self.decode(key, got, now, max_age);
+        (
+            values,
+            Looked {
+                hit,
+                redis_ms,
+                stale,
+            },
+        )
     }
 
     /// The entry read for `key` as a fresh hit, or why not (see [`Service::lookup`]).
@@ -644,25 +672,23 @@ impl Service {
         got: Option<Vec<u8>>,
         now: u64,
         max_age: Option<u64>,
-        redis_ms: f64,
-    ) -> (Option<Hit>, f64, bool) {
+    ) -> (Option<Hit>, bool) {
         let Some(bytes) = got else {
-            return (None, redis_ms, false);
+            return (None, false);
         };
         match Entry::decode(&bytes, key) {
             Ok(entry) => {
-                match policy::freshness(entry.envelope.created, entry.envelope.ttl, now, max_age, 0)
-                {
+                let env = &entry.envelope;
+                match policy::freshness(env.created, env.ttl, now, max_age, 0) {
                     Freshness::Fresh { age, remaining } => (
                         Some(Hit {
                             entry,
                             age,
                             remaining,
                         }),
-                        redis_ms,
                         false,
                     ),
-                    Freshness::Stale { .. } | Freshness::Expired => (None, redis_ms, true),
+                    Freshness::Stale { .. } | Freshness::Expired => (None, true),
                 }
             }
             Err(error) => {
@@ -670,7 +696,7 @@ impl Service {
                 if let Some(suppressed) = self.decode_log.admit() {
                     tracing::warn!(%error, suppressed, "cache entry did not decode; serving as a miss");
                 }
-                (None, redis_ms, false)
+                (None, false)
             }
         }
     }
@@ -886,7 +912,7 @@ fn cache_status(fwd: Fwd, stored: bool, collapsed: bool) -> String {
 
 /// A cached entry as the client asked for it: SSE for a chat stream, otherwise the stored body.
 /// `None` when a stream was asked and the entry cannot be replayed (then it is a miss).
-fn render_entry(entry: &Entry, route: Route, stream: bool, include_usage: bool) -> Option<Reply> {
+fn render_entry(entry: Entry, route: Route, stream: bool, include_usage: bool) -> Option<Reply> {
     if stream {
         if route != Route::ChatCompletions {
             return None;
@@ -900,8 +926,8 @@ fn render_entry(entry: &Entry, route: Route, stream: bool, include_usage: bool) 
     }
     Some(Reply {
         status: entry.envelope.status,
-        content_type: entry.envelope.content_type.clone(),
-        body: ReplyBody::Full(Bytes::from(entry.body.clone())),
+        content_type: entry.envelope.content_type,
+        body: ReplyBody::Full(Bytes::from(entry.body)),
     })
 }
 
