@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gateway_common::tenant::Tenant;
+use prometheus::IntCounterVec;
 
 use crate::metrics::Metrics;
 use crate::store::{CounterOp, Store};
@@ -131,26 +132,32 @@ impl Budget {
 
     /// Tokens a provider call consumed for `tenant`.
     pub fn record_used(&self, tenant: &str, tokens: u64) {
-        if tokens == 0 {
-            return;
-        }
-        self.metrics
-            .tokens_used
-            .with_label_values(&[tenant])
-            .inc_by(tokens);
-        self.lock().entry(tenant.to_string()).or_default().used += tokens;
+        self.record(&self.metrics.tokens_used, tenant, tokens, |p| &mut p.used);
     }
 
     /// Tokens a cache hit (or a coalesced wait) saved `tenant`.
     pub fn record_saved(&self, tenant: &str, tokens: u64) {
+        self.record(&self.metrics.tokens_saved, tenant, tokens, |p| &mut p.saved);
+    }
+
+    /// Counts `tokens` in `counter` and in the tenant's pending `field`. Runs once or twice
+    /// per request, so the tenant id is copied only the first time a flush period sees it.
+    fn record(
+        &self,
+        counter: &IntCounterVec,
+        tenant: &str,
+        tokens: u64,
+        field: fn(&mut Pending) -> &mut u64,
+    ) {
         if tokens == 0 {
             return;
         }
-        self.metrics
-            .tokens_saved
-            .with_label_values(&[tenant])
-            .inc_by(tokens);
-        self.lock().entry(tenant.to_string()).or_default().saved += tokens;
+        counter.with_label_values(&[tenant]).inc_by(tokens);
+        let mut pending = self.lock();
+        match pending.get_mut(tenant) {
+            Some(p) => *field(p) += tokens,
+            None => *field(pending.entry(tenant.to_owned()).or_default()) += tokens,
+        }
     }
 
     /// Writes the pending counts to Redis in one round trip; on failure they are kept for the
@@ -163,19 +170,14 @@ impl Budget {
         let ttl_secs = secs_until_next_month(now) + 35 * 86_400;
         let mut ops = Vec::new();
         for (tenant, p) in &drained {
-            if p.used > 0 {
-                ops.push(CounterOp::Incr {
-                    key: usage_key("usage", tenant, now),
-                    by: p.used,
-                    ttl_secs,
-                });
-            }
-            if p.saved > 0 {
-                ops.push(CounterOp::Incr {
-                    key: usage_key("saved", tenant, now),
-                    by: p.saved,
-                    ttl_secs,
-                });
+            for (kind, by) in [("usage", p.used), ("saved", p.saved)] {
+                if by > 0 {
+                    ops.push(CounterOp::Incr {
+                        key: usage_key(kind, tenant, now),
+                        by,
+                        ttl_secs,
+                    });
+                }
             }
         }
         if self.store.counters(&ops).await.is_err() {
