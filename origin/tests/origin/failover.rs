@@ -17,6 +17,28 @@ fn two_providers(first_timeout_ms: u64) -> Options {
     }
 }
 
+/// A status fault without `Retry-After`.
+fn status(status: u16) -> Fault {
+    Fault::Status {
+        status,
+        retry_after_secs: None,
+    }
+}
+
+/// Sends a chat and asserts which provider answered it.
+async fn assert_answered_by(stack: &Stack, prompt: &str, provider: &str) {
+    let response = stack.chat(ACME, prompt).await;
+    assert_eq!(
+        header(&response, "x-upstream-provider"),
+        provider,
+        "{prompt}"
+    );
+}
+
+fn first_breaker_state(stack: &Stack) -> f64 {
+    stack.metric(r#"gateway_provider_breaker_state{provider="first"}"#)
+}
+
 async fn assert_skipped(fault: Fault) {
     let stack = Stack::start_with(two_providers(300)).await;
     stack.providers[0].set_fault(fault.clone(), None);
@@ -40,11 +62,7 @@ async fn assert_skipped(fault: Fault) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_first_provider_answering_500_is_skipped_within_the_request() {
-    assert_skipped(Fault::Status {
-        status: 500,
-        retry_after_secs: None,
-    })
-    .await;
+    assert_skipped(status(500)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,13 +87,7 @@ async fn a_first_provider_answering_429_is_skipped_within_the_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_error_from_the_provider_is_returned_not_retried_and_not_cached() {
     let stack = Stack::start_with(two_providers(300)).await;
-    stack.providers[0].set_fault(
-        Fault::Status {
-            status: 400,
-            retry_after_secs: None,
-        },
-        None,
-    );
+    stack.providers[0].set_fault(status(400), None);
     let response = stack.chat(ACME, "bad for the provider").await;
     assert_eq!(response.status(), 400);
     assert_eq!(stack.providers[1].calls(), 0);
@@ -87,55 +99,31 @@ async fn a_client_error_from_the_provider_is_returned_not_retried_and_not_cached
 async fn after_repeated_failures_the_breaker_opens_and_later_closes_again() {
     let stack = Stack::start_with(two_providers(300)).await;
     let first = &stack.providers[0];
-    first.set_fault(
-        Fault::Status {
-            status: 503,
-            retry_after_secs: None,
-        },
-        None,
-    );
+    first.set_fault(status(503), None);
     for i in 0..3 {
-        let response = stack.chat(ACME, &format!("trip {i}")).await;
-        assert_eq!(header(&response, "x-upstream-provider"), "second");
+        assert_answered_by(&stack, &format!("trip {i}"), "second").await;
     }
     assert_eq!(first.calls(), 3);
-    assert_eq!(
-        stack.metric(r#"gateway_provider_breaker_state{provider="first"}"#),
-        2.0,
-        "open"
-    );
+    assert_eq!(first_breaker_state(&stack), 2.0, "open");
 
     // Open: the first provider is not even tried.
-    let response = stack.chat(ACME, "while open").await;
-    assert_eq!(header(&response, "x-upstream-provider"), "second");
+    assert_answered_by(&stack, "while open", "second").await;
     assert_eq!(first.calls(), 3);
 
     // After the cool-down one probe goes through; it succeeds and the breaker closes.
     first.clear_faults();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let response = stack.chat(ACME, "probe").await;
-    assert_eq!(header(&response, "x-upstream-provider"), "first");
+    assert_answered_by(&stack, "probe", "first").await;
     assert_eq!(first.calls(), 4);
-    assert_eq!(
-        stack.metric(r#"gateway_provider_breaker_state{provider="first"}"#),
-        0.0,
-        "closed"
-    );
-    let response = stack.chat(ACME, "closed again").await;
-    assert_eq!(header(&response, "x-upstream-provider"), "first");
+    assert_eq!(first_breaker_state(&stack), 0.0, "closed");
+    assert_answered_by(&stack, "closed again", "first").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_every_provider_fails_the_client_gets_a_502_in_openai_shape() {
     let stack = Stack::start_with(two_providers(300)).await;
     for p in &stack.providers {
-        p.set_fault(
-            Fault::Status {
-                status: 500,
-                retry_after_secs: None,
-            },
-            None,
-        );
+        p.set_fault(status(500), None);
     }
     let response = stack.chat(ACME, "nobody can answer").await;
     assert_eq!(response.status(), 502);
