@@ -5,6 +5,28 @@ use serde_json::{Value, json};
 
 use crate::harness::{ACME, GLOBEX, Stack, chat_body, header};
 
+/// A chat completion request for `body` from acme with extra `headers`.
+async fn chat_with(stack: &Stack, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
+    stack
+        .post_with("/v1/chat/completions", ACME, body, headers)
+        .await
+}
+
+/// An acme `DELETE` of `path`.
+#[allow(
+    clippy::expect_used,
+    reason = "test helper: a failed expectation is a failed test"
+)]
+async fn delete(stack: &Stack, path: &str) -> reqwest::Response {
+    stack
+        .http
+        .delete(format!("{}{path}", stack.url))
+        .bearer_auth(ACME)
+        .send()
+        .await
+        .expect("origin answers")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_second_identical_request_is_an_origin_hit_and_the_provider_saw_one_call() {
     let stack = Stack::start().await;
@@ -73,14 +95,7 @@ async fn fields_that_do_not_change_the_answer_share_one_entry() {
 async fn no_store_bypasses_the_cache_and_no_cache_refreshes_it() {
     let stack = Stack::start().await;
     let body = chat_body("directives");
-    let bypass = stack
-        .post_with(
-            "/v1/chat/completions",
-            ACME,
-            &body,
-            &[("cache-control", "no-store")],
-        )
-        .await;
+    let bypass = chat_with(&stack, &body, &[("cache-control", "no-store")]).await;
     assert_eq!(header(&bypass, "x-cache"), "BYPASS");
     assert_eq!(
         header(&bypass, "cache-status"),
@@ -89,14 +104,7 @@ async fn no_store_bypasses_the_cache_and_no_cache_refreshes_it() {
     stack.settle().await;
     assert_eq!(stack.redis.entries(), 0, "no-store writes nothing");
 
-    let refresh = stack
-        .post_with(
-            "/v1/chat/completions",
-            ACME,
-            &body,
-            &[("cache-control", "no-cache")],
-        )
-        .await;
+    let refresh = chat_with(&stack, &body, &[("cache-control", "no-cache")]).await;
     assert_eq!(header(&refresh, "x-cache"), "MISS");
     assert_eq!(
         header(&refresh, "cache-status"),
@@ -133,26 +141,14 @@ async fn a_tenant_deletes_one_key_and_purges_only_its_own_entries() {
     stack.settle().await;
     assert_eq!(stack.redis.entries(), 3);
 
-    let deleted = stack
-        .http
-        .delete(format!("{}/v1/cache/{key}", stack.url))
-        .bearer_auth(ACME)
-        .send()
-        .await
-        .unwrap();
+    let deleted = delete(&stack, &format!("/v1/cache/{key}")).await;
     assert_eq!(deleted.status(), 200);
     let json: Value = deleted.json().await.unwrap();
     assert_eq!(json["deleted"], true);
     assert_eq!(header(&stack.chat(ACME, "one").await, "x-cache"), "MISS");
     stack.settle().await;
 
-    let purged = stack
-        .http
-        .delete(format!("{}/v1/cache", stack.url))
-        .bearer_auth(ACME)
-        .send()
-        .await
-        .unwrap();
+    let purged = delete(&stack, "/v1/cache").await;
     assert_eq!(purged.status(), 200);
     let json: Value = purged.json().await.unwrap();
     assert_eq!(json["deleted"], 2);
@@ -167,13 +163,7 @@ async fn a_tenant_deletes_one_key_and_purges_only_its_own_entries() {
         vec![format!("key:{key}"), "tenant:acme".to_string()]
     );
 
-    let bad = stack
-        .http
-        .delete(format!("{}/v1/cache/not-a-key", stack.url))
-        .bearer_auth(ACME)
-        .send()
-        .await
-        .unwrap();
+    let bad = delete(&stack, "/v1/cache/not-a-key").await;
     assert_eq!(bad.status(), 400);
 }
 
@@ -181,27 +171,13 @@ async fn a_tenant_deletes_one_key_and_purges_only_its_own_entries() {
 async fn entries_answered_for_an_edge_miss_are_offered_for_replication() {
     let stack = Stack::start().await;
     let edge_miss = [("x-gateway-edge-miss", "1")];
-    let miss = stack
-        .post_with(
-            "/v1/chat/completions",
-            ACME,
-            &chat_body("replicate me"),
-            &edge_miss,
-        )
-        .await;
+    let miss = chat_with(&stack, &chat_body("replicate me"), &edge_miss).await;
     let key = header(&miss, "x-cache-key").to_string();
     stack.settle().await;
     assert_eq!(stack.replicator.offered_keys(), vec![key.clone()]);
 
     // A hit for an edge miss is offered too (the edge lacked it); a plain hit is not.
-    let hit = stack
-        .post_with(
-            "/v1/chat/completions",
-            ACME,
-            &chat_body("replicate me"),
-            &edge_miss,
-        )
-        .await;
+    let hit = chat_with(&stack, &chat_body("replicate me"), &edge_miss).await;
     assert_eq!(header(&hit, "x-cache"), "HIT");
     stack.chat(ACME, "replicate me").await;
     stack.chat(ACME, "not for the edge").await;
