@@ -3,13 +3,14 @@
 //! its scratch directory, which goes with it.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 use gateway_common::tenant::TenantsFile;
 use gateway_e2e::stack::SECRET;
-use gateway_e2e::{free_port, repo_root, wait_for_port};
+use gateway_e2e::{free_port, repo_root};
+use gateway_fixtures::ChildProcess;
 
 /// What the origin is started with.
 #[derive(Debug, Clone)]
@@ -23,9 +24,8 @@ pub struct OriginConfig {
 
 /// A running `gateway-origin` process.
 pub struct OriginProcess {
-    child: Option<Child>,
+    process: ChildProcess,
     port: u16,
-    dir: PathBuf,
 }
 
 /// The `gateway-origin` binary built beside this one (`cargo build --release` builds both).
@@ -68,10 +68,8 @@ impl OriginProcess {
     pub fn start(config: &OriginConfig) -> anyhow::Result<OriginProcess> {
         let binary = origin_binary()?;
         let port = free_port()?;
-        let dir =
-            std::env::temp_dir().join(format!("gw-bench-origin-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let tenants = dir.join("tenants.json");
+        let mut process = ChildProcess::new("gw-bench-origin")?;
+        let tenants = process.dir().join("tenants.json");
         std::fs::write(&tenants, bench_tenants()?)?;
         let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
         let settings = format!(
@@ -111,29 +109,19 @@ enabled = false
             tenants = q(&tenants.to_string_lossy()),
             provider = q(&config.provider_base_url),
         );
-        let settings_file = dir.join("origin.toml");
+        let settings_file = process.dir().join("origin.toml");
         std::fs::write(&settings_file, settings)?;
-        let log = std::fs::File::create(dir.join("origin.log"))?;
-        let child = Command::new(binary)
+        let mut command = Command::new(binary);
+        command
             .arg("--config")
             .arg(&settings_file)
             .env("BENCH_PROVIDER_API_KEY", "sk-bench")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting gateway-origin")?;
-        let mut origin = OriginProcess {
-            child: Some(child),
-            port,
-            dir,
-        };
-        if let Err(e) = wait_for_port(port, Duration::from_secs(20)) {
-            origin.stop();
-            bail!("gateway-origin did not start: {e}\n{}", origin.log_tail());
-        }
-        Ok(origin)
+            .env_remove("RUST_LOG");
+        process.spawn(command).context("starting gateway-origin")?;
+        process
+            .wait_for_port(port, Duration::from_secs(20))
+            .context("gateway-origin did not start")?;
+        Ok(OriginProcess { process, port })
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -143,35 +131,19 @@ enabled = false
 
     /// Peak resident set size so far (`VmHWM`), in KiB.
     pub fn peak_rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self.child.as_ref().context("the origin is stopped")?.id();
+        let pid = self.process.pid().context("the origin is stopped")?;
         proc_status_kib(pid, "VmHWM:")
     }
 
     /// Resident set size now (`VmRSS`), in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let pid = self.child.as_ref().context("the origin is stopped")?.id();
+        let pid = self.process.pid().context("the origin is stopped")?;
         proc_status_kib(pid, "VmRSS:")
     }
 
     /// The last lines the origin wrote (for error messages).
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("origin.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(20)..].join("\n")
-    }
-
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OriginProcess {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.process.log_tail(20)
     }
 }
 

@@ -122,7 +122,7 @@ pub async fn run(
     let mut peer_calls_before = provider.calls();
     let peers = match litellm {
         Some(litellm) => {
-            let peer = LiteLlm::start(litellm, &provider.base_url(), &redis, scratch).await?;
+            let peer = LiteLlm::start(litellm, &provider.base_url(), &redis).await?;
             let peer_url = peer.chat_url();
             let peer_key = peer.api_key().to_owned();
             post(&peer_url, &peer_key)

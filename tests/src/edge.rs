@@ -4,12 +4,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::{free_port, repo_root, wait_for_port};
+use gateway_fixtures::{ChildProcess, free_port};
+
+use crate::repo_root;
 
 /// One KV entry to preload, exactly as Viceroy's JSON seed format takes it.
 #[derive(Debug, Clone)]
@@ -53,8 +55,7 @@ impl EdgeConfig {
 /// A running Viceroy serving the edge wasm.
 pub struct Edge {
     port: u16,
-    child: Option<Child>,
-    dir: PathBuf,
+    process: ChildProcess,
 }
 
 /// The release wasm `just build-edge` produces.
@@ -76,39 +77,30 @@ impl Edge {
 
     /// Any Compute wasm under Viceroy on a free port, with the manifest `manifest` writes
     /// for a scratch directory (e.g. a bare service as a benchmark floor). `label` names the
-    /// scratch directory.
+    /// scratch directory and the log in it.
     pub fn start_wasm(
         wasm: &Path,
         label: &str,
         manifest: impl FnOnce(&Path) -> anyhow::Result<String>,
     ) -> anyhow::Result<Edge> {
         let port = free_port()?;
-        let dir = std::env::temp_dir().join(format!("{label}-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
-        let manifest_path = dir.join("fastly.toml");
-        std::fs::write(&manifest_path, manifest(&dir)?)?;
-        let log = std::fs::File::create(dir.join("viceroy.log"))?;
-        let child = Command::new("viceroy")
+        let mut process = ChildProcess::new(label)?;
+        let manifest_path = process.dir().join("fastly.toml");
+        std::fs::write(&manifest_path, manifest(process.dir())?)?;
+        let mut command = Command::new("viceroy");
+        command
             .arg("-C")
             .arg(&manifest_path)
             .args(["--addr", &format!("127.0.0.1:{port}")])
             .arg(wasm)
-            .current_dir(repo_root())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
+            .current_dir(repo_root());
+        process
+            .spawn(command)
             .context("viceroy is not installed (run `just setup`)")?;
-        let mut edge = Edge {
-            port,
-            child: Some(child),
-            dir,
-        };
-        if let Err(e) = wait_for_port(port, Duration::from_secs(60)) {
-            edge.stop();
-            bail!("viceroy did not start: {e}\n{}", edge.log());
-        }
-        Ok(edge)
+        process
+            .wait_for_port(port, Duration::from_secs(60))
+            .context("viceroy did not start")?;
+        Ok(Edge { port, process })
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -118,7 +110,7 @@ impl Edge {
 
     /// What Viceroy and the guest printed (the edge's log lines).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("viceroy.log")).unwrap_or_default()
+        self.process.log()
     }
 
     /// Requests the edge has finished, work after the response (local populate) included:
@@ -131,17 +123,7 @@ impl Edge {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Edge {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.process.kill();
     }
 }
 

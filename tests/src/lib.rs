@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use gateway_common::tenant::TenantsFile;
-pub use gateway_fixtures::{RedisServer, free_port, wait_for_port};
+pub use gateway_fixtures::{RedisServer, free_port};
 
 /// The workspace root (where `fastly.toml` and `fixtures/` live).
 pub fn repo_root() -> PathBuf {
