@@ -22,53 +22,35 @@ use crate::service::{ApiRequest, Outcome, Refusal, ReplyBody, Service, Trace};
 
 /// Registers every route; unknown paths get 404 and wrong methods 405, both OpenAI-shaped.
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    // Every path answers one method; any other gets 405.
+    let only = |path: &str, route: actix_web::Route| {
+        web::resource(path)
+            .route(route)
+            .default_service(web::to(method_not_allowed))
+    };
     let api = |route: Route| {
-        web::resource(route.path())
-            .route(web::post().to(
+        only(
+            route.path(),
+            web::post().to(
                 move |request: HttpRequest, payload: web::Payload, service: web::Data<Service>| {
                     api(route, request, payload, service)
                 },
-            ))
-            .default_service(web::to(method_not_allowed))
+            ),
+        )
     };
     cfg.service(api(Route::ChatCompletions))
         .service(api(Route::Completions))
         .service(api(Route::Embeddings))
-        .service(
-            web::resource("/v1/models")
-                .route(web::get().to(models))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/v1/cache")
-                .route(web::delete().to(purge))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/v1/cache/{key}")
-                .route(web::delete().to(delete_key))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/admin/tenants/{tenant}/cache")
-                .route(web::delete().to(admin_purge))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/healthz")
-                .route(web::get().to(healthz))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/readyz")
-                .route(web::get().to(readyz))
-                .default_service(web::to(method_not_allowed)),
-        )
-        .service(
-            web::resource("/metrics")
-                .route(web::get().to(metrics))
-                .default_service(web::to(method_not_allowed)),
-        )
+        .service(only("/v1/models", web::get().to(models)))
+        .service(only("/v1/cache", web::delete().to(purge)))
+        .service(only("/v1/cache/{key}", web::delete().to(delete_key)))
+        .service(only(
+            "/admin/tenants/{tenant}/cache",
+            web::delete().to(admin_purge),
+        ))
+        .service(only("/healthz", web::get().to(healthz)))
+        .service(only("/readyz", web::get().to(readyz)))
+        .service(only("/metrics", web::get().to(metrics)))
         .default_service(web::to(not_found));
 }
 
@@ -100,14 +82,13 @@ async fn api(
             );
         }
     };
-    let mut trace = Trace {
-        tenant: Some(tenant.id.clone()),
-        ..Trace::default()
-    };
     let body = match read_body(headers, payload, service.max_body_bytes()).await {
         Ok(body) => body,
         Err(refusal) => {
-            trace.tenant = Some(tenant.id.clone());
+            let trace = Trace {
+                tenant: Some(tenant.id.clone()),
+                ..Trace::default()
+            };
             return finish(
                 &service,
                 route.as_str(),
