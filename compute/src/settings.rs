@@ -79,13 +79,7 @@ impl EdgeSettings {
             secrets,
             fallback: OnceCell::new(),
         };
-        if let Some(v) = s.get("max_body_bytes") {
-            s.max_body_bytes = parse_or(
-                k_v("max_body_bytes", &v),
-                |x| x.parse().ok(),
-                s.max_body_bytes,
-            );
-        }
+        s.max_body_bytes = s.setting("max_body_bytes", parse_number, s.max_body_bytes);
         if s.cache_key_secret.is_none() {
             eprintln!(
                 "edge: no cache_key_secret; caching at the edge is off, every request goes to the origin"
@@ -97,38 +91,46 @@ impl EdgeSettings {
     /// The fallback settings, read on first use.
     pub fn fallback(&self) -> &Fallback {
         self.fallback.get_or_init(|| {
-            let mut f = Fallback::default();
-            if let Some(v) = self.get("populate_on_fallback") {
-                f.populate_on_fallback =
-                    parse_or(k_v("populate_on_fallback", &v), parse_bool, false);
+            let d = Fallback::default();
+            Fallback {
+                populate_on_fallback: self.setting(
+                    "populate_on_fallback",
+                    parse_bool,
+                    d.populate_on_fallback,
+                ),
+                origin_connect_timeout: self.setting(
+                    "origin_connect_timeout_ms",
+                    parse_ms,
+                    d.origin_connect_timeout,
+                ),
+                origin_first_byte_timeout: self.setting(
+                    "origin_first_byte_timeout_ms",
+                    parse_ms,
+                    d.origin_first_byte_timeout,
+                ),
+                origin_between_bytes_timeout: self.setting(
+                    "origin_between_bytes_timeout_ms",
+                    parse_ms,
+                    d.origin_between_bytes_timeout,
+                ),
+                ttl_cap_secs: self.setting("ttl_cap_secs", parse_number, d.ttl_cap_secs),
+                edge_shared_secret: self
+                    .secrets
+                    .as_ref()
+                    .and_then(|store| secret(store, "edge_shared_secret")),
             }
-            if let Some(v) = self.get("origin_connect_timeout_ms") {
-                f.origin_connect_timeout = parse_ms(
-                    k_v("origin_connect_timeout_ms", &v),
-                    f.origin_connect_timeout,
-                );
-            }
-            if let Some(v) = self.get("origin_first_byte_timeout_ms") {
-                f.origin_first_byte_timeout = parse_ms(
-                    k_v("origin_first_byte_timeout_ms", &v),
-                    f.origin_first_byte_timeout,
-                );
-            }
-            if let Some(v) = self.get("origin_between_bytes_timeout_ms") {
-                f.origin_between_bytes_timeout = parse_ms(
-                    k_v("origin_between_bytes_timeout_ms", &v),
-                    f.origin_between_bytes_timeout,
-                );
-            }
-            if let Some(v) = self.get("ttl_cap_secs") {
-                f.ttl_cap_secs =
-                    parse_or(k_v("ttl_cap_secs", &v), |x| x.parse().ok(), f.ttl_cap_secs);
-            }
-            f.edge_shared_secret = self
-                .secrets
-                .as_ref()
-                .and_then(|store| secret(store, "edge_shared_secret"));
-            f
+        })
+    }
+
+    /// The `edge_config` value of `key` parsed by `parse`, or `default` when it is absent,
+    /// unreadable or invalid (the last two logged).
+    fn setting<T>(&self, key: &str, parse: impl Fn(&str) -> Option<T>, default: T) -> T {
+        let Some(value) = self.get(key) else {
+            return default;
+        };
+        parse(value.trim()).unwrap_or_else(|| {
+            eprintln!("edge: config {key}={value:?} is invalid; using the default");
+            default
         })
     }
 
@@ -163,39 +165,16 @@ fn secret(store: &SecretStore, name: &str) -> Option<Vec<u8>> {
     }
 }
 
-struct KeyValue<'a> {
-    key: &'a str,
-    value: &'a str,
+fn parse_number<T: std::str::FromStr>(v: &str) -> Option<T> {
+    v.parse().ok()
 }
 
-fn k_v<'a>(key: &'a str, value: &'a str) -> KeyValue<'a> {
-    KeyValue { key, value }
-}
-
-fn parse_or<T>(kv: KeyValue<'_>, parse: impl Fn(&str) -> Option<T>, default: T) -> T {
-    match parse(kv.value.trim()) {
-        Some(v) => v,
-        None => {
-            eprintln!(
-                "edge: config {}={:?} is invalid; using the default",
-                kv.key, kv.value
-            );
-            default
-        }
-    }
-}
-
-fn parse_ms(kv: KeyValue<'_>, default: Duration) -> Duration {
-    parse_or(
-        kv,
-        |x| {
-            x.parse::<u64>()
-                .ok()
-                .filter(|ms| *ms > 0)
-                .map(Duration::from_millis)
-        },
-        default,
-    )
+/// Milliseconds, at least 1.
+fn parse_ms(v: &str) -> Option<Duration> {
+    v.parse::<u64>()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
 }
 
 fn parse_bool(v: &str) -> Option<bool> {
