@@ -100,24 +100,18 @@ impl Breaker {
 
     fn record_at(&self, success: bool, now: Instant) {
         let mut state = self.lock();
-        let next = match (&*state, success) {
-            (State::Closed { .. }, true) | (State::HalfOpen { .. }, true) => {
-                State::Closed { failures: 0 }
-            }
-            // A late success from a call that started before the breaker opened proves little.
-            (State::Open { until }, true) => State::Open { until: *until },
-            (State::Closed { failures }, false) if failures + 1 >= self.threshold => State::Open {
-                until: now + self.cooldown,
-            },
-            (State::Closed { failures }, false) => State::Closed {
+        *state = match (&*state, success) {
+            // A late report from a call that started before the breaker opened changes
+            // nothing: a success proves little, and a failure must not extend the cool-down.
+            (State::Open { .. }, _) => return,
+            (_, true) => State::Closed { failures: 0 },
+            (State::Closed { failures }, false) if failures + 1 < self.threshold => State::Closed {
                 failures: failures + 1,
             },
-            (State::HalfOpen { .. }, false) => State::Open {
+            (State::Closed { .. } | State::HalfOpen { .. }, false) => State::Open {
                 until: now + self.cooldown,
             },
-            (State::Open { until }, false) => State::Open { until: *until },
         };
-        *state = next;
     }
 }
 
@@ -171,6 +165,17 @@ mod tests {
         assert!(b.allow_at(t1));
         assert!(!b.allow_at(t1 + Duration::from_millis(50)));
         assert!(b.allow_at(t1 + Duration::from_millis(100)));
+    }
+
+    #[test]
+    fn a_late_report_while_open_changes_nothing() {
+        let b = Breaker::new(1, Duration::from_millis(100));
+        let t0 = Instant::now();
+        b.record_at(false, t0);
+        b.record_at(true, t0 + Duration::from_millis(10));
+        assert_eq!(b.state(), BreakerState::Open);
+        b.record_at(false, t0 + Duration::from_millis(50));
+        assert!(b.allow_at(t0 + Duration::from_millis(100)));
     }
 
     #[test]
