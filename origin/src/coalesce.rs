@@ -66,6 +66,13 @@ impl<T: Clone + Send + Sync> Default for Coalescer<T> {
     }
 }
 
+impl<T> Coalescer<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot<T>>> {
+        // The map is always consistent between statements, so a poisoned lock is still usable.
+        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 impl<T: Clone + Send + Sync> Coalescer<T> {
     pub fn new() -> Arc<Coalescer<T>> {
         Arc::new(Coalescer::default())
@@ -93,11 +100,6 @@ impl<T: Clone + Send + Sync> Coalescer<T> {
     pub fn in_flight(&self) -> usize {
         self.lock().len()
     }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Slot<T>>> {
-        // The map is always consistent between statements, so a poisoned lock is still usable.
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
-    }
 }
 
 impl<T: Clone + Send + Sync> Leader<T> {
@@ -117,7 +119,7 @@ impl<T: Clone + Send + Sync> Leader<T> {
 
 impl<T> Drop for Leader<T> {
     fn drop(&mut self) {
-        let mut slots = self.owner.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.owner.lock();
         if slots.get(&self.key).is_some_and(|slot| slot.id == self.id) {
             slots.remove(&self.key);
         }
