@@ -69,6 +69,14 @@ where
     }
 }
 
+/// Waits until the fake KV store holds exactly `n` items.
+async fn until_kv_holds(api: &FakeFastlyApi, n: usize, within: Duration) {
+    eventually(&format!("{n} KV entries"), within, || async {
+        api.entries().len() == n
+    })
+    .await;
+}
+
 async fn redis_get(url: &str, key: &str) -> Option<Vec<u8>> {
     let client = redis::Client::open(url).expect("redis url");
     let mut conn = client
@@ -194,10 +202,7 @@ async fn a_thousand_distinct_misses_are_written_in_far_fewer_api_requests() {
 
     let keys = edge_misses(&stack, "thousand", 1_000, 32).await;
     assert_eq!(keys.len(), 1_000);
-    eventually("1000 KV entries", Duration::from_secs(60), || async {
-        api.entries().len() == 1_000
-    })
-    .await;
+    until_kv_holds(&api, 1_000, Duration::from_secs(60)).await;
     for (key, _) in &keys {
         assert!(api.get(&key.kv_key()).is_some());
     }
@@ -230,10 +235,7 @@ async fn an_api_outage_does_not_touch_responses_and_every_queued_entry_is_writte
     const N: usize = 200;
 
     let healthy = edge_misses(&stack, "healthy", N, 4).await;
-    eventually("the healthy entries", Duration::from_secs(20), || async {
-        api.entries().len() == N
-    })
-    .await;
+    until_kv_holds(&api, N, Duration::from_secs(20)).await;
 
     // The outage, in three phases of misses: 429s with reset headers, then 503s, then
     // requests that hang past the timeout. Each phase lasts until the replicator met it.
@@ -277,12 +279,7 @@ async fn an_api_outage_does_not_touch_responses_and_every_queued_entry_is_writte
     assert_eq!(api.entries().len(), N);
     api.clear_faults();
 
-    eventually(
-        "every entry queued during the outage",
-        Duration::from_secs(30),
-        || async { api.entries().len() == 2 * N },
-    )
-    .await;
+    until_kv_holds(&api, 2 * N, Duration::from_secs(30)).await;
     for (key, _) in healthy.iter().chain(&outage) {
         assert!(api.get(&key.kv_key()).is_some());
     }
@@ -358,10 +355,7 @@ async fn purges_remove_entries_from_redis_and_kv_and_the_next_request_is_a_miss(
     let (b, _) = edge_miss(&stack, ACME, "purge b").await;
     let (c, _) = edge_miss(&stack, ACME, "purge c").await;
     let (g, _) = edge_miss(&stack, GLOBEX, "purge g").await;
-    eventually("four KV entries", Duration::from_secs(10), || async {
-        api.entries().len() == 4
-    })
-    .await;
+    until_kv_holds(&api, 4, Duration::from_secs(10)).await;
     stack.settle().await;
     let delete = |path: String, token: &str| {
         stack
@@ -442,12 +436,7 @@ async fn a_refused_batch_endpoint_falls_back_to_single_key_writes() {
     api.set_fault(Fault::RefuseBatch { status: 405 }, None);
 
     let keys = edge_misses(&stack, "one by one", 3, 1).await;
-    eventually(
-        "three single-key writes",
-        Duration::from_secs(10),
-        || async { api.entries().len() == 3 },
-    )
-    .await;
+    until_kv_holds(&api, 3, Duration::from_secs(10)).await;
     let stats = api.stats();
     // One refused batch, then single PUTs (the batch endpoint is not retried for a while).
     assert_eq!((stats.batch, stats.put), (1, 3), "{stats:?}");
