@@ -33,8 +33,9 @@ pub struct EdgeConfig {
     pub kv: Vec<KvSeed>,
     pub origin_connect_timeout_ms: u64,
     pub origin_first_byte_timeout_ms: u64,
-    /// The Config Store `tenants` file; `fixtures/edge/tenants.json` when `None`.
-    pub tenants_store: Option<PathBuf>,
+    /// The Config Store `tenants` contents (as `edge_tenants_json` renders them), written
+    /// into this edge's scratch directory; `fixtures/edge/tenants.json` when `None`.
+    pub tenants_store: Option<String>,
 }
 
 impl EdgeConfig {
@@ -141,10 +142,14 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
         .collect();
     let seed_file = dir.join("kv-seed.json");
     std::fs::write(&seed_file, serde_json::to_vec(&seed)?)?;
-    let tenants = config
-        .tenants_store
-        .clone()
-        .unwrap_or_else(|| repo_root().join("fixtures/edge/tenants.json"));
+    let tenants = match &config.tenants_store {
+        Some(contents) => {
+            let file = dir.join("tenants.json");
+            std::fs::write(&file, contents)?;
+            file
+        }
+        None => repo_root().join("fixtures/edge/tenants.json"),
+    };
     let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
     let mut t = String::new();
     writeln!(

@@ -170,16 +170,11 @@ impl Stack {
         if let Some(adjust) = options.origin_settings {
             adjust(&mut settings);
         }
-        let scratch =
-            std::env::temp_dir().join(format!("gw-stack-{}-{}", std::process::id(), redis.port()));
-        std::fs::create_dir_all(&scratch)?;
         let mut parts = Parts::default();
         let mut edge_tenants = None;
         if let Some(tenants) = options.tenants {
             let file = serde_json::to_vec(&serde_json::json!({ "tenants": tenants }))?;
-            let store = scratch.join("edge-tenants.json");
-            std::fs::write(&store, crate::edge_tenants_json(&file)?)?;
-            edge_tenants = Some(store);
+            edge_tenants = Some(crate::edge_tenants_json(&file)?);
             parts.tenants = Some(Tenants::new(tenants));
         }
         let app = Application::build_with(settings, parts).context("origin builds")?;
