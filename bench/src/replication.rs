@@ -91,6 +91,8 @@ pub async fn run(entries: u64) -> anyhow::Result<Replication> {
         stale_if_error_secs: 86_400,
         monthly_token_budget: None,
         requests_per_second: None,
+        cache_sampled: true,
+        cache_store_requests: false,
     };
     let replicator = KvReplicator::start(&settings, &Tenants::new(vec![tenant]), &Metrics::new()?)?;
     let created = now();

@@ -79,6 +79,13 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// Body `stream_options.include_usage`.
     pub include_usage: bool,
+    /// The answer is drawn at random: `temperature` absent (the providers' default is 1) or
+    /// above 0, and no `seed`. Embeddings are never sampled. The tenant's `cache_sampled`
+    /// decides whether such answers are cached (`policy::plan`).
+    pub sampled: bool,
+    /// Body `"store": true`: the client asks the provider to keep the completion, a side
+    /// effect a cached answer would silently drop (`policy::plan`).
+    pub store: bool,
     /// Canonical bytes (sorted keys, no whitespace, exact numbers, dropped fields removed).
     /// None when the body holds a number that cannot be represented exactly: the request is
     /// served but never cached (bypass), never a collision.
@@ -143,6 +150,9 @@ pub fn parse_request(
         Some(_) => return Err(invalid("stream_options", "must be an object")),
     };
 
+    let sampled = route != Route::Embeddings && is_sampled(&fields);
+    let store = matches!(fields.get("store"), Some(Value::Bool(true)));
+
     for field in DROPPED_FIELDS {
         fields.remove(*field);
     }
@@ -159,8 +169,25 @@ pub fn parse_request(
         model,
         stream,
         include_usage,
+        sampled,
+        store,
         canonical,
     })
+}
+
+/// Randomness decides the answer: no `seed`, and `temperature` absent or null (the providers
+/// default to 1), or a number above 0. A non-numeric temperature is left for the provider to
+/// refuse, and counts as sampled.
+fn is_sampled(fields: &BTreeMap<String, Value>) -> bool {
+    if !matches!(fields.get("seed"), None | Some(Value::Null)) {
+        return false;
+    }
+    match fields.get("temperature") {
+        Some(Value::Number(Number::U64(t))) => *t > 0,
+        Some(Value::Number(Number::I64(t))) => *t > 0,
+        Some(Value::Number(Number::F64(t))) => *t > 0.0,
+        _ => true,
+    }
 }
 
 /// Canonicalize any JSON document (no field dropping, no validation, no size limit) — exposed
@@ -492,6 +519,48 @@ mod tests {
             body.as_bytes(),
             DEFAULT_MAX_BODY_BYTES,
         )
+    }
+
+    #[test]
+    fn sampling_is_read_from_temperature_and_seed() {
+        let sampled = |extra: &str| {
+            chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user","content":"x"}}]{extra}}}"#
+            ))
+            .unwrap()
+            .sampled
+        };
+        assert!(sampled(""), "no temperature: the provider default (1) samples");
+        assert!(sampled(r#","temperature":null"#));
+        assert!(sampled(r#","temperature":0.7"#));
+        assert!(sampled(r#","temperature":1"#));
+        assert!(!sampled(r#","temperature":0"#));
+        assert!(!sampled(r#","temperature":0.0"#));
+        assert!(!sampled(r#","seed":7"#), "a seed asks for a reproducible answer");
+        assert!(!sampled(r#","temperature":1.2,"seed":7"#));
+        assert!(sampled(r#","seed":null"#));
+        let embedding = parse_request(
+            Route::Embeddings,
+            br#"{"model":"e","input":"x"}"#,
+            DEFAULT_MAX_BODY_BYTES,
+        )
+        .unwrap();
+        assert!(!embedding.sampled);
+    }
+
+    #[test]
+    fn store_is_true_only_for_a_true_store_member() {
+        let store = |value: &str| {
+            chat(&format!(
+                r#"{{"model":"m","messages":[{{"role":"user"}}],"store":{value}}}"#
+            ))
+            .unwrap()
+            .store
+        };
+        assert!(store("true"));
+        assert!(!store("false"));
+        assert!(!store("null"));
+        assert!(!chat(r#"{"model":"m","messages":[{"role":"user"}]}"#).unwrap().store);
     }
 
     #[test]

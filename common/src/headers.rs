@@ -117,6 +117,12 @@ impl CacheStatusMember {
         Self::new(cache, params)
     }
 
+    /// Adds RFC 9211 `detail=<token>` (why a cache bypassed or forwarded, e.g. `sampled`).
+    pub fn with_detail(mut self, detail: &str) -> Self {
+        self.params.push(format!("detail={detail}"));
+        self
+    }
+
     /// Served stale: `<cache>; hit; ttl=<ttl_remaining>`, where the ttl is negative (how many
     /// seconds past its freshness the entry is).
     pub fn stale(cache: &str, ttl_remaining: i64) -> Self {
@@ -274,6 +280,12 @@ mod tests {
         assert_eq!(
             CacheStatusMember::stale("gateway-edge", -12).render(),
             "gateway-edge; hit; ttl=-12"
+        );
+        assert_eq!(
+            CacheStatusMember::fwd("gateway-origin", Fwd::Bypass, false)
+                .with_detail("sampled")
+                .render(),
+            "gateway-origin; fwd=bypass; detail=sampled"
         );
         let fwds = [Fwd::Stale, Fwd::Bypass, Fwd::Request];
         let values: Vec<_> = fwds.iter().map(|f| f.as_str()).collect();

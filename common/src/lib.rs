@@ -22,7 +22,7 @@ pub use headers::{CacheOutcome, CacheStatusMember, Fwd, Layer, ServerTiming};
 pub use key::{
     CacheKey, KEY_VERSION, TenantIdError, api_key_digest, bearer_token, validate_tenant_id,
 };
-pub use policy::{Freshness, Plan, RequestDirectives};
+pub use policy::{Bypass, Freshness, Plan, RequestDirectives};
 pub use route::Route;
 pub use sse::{ChatAssembler, SseError, replay_chat};
 pub use tenant::{Tenant, TenantsFile};

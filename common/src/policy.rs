@@ -1,7 +1,8 @@
 //! The cache decision table: what may be read, written and served, and for how long. Pure:
 //! callers pass the clock (`now`) and headers in; nothing here reads them itself.
 
-use crate::canonical::{Value, parse_strict};
+use crate::canonical::{ParsedRequest, Value, parse_strict};
+use crate::tenant::Tenant;
 
 /// What the request's `Cache-Control` (or `Pragma`) asks of the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -72,22 +73,72 @@ pub struct Plan {
     pub write: bool,
     /// Serve only entries at most this old (seconds).
     pub max_age: Option<u64>,
+    /// Why neither read nor write happens (`Cache-Status: fwd=bypass; detail=<reason>`).
+    pub bypass: Option<Bypass>,
 }
 
-/// cacheable=false (canonical None) -> no read, no write. no-store -> neither. no-cache -> write
-/// only. Otherwise read and write.
-pub fn plan(directives: RequestDirectives, cacheable_request: bool) -> Plan {
-    let (read, write) = if !cacheable_request || directives.no_store {
-        (false, false)
-    } else if directives.no_cache {
-        (false, true)
+/// Why a request does not use the cache at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bypass {
+    /// The body cannot be keyed exactly (an inexact number, a stream on a route whose answers
+    /// cannot be replayed), or the tier has no key secret.
+    Uncacheable,
+    /// The client sent `Cache-Control: no-store`.
+    NoStore,
+    /// A sampled answer, and the tenant does not cache those (`Tenant::cache_sampled`).
+    Sampled,
+    /// `"store": true`, and the tenant does not answer those from cache
+    /// (`Tenant::cache_store_requests`).
+    Store,
+}
+
+impl Bypass {
+    /// The RFC 9211 `detail` token.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Bypass::Uncacheable => "uncacheable",
+            Bypass::NoStore => "no-store",
+            Bypass::Sampled => "sampled",
+            Bypass::Store => "store",
+        }
+    }
+}
+
+impl Plan {
+    /// Neither read nor write, for `reason`.
+    pub fn bypass(reason: Bypass) -> Plan {
+        Plan {
+            read: false,
+            write: false,
+            max_age: None,
+            bypass: Some(reason),
+        }
+    }
+}
+
+/// The decision table, the same in both tiers: an uncacheable body, `no-store`, or a request
+/// the tenant's policy keeps out of the cache (sampled answers, `store: true`) -> neither read
+/// nor write. `no-cache` -> write only. Otherwise read and write.
+pub fn plan(directives: RequestDirectives, request: &ParsedRequest, tenant: &Tenant) -> Plan {
+    let bypass = if request.canonical.is_none() {
+        Some(Bypass::Uncacheable)
+    } else if directives.no_store {
+        Some(Bypass::NoStore)
+    } else if request.store && !tenant.cache_store_requests {
+        Some(Bypass::Store)
+    } else if request.sampled && !tenant.cache_sampled {
+        Some(Bypass::Sampled)
     } else {
-        (true, true)
+        None
     };
+    if let Some(reason) = bypass {
+        return Plan::bypass(reason);
+    }
     Plan {
-        read,
-        write,
+        read: !directives.no_cache,
+        write: true,
         max_age: directives.max_age,
+        bypass: None,
     }
 }
 
@@ -186,6 +237,32 @@ mod tests {
         assert!(!parse_cache_control(None, Some("something")).no_cache);
     }
 
+    fn request(canonical: bool, sampled: bool, store: bool) -> ParsedRequest {
+        ParsedRequest {
+            route: crate::route::Route::ChatCompletions,
+            model: "m".into(),
+            stream: false,
+            include_usage: false,
+            sampled,
+            store,
+            canonical: canonical.then(|| b"{}".to_vec()),
+        }
+    }
+
+    fn tenant(cache_sampled: bool, cache_store_requests: bool) -> Tenant {
+        Tenant {
+            id: "acme".into(),
+            api_key_sha256: vec![],
+            allowed_models: vec![],
+            cache_ttl_secs: 60,
+            stale_if_error_secs: 0,
+            monthly_token_budget: None,
+            requests_per_second: None,
+            cache_sampled,
+            cache_store_requests,
+        }
+    }
+
     #[test]
     fn plan_follows_the_decision_table() {
         let d = |no_store, no_cache| RequestDirectives {
@@ -193,13 +270,47 @@ mod tests {
             no_cache,
             max_age: Some(5),
         };
-        let rw = |p: Plan| (p.read, p.write);
-        assert_eq!(rw(plan(d(false, false), true)), (true, true));
-        assert_eq!(rw(plan(d(false, true), true)), (false, true));
-        assert_eq!(rw(plan(d(true, false), true)), (false, false));
-        assert_eq!(rw(plan(d(true, true), true)), (false, false));
-        assert_eq!(rw(plan(d(false, false), false)), (false, false));
-        assert_eq!(plan(d(false, false), true).max_age, Some(5));
+        let plain = request(true, false, false);
+        let t = tenant(true, false);
+        let rw = |p: Plan| (p.read, p.write, p.bypass);
+        assert_eq!(rw(plan(d(false, false), &plain, &t)), (true, true, None));
+        assert_eq!(rw(plan(d(false, true), &plain, &t)), (false, true, None));
+        let no_store = (false, false, Some(Bypass::NoStore));
+        assert_eq!(rw(plan(d(true, false), &plain, &t)), no_store);
+        assert_eq!(rw(plan(d(true, true), &plain, &t)), no_store);
+        let inexact = request(false, false, false);
+        assert_eq!(
+            rw(plan(d(false, false), &inexact, &t)),
+            (false, false, Some(Bypass::Uncacheable))
+        );
+        assert_eq!(plan(d(false, false), &plain, &t).max_age, Some(5));
+    }
+
+    #[test]
+    fn the_tenant_decides_about_sampled_answers_and_store_requests() {
+        let none = RequestDirectives::default();
+        let sampled = request(true, true, false);
+        let stored = request(true, false, true);
+        let default = tenant(true, false);
+        assert!(plan(none, &sampled, &default).read, "sampled answers cached by default");
+        assert_eq!(
+            plan(none, &stored, &default).bypass,
+            Some(Bypass::Store),
+            "store: true goes to the provider unless the tenant opts in"
+        );
+        let fresh_draws = tenant(false, true);
+        assert_eq!(
+            plan(none, &sampled, &fresh_draws),
+            Plan::bypass(Bypass::Sampled)
+        );
+        let no_cache = RequestDirectives {
+            no_cache: true,
+            ..none
+        };
+        assert!(!plan(no_cache, &sampled, &fresh_draws).write, "not written either");
+        assert!(plan(none, &stored, &fresh_draws).read);
+        assert!(plan(none, &request(true, false, false), &fresh_draws).read);
+        assert_eq!(Bypass::NoStore.as_str(), "no-store");
     }
 
     #[test]

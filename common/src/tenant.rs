@@ -25,6 +25,22 @@ pub struct Tenant {
     pub monthly_token_budget: Option<u64>,
     /// `None` = unlimited.
     pub requests_per_second: Option<u32>,
+    /// Cache answers that were sampled (`temperature` absent or above 0, no `seed`) and replay
+    /// one sample to every identical request. Default true: most requests leave `temperature`
+    /// at the providers' default of 1, so a tenant that turned this off would cache only
+    /// requests with `temperature: 0` or a `seed`. A tenant that wants a fresh draw each time
+    /// sets it to false; those requests then bypass both tiers (`Cache-Status: detail=sampled`).
+    #[serde(default = "default_true")]
+    pub cache_sampled: bool,
+    /// Answer `"store": true` requests from the cache. Default false: such a request asks the
+    /// provider to keep the completion, and a cached answer would silently drop that, so it goes
+    /// to the provider uncached (`Cache-Status: detail=store`).
+    #[serde(default)]
+    pub cache_store_requests: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Tenant {
@@ -148,6 +164,9 @@ mod tests {
         assert!(!record.contains('\n'));
         let back: Tenant = serde_json::from_str(record).unwrap();
         assert_eq!(back, file.tenants[0]);
+        // Records written before the cache policy fields existed read with their defaults.
+        assert!(file.tenants[0].cache_sampled);
+        assert!(!file.tenants[0].cache_store_requests);
     }
 
     #[test]

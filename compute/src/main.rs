@@ -22,7 +22,7 @@ use gateway_common::headers::{
 };
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{
-    Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control, plan,
+    Bypass, Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control, plan,
 };
 use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
@@ -119,7 +119,10 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         }
         _ => None,
     };
-    let plan = plan(directives, key.is_some());
+    let plan = match &key {
+        Some(_) => plan(directives, &parsed, &tenant),
+        None => Plan::bypass(Bypass::Uncacheable),
+    };
     log.key = key.as_ref().map(|k| k.hex().to_owned());
 
     let now = unix_now();
@@ -234,7 +237,10 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         && header_resp(&resp, X_CACHE) == Some(CacheOutcome::Hit.as_str())
         && header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json"));
 
-    let member = CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate);
+    let mut member = CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate);
+    if let Some(reason) = d.plan.bypass {
+        member = member.with_detail(reason.as_str());
+    }
     let cache_status = append_cache_status(header_resp(&resp, CACHE_STATUS), &member);
     resp.set_header(CACHE_STATUS, cache_status);
     let server_timing = d.timing.append_to(header_resp(&resp, SERVER_TIMING));

@@ -273,6 +273,8 @@ mod tests {
             stale_if_error_secs: 0,
             monthly_token_budget: budget,
             requests_per_second: rps,
+            cache_sampled: true,
+            cache_store_requests: false,
         }
     }
 

@@ -11,7 +11,7 @@ use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
 use gateway_common::key::{CacheKey, bearer_token, validate_tenant_id};
-use gateway_common::policy::{self, Freshness};
+use gateway_common::policy::{self, Bypass, Freshness};
 use gateway_common::route::Route;
 use gateway_common::sse::replay_chat;
 use gateway_common::tenant::Tenant;
@@ -153,6 +153,8 @@ struct Job {
     hide_usage: bool,
     /// Where to write a cacheable answer; `None` when the plan does not write.
     key: Option<CacheKey>,
+    /// Why the plan neither reads nor writes (for `Cache-Status`).
+    bypass: Option<Bypass>,
     edge_miss: bool,
 }
 
@@ -283,7 +285,7 @@ impl Service {
             request.cache_control.as_deref(),
             request.pragma.as_deref(),
         );
-        let plan = policy::plan(directives, parsed.canonical.is_some());
+        let plan = policy::plan(directives, &parsed, &tenant);
         let key = match &parsed.canonical {
             Some(canonical) if plan.read || plan.write => Some(CacheKey::derive(
                 &self.key_secret,
@@ -379,6 +381,7 @@ impl Service {
             stream: parsed.stream,
             assemble: chat_stream,
             key: if plan.write { key.clone() } else { None },
+            bypass: plan.bypass,
             edge_miss: request.edge_miss,
         };
         let shared = match &key {
@@ -412,7 +415,12 @@ impl Service {
         let answer = shared?;
         trace.provider = Some(Arc::clone(&answer.provider));
         trace.upstream_ms = Some(answer.upstream_ms);
-        trace.cache_status = Some(cache_status(fwd, answer.entry.is_some(), trace.collapsed));
+        trace.cache_status = Some(cache_status(
+            fwd,
+            plan.bypass,
+            answer.entry.is_some(),
+            trace.collapsed,
+        ));
         Ok(render_answer(
             &answer,
             request.route,
@@ -433,11 +441,12 @@ impl Service {
         let (done_tx, done_rx) = oneshot::channel();
         let (live_tx, live_rx) = oneshot::channel();
         let streaming = job.stream;
+        let job_bypass = job.bypass;
         tokio::spawn(Arc::clone(self).fetch(job, leader, streaming.then_some(live_tx), done_tx));
         if streaming && let Ok(live) = live_rx.await {
             trace.provider = Some(live.provider);
             trace.upstream_ms = Some(live.upstream_ms);
-            trace.cache_status = Some(cache_status(fwd, false, false));
+            trace.cache_status = Some(cache_status(fwd, job_bypass, false, false));
             return Led::Live(Reply {
                 status: 200,
                 content_type: "text/event-stream".into(),
@@ -901,8 +910,12 @@ fn constant_time_eq(given: &str, expected: &str) -> bool {
     given.as_bytes().ct_eq(expected.as_bytes()).into()
 }
 
-fn cache_status(fwd: Fwd, stored: bool, collapsed: bool) -> String {
-    let mut member = CacheStatusMember::fwd(CACHE_NAME, fwd, stored).render();
+fn cache_status(fwd: Fwd, bypass: Option<Bypass>, stored: bool, collapsed: bool) -> String {
+    let mut member = CacheStatusMember::fwd(CACHE_NAME, fwd, stored);
+    if let Some(reason) = bypass {
+        member = member.with_detail(reason.as_str());
+    }
+    let mut member = member.render();
     if collapsed {
         // RFC 9211 `collapsed`: answered by a request made for another client.
         member.push_str("; collapsed");
@@ -1035,12 +1048,16 @@ mod tests {
     #[test]
     fn the_cache_status_marks_collapsed_requests() {
         assert_eq!(
-            cache_status(Fwd::Uri_Miss, true, true),
+            cache_status(Fwd::Uri_Miss, None, true, true),
             "gateway-origin; fwd=uri-miss; stored; collapsed"
         );
         assert_eq!(
-            cache_status(Fwd::Bypass, false, false),
+            cache_status(Fwd::Bypass, None, false, false),
             "gateway-origin; fwd=bypass"
+        );
+        assert_eq!(
+            cache_status(Fwd::Bypass, Some(Bypass::Sampled), false, false),
+            "gateway-origin; fwd=bypass; detail=sampled"
         );
     }
 }

@@ -90,6 +90,8 @@ mod tests {
             stale_if_error_secs: 0,
             monthly_token_budget: None,
             requests_per_second: None,
+            cache_sampled: true,
+            cache_store_requests: false,
         }
     }
 

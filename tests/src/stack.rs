@@ -140,6 +140,8 @@ pub fn many_tenants(count: usize) -> Vec<Tenant> {
             stale_if_error_secs: 86_400,
             monthly_token_budget: None,
             requests_per_second: None,
+            cache_sampled: true,
+            cache_store_requests: false,
         })
         .collect()
 }

@@ -99,7 +99,7 @@ async fn no_store_bypasses_the_cache_and_no_cache_refreshes_it() {
     assert_eq!(header(&bypass, "x-cache"), "BYPASS");
     assert_eq!(
         header(&bypass, "cache-status"),
-        "gateway-origin; fwd=bypass"
+        "gateway-origin; fwd=bypass; detail=no-store"
     );
     stack.settle().await;
     assert_eq!(stack.redis.entries(), 0, "no-store writes nothing");

@@ -7,6 +7,7 @@ mod coalescing;
 mod failover;
 mod harness;
 mod operations;
+mod policy;
 mod redis_outage;
 mod replication;
 mod streaming;
