@@ -86,7 +86,13 @@ impl Application {
         let metrics = Metrics::new()?;
         let tenants = match parts.tenants {
             Some(tenants) => tenants,
-            None => Tenants::from_file(&settings.tenants.file)?,
+            None => {
+                // Validation refuses a missing file outside dev_mode; this only guards that.
+                let file = settings.tenants_file().ok_or_else(|| {
+                    settings::SettingsError::Production("tenants.file is not set".into())
+                })?;
+                Tenants::from_file(&file)?
+            }
         };
         let store: Arc<dyn Store> = match parts.store {
             Some(store) => store,

@@ -733,16 +733,13 @@ impl Service {
         }
     }
 
-    /// Bearer key → tenant, then the edge shared secret when this origin requires it.
+    /// The edge shared secret when this origin requires it, then bearer key → tenant. The
+    /// secret comes first: a caller without it learns nothing, not even whether a key is valid.
     pub fn authorize(
         &self,
         authorization: Option<&str>,
         edge_secret: Option<&str>,
     ) -> Result<Arc<Tenant>, Refusal> {
-        let tenant = authorization
-            .and_then(bearer_token)
-            .and_then(|key| self.tenants.authenticate(key))
-            .ok_or_else(|| Refusal::from(ApiError::unauthorized()))?;
         if let Some(expected) = &self.edge_secret {
             match edge_secret {
                 None => {
@@ -769,7 +766,10 @@ impl Service {
                 }
             }
         }
-        Ok(tenant)
+        authorization
+            .and_then(bearer_token)
+            .and_then(|key| self.tenants.authenticate(key))
+            .ok_or_else(|| Refusal::from(ApiError::unauthorized()))
     }
 
     /// `GET /v1/models`: the models the tenant may use, in OpenAI's list shape.
@@ -849,14 +849,7 @@ impl Service {
         authorization: Option<&str>,
         tenant: &str,
     ) -> Result<Bytes, Refusal> {
-        let authorized = match &self.admin_token {
-            Some(token) if !token.expose().is_empty() => constant_time_eq(
-                authorization.and_then(bearer_token).unwrap_or(""),
-                token.expose(),
-            ),
-            _ => false,
-        };
-        if !authorized {
+        if !self.is_admin(authorization) {
             return Err(ApiError::unauthorized().into());
         }
         validate_tenant_id(tenant).map_err(|_| {
@@ -889,15 +882,24 @@ impl Service {
         self.store.ping().await.map_err(|_| "redis unreachable")
     }
 
-    /// The Prometheus page; requires the admin token when one is configured.
+    /// The Prometheus page (tenant ids and usage); requires the admin token. Only a
+    /// `dev_mode` origin runs without one (validation refuses that elsewhere), and then the
+    /// page is open.
     pub fn metrics_page(&self, authorization: Option<&str>) -> Result<Vec<u8>, Refusal> {
-        if let Some(token) = &self.admin_token {
-            let given = authorization.and_then(bearer_token).unwrap_or("");
-            if !constant_time_eq(given, token.expose()) {
-                return Err(ApiError::unauthorized().into());
-            }
+        if self.admin_token.is_some() && !self.is_admin(authorization) {
+            return Err(ApiError::unauthorized().into());
         }
         Ok(self.metrics.render())
+    }
+
+    /// The bearer token is the configured, non-empty admin token. False without one.
+    fn is_admin(&self, authorization: Option<&str>) -> bool {
+        match (&self.admin_token, authorization.and_then(bearer_token)) {
+            (Some(token), Some(given)) if !token.expose().is_empty() => {
+                constant_time_eq(given, token.expose())
+            }
+            _ => false,
+        }
     }
 }
 

@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod validate;
+
+use validate::decode_key_secret;
+
 /// The compiled-in defaults, the first layer of every load.
 const DEFAULTS_TOML: &str = r#"
 dev_mode = false
@@ -37,10 +41,13 @@ coalesce_wait_timeout_ms = 300000
 usage_flush_ms = 1000
 
 [tenants]
-file = "fixtures/tenants.json"
 
 [security]
 require_edge_secret = false
+
+[purge]
+tenant_per_minute = 30
+tenant_burst = 10
 
 [router]
 retry_budget_ratio = 0.2
@@ -68,7 +75,12 @@ max_retries = 8
 backoff_base_ms = 500
 backoff_max_ms = 60000
 hourly_request_budget = 900
+purge_queue_capacity = 1024
 "#;
+
+/// The tenants file loaded in `dev_mode` when `tenants.file` is not set. Its keys are in the
+/// README: outside `dev_mode` a tenants file must be named explicitly.
+pub const DEV_TENANTS_FILE: &str = "fixtures/tenants.json";
 
 /// The cache key secret used when `dev_mode = true` and none is configured. It matches the
 /// edge's development secret (`fastly.toml` `[local_server]`), so local runs agree on keys.
@@ -113,13 +125,16 @@ impl<'de> Deserialize<'de> for Secret {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
-    /// Allows development conveniences (the built-in cache key secret). Never in production.
+    /// Allows development conveniences: the built-in cache key secret, the fixture tenants, an
+    /// origin callable without the edge secret, `/metrics` without a token. Never in
+    /// production: outside it the origin refuses to start without its production settings.
     pub dev_mode: bool,
     pub server: ServerSettings,
     pub redis: RedisSettings,
     pub cache: CacheSettings,
     pub tenants: TenantsSettings,
     pub security: SecuritySettings,
+    pub purge: PurgeSettings,
     pub router: RouterSettings,
     #[serde(default)]
     pub providers: Vec<ProviderSettings>,
@@ -178,8 +193,21 @@ pub struct CacheSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantsSettings {
-    /// Path of `tenants.json` (the same file fills the edge's Config Store).
-    pub file: PathBuf,
+    /// Path of `tenants.json` (the same file fills the edge's Config Store). Required outside
+    /// `dev_mode`; in it, [`DEV_TENANTS_FILE`] when unset.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+/// Limits on the cache purge routes (`DELETE /v1/cache`, `DELETE /v1/cache/{key}`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeSettings {
+    /// Purge requests a tenant may make per minute on one replica (a token bucket); past it,
+    /// 429 with `Retry-After`. Each purge costs Fastly API requests from the shared budget.
+    pub tenant_per_minute: u32,
+    /// How many purge requests a tenant may make at once before the rate applies.
+    pub tenant_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,9 +216,11 @@ pub struct SecuritySettings {
     /// Require `x-gateway-edge-secret` on every API request (the origin is only reachable
     /// through the edge).
     pub require_edge_secret: bool,
+    /// Must not be empty; at least 16 bytes outside `dev_mode`.
     #[serde(default)]
     pub edge_secret: Option<Secret>,
-    /// When set, `/metrics` requires `Authorization: Bearer <admin_token>`.
+    /// `/metrics` and the admin purge require `Authorization: Bearer <admin_token>`. Required
+    /// outside `dev_mode`; in it, `/metrics` is open when unset.
     #[serde(default)]
     pub admin_token: Option<Secret>,
 }
@@ -304,6 +334,10 @@ pub struct ReplicationSettings {
     /// API requests this replica may make per hour (writes, lists and deletes together). The
     /// Fastly limit (~1000/h) is per user, so split it between replicas sharing a token.
     pub hourly_request_budget: u32,
+    /// Purges waiting for the API (a tenant purge counts once, a key purge once per key;
+    /// pending purges of a tenant merge). Past it a purge is refused with 503, never dropped
+    /// after the caller was told it was accepted.
+    pub purge_queue_capacity: usize,
 }
 
 /// Why settings could not be loaded. Every message names the offending key.
@@ -313,9 +347,13 @@ pub enum SettingsError {
     Load(#[from] config::ConfigError),
     #[error("settings: invalid value for `{key}`: {reason}")]
     Invalid { key: String, reason: String },
+    #[error(
+        "settings: refusing to start outside dev_mode without the production settings: {0}. (For a local run, set dev_mode = true.)"
+    )]
+    Production(String),
 }
 
-fn invalid(key: impl Into<String>, reason: impl Into<String>) -> SettingsError {
+pub(crate) fn invalid(key: impl Into<String>, reason: impl Into<String>) -> SettingsError {
     SettingsError::Invalid {
         key: key.into(),
         reason: reason.into(),
@@ -412,138 +450,14 @@ impl Settings {
         settings
     }
 
-    /// Checks every value once; the first problem found is returned, naming its key.
-    pub fn validate(&self) -> Result<(), SettingsError> {
-        self.server
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(|e| invalid("server.listen", e.to_string()))?;
-        if self.server.max_body_bytes == 0 {
-            return Err(invalid("server.max_body_bytes", "must be > 0"));
+    /// The tenants file to load: `tenants.file`, or in `dev_mode` the development fixture.
+    /// `None` only outside `dev_mode` without a file, which validation refuses.
+    pub fn tenants_file(&self) -> Option<PathBuf> {
+        match &self.tenants.file {
+            Some(file) => Some(file.clone()),
+            None if self.dev_mode => Some(PathBuf::from(DEV_TENANTS_FILE)),
+            None => None,
         }
-        if self.server.max_upstream_body_bytes == 0 {
-            return Err(invalid("server.max_upstream_body_bytes", "must be > 0"));
-        }
-        redis::parse_redis_url(self.redis.url.expose())
-            .ok_or_else(|| invalid("redis.url", "not a redis:// URL"))?;
-        for (key, value) in [
-            ("redis.pool_size", self.redis.pool_size as u64),
-            ("redis.response_timeout_ms", self.redis.response_timeout_ms),
-            (
-                "redis.pool_wait_timeout_ms",
-                self.redis.pool_wait_timeout_ms,
-            ),
-            ("redis.connect_timeout_ms", self.redis.connect_timeout_ms),
-            (
-                "redis.breaker_failure_threshold",
-                u64::from(self.redis.breaker_failure_threshold),
-            ),
-            ("cache.ttl_cap_secs", self.cache.ttl_cap_secs),
-            (
-                "cache.coalesce_wait_timeout_ms",
-                self.cache.coalesce_wait_timeout_ms,
-            ),
-            ("cache.usage_flush_ms", self.cache.usage_flush_ms),
-            (
-                "router.breaker_failure_threshold",
-                u64::from(self.router.breaker_failure_threshold),
-            ),
-            (
-                "router.stream_idle_timeout_ms",
-                self.router.stream_idle_timeout_ms,
-            ),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be > 0"));
-            }
-        }
-        match &self.cache.key_secret {
-            None if !self.dev_mode => {
-                return Err(invalid(
-                    "cache.key_secret",
-                    "required (it must equal the edge's); only dev_mode = true has a built-in one",
-                ));
-            }
-            None => {}
-            Some(secret) => {
-                let bytes = decode_key_secret(secret)
-                    .map_err(|reason| invalid("cache.key_secret", reason))?;
-                if bytes.len() < 16 && !self.dev_mode {
-                    return Err(invalid("cache.key_secret", "must be at least 16 bytes"));
-                }
-            }
-        }
-        if self.security.require_edge_secret {
-            match &self.security.edge_secret {
-                Some(s) if !s.expose().is_empty() => {}
-                _ => {
-                    return Err(invalid(
-                        "security.edge_secret",
-                        "required when security.require_edge_secret = true",
-                    ));
-                }
-            }
-        }
-        if !(0.0..=10.0).contains(&self.router.retry_budget_ratio) {
-            return Err(invalid(
-                "router.retry_budget_ratio",
-                "must be within 0.0..=10.0",
-            ));
-        }
-        if !(0.0..=1.0e6).contains(&self.router.retry_budget_min_per_sec) {
-            return Err(invalid(
-                "router.retry_budget_min_per_sec",
-                "must be within 0..=1e6",
-            ));
-        }
-        tracing_subscriber::EnvFilter::try_new(&self.log.filter)
-            .map_err(|e| invalid("log.filter", e.to_string()))?;
-        self.replication.validate()?;
-        if self.providers.is_empty() {
-            return Err(invalid("providers", "at least one provider is required"));
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, p) in self.providers.iter().enumerate() {
-            let key = |field: &str| format!("providers[{i}].{field}");
-            if p.name.is_empty()
-                || !p
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(invalid(key("name"), "must be non-empty [A-Za-z0-9_-]"));
-            }
-            if !names.insert(p.name.as_str()) {
-                return Err(invalid(
-                    key("name"),
-                    format!("duplicate provider name {}", p.name),
-                ));
-            }
-            match reqwest::Url::parse(&p.base_url) {
-                Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-                Ok(_) => return Err(invalid(key("base_url"), "scheme must be http or https")),
-                Err(e) => return Err(invalid(key("base_url"), e.to_string())),
-            }
-            if p.models.is_empty() {
-                return Err(invalid(key("models"), "must map at least one model"));
-            }
-            if let Some((client, _)) = p.models.iter().find(|(c, m)| c.is_empty() || m.is_empty()) {
-                return Err(invalid(
-                    key("models"),
-                    format!("empty model name in mapping of {client:?}"),
-                ));
-            }
-            if p.weight == 0 {
-                return Err(invalid(key("weight"), "must be > 0"));
-            }
-            if p.timeout_ms == 0 {
-                return Err(invalid(key("timeout_ms"), "must be > 0"));
-            }
-            if p.connect_timeout_ms == 0 {
-                return Err(invalid(key("connect_timeout_ms"), "must be > 0"));
-            }
-        }
-        Ok(())
     }
 
     /// The cache key secret's bytes (validated at load).
@@ -564,100 +478,17 @@ impl Settings {
     }
 }
 
-impl ReplicationSettings {
-    /// Checked only when enabled, so the defaults need no store or token.
-    fn validate(&self) -> Result<(), SettingsError> {
-        if !self.enabled {
-            return Ok(());
-        }
-        match reqwest::Url::parse(&self.api_base_url) {
-            Ok(url) if url.scheme() == "https" => {}
-            Ok(url)
-                if url.scheme() == "http"
-                    && matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")) => {}
-            Ok(_) => {
-                return Err(invalid(
-                    "replication.api_base_url",
-                    "must be https (plain http only for a loopback host): it carries the API token",
-                ));
-            }
-            Err(e) => return Err(invalid("replication.api_base_url", e.to_string())),
-        }
-        if self.store_id.is_empty()
-            || !self
-                .store_id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
-            return Err(invalid(
-                "replication.store_id",
-                "required: the KV store id, [A-Za-z0-9_-]",
-            ));
-        }
-        match &self.api_token {
-            Some(token) if !token.expose().is_empty() => {}
-            _ => {
-                return Err(invalid(
-                    "replication.api_token_env",
-                    format!("environment variable {} is not set", self.api_token_env),
-                ));
-            }
-        }
-        for (key, value) in [
-            ("replication.queue_capacity", self.queue_capacity as u64),
-            (
-                "replication.batch_max_entries",
-                self.batch_max_entries as u64,
-            ),
-            ("replication.batch_max_bytes", self.batch_max_bytes as u64),
-            ("replication.request_timeout_ms", self.request_timeout_ms),
-            ("replication.backoff_base_ms", self.backoff_base_ms),
-            (
-                "replication.hourly_request_budget",
-                u64::from(self.hourly_request_budget),
-            ),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be > 0"));
-            }
-        }
-        if self.batch_max_entries > 10_000 {
-            return Err(invalid("replication.batch_max_entries", "must be <= 10000"));
-        }
-        if self.backoff_max_ms < self.backoff_base_ms {
-            return Err(invalid(
-                "replication.backoff_max_ms",
-                "must be >= replication.backoff_base_ms",
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// `hex:<hex digits>` → those bytes; anything else → its UTF-8 bytes.
-fn decode_key_secret(secret: &Secret) -> Result<Vec<u8>, String> {
-    let value = secret.expose();
-    let bytes = match value.strip_prefix("hex:") {
-        Some(digits) => hex::decode(digits).map_err(|e| format!("bad hex: {e}"))?,
-        None => value.as_bytes().to_vec(),
-    };
-    if bytes.is_empty() {
-        return Err("must not be empty".into());
-    }
-    Ok(bytes)
-}
-
 /// Milliseconds → `Duration`, for the `*_ms` settings.
 pub fn ms(value: u64) -> Duration {
     Duration::from_millis(value)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::Write;
 
-    fn provider_toml() -> &'static str {
+    pub(super) fn provider_toml() -> &'static str {
         r#"
 [[providers]]
 name = "mock"
@@ -666,7 +497,7 @@ models = { "gpt-4o-mini" = "gpt-4o-mini" }
 "#
     }
 
-    fn write_file(contents: &str) -> tempfile_path::TempFile {
+    pub(super) fn write_file(contents: &str) -> tempfile_path::TempFile {
         tempfile_path::TempFile::new(contents)
     }
 
@@ -845,18 +676,6 @@ models = { "gpt-4o-mini" = "gpt-4o-mini" }
     }
 
     #[test]
-    fn the_edge_secret_is_required_when_demanded() {
-        let file = write_file(&format!(
-            "dev_mode = true\n[security]\nrequire_edge_secret = true\n{}",
-            provider_toml()
-        ));
-        let err = Settings::load(Some(&file.0), &HashMap::new())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("security.edge_secret"), "{err}");
-    }
-
-    #[test]
     fn replication_takes_its_token_from_the_named_variable_and_never_prints_it() {
         let toml = format!(
             "dev_mode = true\n{}[replication]\nenabled = true\nstore_id = \"kv-store-1\"\n",
@@ -878,55 +697,5 @@ models = { "gpt-4o-mini" = "gpt-4o-mini" }
             "fastly-token-123"
         );
         assert!(!format!("{s:?}").contains("fastly-token-123"));
-    }
-
-    #[test]
-    fn replication_settings_are_validated_only_when_enabled_and_name_the_key() {
-        let mut s = Settings::for_tests();
-        s.providers = vec![];
-        let check = |s: &Settings| s.replication.validate().map_err(|e| e.to_string());
-        s.replication.store_id = String::new();
-        assert!(check(&s).is_ok());
-        s.replication.enabled = true;
-        s.replication.api_token = Some(Secret::new("t"));
-        assert!(check(&s).unwrap_err().contains("replication.store_id"));
-        s.replication.store_id = "abc".into();
-        assert!(check(&s).is_ok());
-        s.replication.api_base_url = "http://api.example.com".into();
-        assert!(check(&s).unwrap_err().contains("replication.api_base_url"));
-        s.replication.api_base_url = "http://127.0.0.1:9999".into();
-        assert!(check(&s).is_ok());
-        s.replication.backoff_max_ms = 1;
-        assert!(
-            check(&s)
-                .unwrap_err()
-                .contains("replication.backoff_max_ms")
-        );
-        s.replication.backoff_max_ms = 60_000;
-        s.replication.queue_capacity = 0;
-        assert!(
-            check(&s)
-                .unwrap_err()
-                .contains("replication.queue_capacity")
-        );
-    }
-
-    #[test]
-    fn test_settings_are_valid_once_a_provider_is_added() {
-        let mut s = Settings::for_tests();
-        assert!(s.validate().is_err());
-        s.providers.push(ProviderSettings {
-            name: "p".into(),
-            base_url: "http://127.0.0.1:1/v1".into(),
-            base_url_env: None,
-            api_key_env: None,
-            api_key: None,
-            models: BTreeMap::from([("m".to_string(), "m".to_string())]),
-            priority: 0,
-            weight: 1,
-            timeout_ms: 100,
-            connect_timeout_ms: 100,
-        });
-        s.validate().unwrap();
     }
 }

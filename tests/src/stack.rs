@@ -97,7 +97,7 @@ pub fn origin_settings(redis: &RedisServer, providers: &[&MockProvider]) -> Sett
     let mut settings = Settings::for_tests();
     settings.redis.url = Secret::new(redis.url());
     settings.cache.key_secret = Some(Secret::new(SECRET));
-    settings.tenants.file = tenants_file();
+    settings.tenants.file = Some(tenants_file());
     settings.router.breaker_cooldown_ms = 500;
     // The defaults (50 ms response, 20 ms pool wait) are right for production, but on a
     // loaded 2-core CI machine a healthy Redis can miss them, which turns an expected hit into

@@ -138,7 +138,7 @@ impl Stack {
         settings.redis.breaker_cooldown_ms = 200;
         settings.router.breaker_cooldown_ms = 500;
         settings.cache.usage_flush_ms = 100;
-        settings.tenants.file = tenants_file();
+        settings.tenants.file = Some(tenants_file());
         settings.providers = providers
             .iter()
             .enumerate()

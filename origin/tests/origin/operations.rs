@@ -162,7 +162,14 @@ async fn when_required_the_edge_shared_secret_must_be_present_and_right() {
     let body = chat_body("from the edge");
     let missing = stack.post("/v1/chat/completions", ACME, &body).await;
     assert_eq!(missing.status(), 401);
-    openai_error(missing).await;
+    let known = openai_error(missing).await;
+    assert_eq!(known["error"]["code"], "edge_secret_missing");
+    // No key oracle: without the secret, an unknown key gets the very same answer.
+    let unknown = stack
+        .post("/v1/chat/completions", "sk-not-a-tenant", &body)
+        .await;
+    assert_eq!(unknown.status(), 401);
+    assert_eq!(openai_error(unknown).await, known);
     let wrong = stack
         .post_with(
             "/v1/chat/completions",
@@ -207,4 +214,41 @@ async fn with_an_admin_token_metrics_require_it() {
             .status(),
         200
     );
+}
+
+#[test]
+fn the_binary_refuses_to_start_with_the_development_defaults_outside_dev_mode() {
+    let dir = std::env::temp_dir().join(format!("gateway-prod-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("origin.toml");
+    std::fs::write(
+        &config,
+        r#"[server]
+listen = "127.0.0.1:0"
+[cache]
+key_secret = "0123456789abcdef-key"
+[[providers]]
+name = "p"
+base_url = "http://127.0.0.1:9/v1"
+models = { "m" = "m" }
+"#,
+    )
+    .unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_gateway-origin"))
+        .arg("--config")
+        .arg(&config)
+        .env_clear()
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(!output.status.success(), "it started");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in [
+        "tenants.file",
+        "security.require_edge_secret",
+        "security.edge_secret",
+        "security.admin_token",
+    ] {
+        assert!(stderr.contains(key), "{key} not named: {stderr}");
+    }
 }

@@ -31,7 +31,11 @@ async fn a_store_request_goes_to_the_provider_uncached_unless_the_tenant_opts_in
         header(&stored, "cache-status"),
         "gateway-origin; fwd=bypass; detail=store"
     );
-    assert_eq!(stack.provider_calls(), 2, "the provider saw the store request");
+    assert_eq!(
+        stack.provider_calls(),
+        2,
+        "the provider saw the store request"
+    );
     let plain = ask(&stack, &chat_body("keep this")).await;
     assert_eq!(header(&plain, "x-cache"), "HIT", "the entry is untouched");
 
