@@ -72,6 +72,8 @@ pub struct Application {
     server: Server,
     addr: SocketAddr,
     service: Arc<Service>,
+    replicator: Arc<dyn Replicator>,
+    shutdown_timeout: Duration,
 }
 
 impl Application {
@@ -107,7 +109,7 @@ impl Application {
             )?),
             None => Arc::new(NoopReplicator),
         };
-        let service = Service::new(&settings, tenants, store, replicator, metrics)?;
+        let service = Service::new(&settings, tenants, store, Arc::clone(&replicator), metrics)?;
         service
             .budget()
             .spawn_flusher(ms(settings.cache.usage_flush_ms));
@@ -135,6 +137,8 @@ impl Application {
             server,
             addr,
             service,
+            replicator,
+            shutdown_timeout: Duration::from_secs(settings.server.shutdown_timeout_secs),
         })
     }
 
@@ -156,10 +160,16 @@ impl Application {
         &self.service
     }
 
-    /// Serves until stopped, then flushes the token counts still pending.
+    /// Serves until stopped (SIGTERM, SIGINT, or a [`ServerHandle`]), then flushes the token
+    /// counts still pending and drains the replication queues: entries and purges the origin
+    /// accepted are sent within `server.shutdown_timeout_secs`, and what is not is logged.
     pub async fn run(self) -> std::io::Result<()> {
         let result = self.server.await;
         self.service.budget().flush(budget::unix_now()).await;
+        let left = self.replicator.drain(self.shutdown_timeout).await;
+        if left == replicate::Drained::default() {
+            tracing::info!("replication drained; stopped");
+        }
         result
     }
 }

@@ -5,22 +5,46 @@
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use gateway_common::entry::Entry;
 use gateway_common::key::CacheKey;
 
-/// Receives what the edge tier should hold. Every method returns at once; a replicator that
-/// cannot keep up drops (and counts) rather than slowing a response.
+/// Receives what the edge tier should hold. Every method but `drain` returns at once; a
+/// replicator that cannot keep up drops (and counts) an entry rather than slowing a response,
+/// and refuses a purge rather than accept one it will not carry out.
 pub trait Replicator: Send + Sync + 'static {
     /// An entry the origin answered for an edge miss. `false` when it was dropped.
     fn offer(&self, entry: Arc<Entry>) -> bool;
-    /// A tenant deleted one of its keys.
-    fn purge_key(&self, key: &CacheKey);
-    /// A tenant purged all of its keys.
-    fn purge_tenant(&self, tenant: &str);
+    /// A tenant deleted one of its keys. `Err`: not queued; the caller must say so.
+    fn purge_key(&self, key: &CacheKey) -> Result<(), PurgeRefused>;
+    /// A tenant purged all of its keys. `Err`: not queued; the caller must say so.
+    fn purge_tenant(&self, tenant: &str) -> Result<(), PurgeRefused>;
     /// True while the queue is saturated; `/readyz` then answers 503 so a load balancer sends
     /// traffic to replicas that can still replicate.
     fn saturated(&self) -> bool;
+    /// Shutdown: send what is queued now and wait at most `within` for it; what is left.
+    fn drain(&self, within: Duration) -> BoxFuture<'_, Drained>;
+}
+
+/// Why a purge was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PurgeRefused {
+    #[error("the purge queue is full")]
+    Full,
+    #[error("the replicator has stopped")]
+    Stopped,
+}
+
+/// Work a drain left unsent.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Entries not written.
+    pub writes: usize,
+    /// Purge slots not sent (a tenant purge counts once, a key purge once per key).
+    pub purges: usize,
 }
 
 /// Replicates nothing, never saturated: the default until the KV replicator exists.
@@ -31,10 +55,17 @@ impl Replicator for NoopReplicator {
     fn offer(&self, _entry: Arc<Entry>) -> bool {
         true
     }
-    fn purge_key(&self, _key: &CacheKey) {}
-    fn purge_tenant(&self, _tenant: &str) {}
+    fn purge_key(&self, _key: &CacheKey) -> Result<(), PurgeRefused> {
+        Ok(())
+    }
+    fn purge_tenant(&self, _tenant: &str) -> Result<(), PurgeRefused> {
+        Ok(())
+    }
     fn saturated(&self) -> bool {
         false
+    }
+    fn drain(&self, _within: Duration) -> BoxFuture<'_, Drained> {
+        async { Drained::default() }.boxed()
     }
 }
 
@@ -82,19 +113,24 @@ impl Replicator for RecordingReplicator {
             .push(entry);
         true
     }
-    fn purge_key(&self, key: &CacheKey) {
+    fn purge_key(&self, key: &CacheKey) -> Result<(), PurgeRefused> {
         self.purged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(format!("key:{}", key.hex()));
+        Ok(())
     }
-    fn purge_tenant(&self, tenant: &str) {
+    fn purge_tenant(&self, tenant: &str) -> Result<(), PurgeRefused> {
         self.purged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(format!("tenant:{tenant}"));
+        Ok(())
     }
     fn saturated(&self) -> bool {
         self.saturated.load(Ordering::SeqCst)
+    }
+    fn drain(&self, _within: Duration) -> BoxFuture<'_, Drained> {
+        async { Drained::default() }.boxed()
     }
 }

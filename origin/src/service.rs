@@ -10,7 +10,7 @@ use gateway_common::canonical::parse_request;
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
-use gateway_common::key::{CacheKey, bearer_token, validate_tenant_id};
+use gateway_common::key::{CacheKey, bearer_token};
 use gateway_common::policy::{self, Bypass, Freshness};
 use gateway_common::route::Route;
 use gateway_common::sse::replay_chat;
@@ -27,6 +27,9 @@ use crate::settings::{Secret, Settings, ms};
 use crate::store::{CounterOp, Store, ThrottledLog};
 use crate::stream::{self, ClientStream};
 use crate::tenants::Tenants;
+use purge::PurgeLimiter;
+
+mod purge;
 
 /// The name this tier uses in `Cache-Status`.
 pub const CACHE_NAME: &str = "gateway-origin";
@@ -194,6 +197,7 @@ pub struct Service {
     edge_secret: Option<Secret>,
     admin_token: Option<Secret>,
     decode_log: ThrottledLog,
+    purge_limiter: PurgeLimiter,
 }
 
 impl std::fmt::Debug for Service {
@@ -240,6 +244,7 @@ impl Service {
             decode_log: ThrottledLog::new(Duration::from_secs(
                 settings.redis.error_log_interval_secs,
             )),
+            purge_limiter: PurgeLimiter::new(&settings.purge),
         }))
     }
 
@@ -790,88 +795,6 @@ impl Service {
             .collect();
         let body = serde_json::json!({"object": "list", "data": data});
         Ok(Bytes::from(body.to_string()))
-    }
-
-    /// `DELETE /v1/cache/{key}`: deletes one of the caller's entries. The store must answer:
-    /// a purge that silently failed would be worse than a 503.
-    pub async fn delete_key(
-        &self,
-        authorization: Option<&str>,
-        edge_secret: Option<&str>,
-        hex: &str,
-    ) -> Result<Bytes, Refusal> {
-        let tenant = self.authorize(authorization, edge_secret)?;
-        let key = CacheKey::from_hex(&tenant.id, hex).ok_or_else(|| {
-            Refusal::from(ApiError::bad_request(
-                "The cache key must be 64 hex digits.",
-                Some("key"),
-            ))
-        })?;
-        let deleted = self.store.delete(&key.redis_key()).await.map_err(|_| {
-            Refusal::from(ApiError::unavailable(
-                "The cache is unavailable; try again.",
-            ))
-        })?;
-        self.replicator.purge_key(&key);
-        Ok(Bytes::from(
-            serde_json::json!({"key": key.hex(), "deleted": deleted}).to_string(),
-        ))
-    }
-
-    /// `DELETE /v1/cache`: purges every entry of the caller's tenant.
-    pub async fn purge(
-        &self,
-        authorization: Option<&str>,
-        edge_secret: Option<&str>,
-    ) -> Result<Bytes, Refusal> {
-        let tenant = self.authorize(authorization, edge_secret)?;
-        let deleted = self
-            .store
-            .purge(&CacheKey::redis_pattern(&tenant.id))
-            .await
-            .map_err(|_| {
-                Refusal::from(ApiError::unavailable(
-                    "The cache is unavailable; try again.",
-                ))
-            })?;
-        self.replicator.purge_tenant(&tenant.id);
-        Ok(Bytes::from(
-            serde_json::json!({"deleted": deleted}).to_string(),
-        ))
-    }
-
-    /// `DELETE /admin/tenants/{tenant}/cache`: an operator purges every entry of a tenant (one
-    /// in tenants.json or one since removed from it), in Redis now and in KV through the
-    /// replicator. Requires `Authorization: Bearer <security.admin_token>`; with no admin token
-    /// configured every caller is refused.
-    pub async fn admin_purge_tenant(
-        &self,
-        authorization: Option<&str>,
-        tenant: &str,
-    ) -> Result<Bytes, Refusal> {
-        if !self.is_admin(authorization) {
-            return Err(ApiError::unauthorized().into());
-        }
-        validate_tenant_id(tenant).map_err(|_| {
-            Refusal::from(ApiError::bad_request(
-                "The tenant id must be 1 to 64 characters of [a-z0-9_-].",
-                Some("tenant"),
-            ))
-        })?;
-        let deleted = self
-            .store
-            .purge(&CacheKey::redis_pattern(tenant))
-            .await
-            .map_err(|_| {
-                Refusal::from(ApiError::unavailable(
-                    "The cache is unavailable; try again.",
-                ))
-            })?;
-        self.replicator.purge_tenant(tenant);
-        tracing::info!(tenant, deleted, "admin purge of a tenant's cache");
-        Ok(Bytes::from(
-            serde_json::json!({"tenant": tenant, "deleted": deleted}).to_string(),
-        ))
     }
 
     /// `Ok` when Redis answers a PING in time and the replication queue is not saturated.

@@ -8,6 +8,8 @@ mod failover;
 mod harness;
 mod operations;
 mod policy;
+mod purge;
 mod redis_outage;
 mod replication;
+mod shutdown;
 mod streaming;

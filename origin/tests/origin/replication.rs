@@ -18,9 +18,9 @@ use serde_json::Value;
 
 use crate::harness::{ACME, GLOBEX, Options, Stack, chat_body, header};
 
-const EDGE_MISS: [(&str, &str); 1] = [("x-gateway-edge-miss", "1")];
+pub(crate) const EDGE_MISS: [(&str, &str); 1] = [("x-gateway-edge-miss", "1")];
 
-async fn fake_api() -> FakeFastlyApi {
+pub(crate) async fn fake_api() -> FakeFastlyApi {
     FakeFastlyApi::start(FastlyApiConfig::default())
         .await
         .expect("the fake Fastly API starts")
@@ -28,7 +28,7 @@ async fn fake_api() -> FakeFastlyApi {
 
 /// Options that point the origin's replicator at `api`, with short timings for tests, then
 /// `tweak`. Tenants get no request-rate or token limit (some tests send a thousand requests).
-fn replicating_to(
+pub(crate) fn replicating_to(
     api: &FakeFastlyApi,
     tweak: impl FnOnce(&mut ReplicationSettings) + 'static,
 ) -> Options {
@@ -57,7 +57,7 @@ fn replicating_to(
 }
 
 /// Polls `done` every 20 ms until it holds; fails naming `what` after `within`.
-async fn eventually<F, Fut>(what: &str, within: Duration, mut done: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, within: Duration, mut done: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
@@ -70,7 +70,7 @@ where
 }
 
 /// Waits until the fake KV store holds exactly `n` items.
-async fn until_kv_holds(api: &FakeFastlyApi, n: usize, within: Duration) {
+pub(crate) async fn until_kv_holds(api: &FakeFastlyApi, n: usize, within: Duration) {
     eventually(&format!("{n} KV entries"), within, || async {
         api.entries().len() == n
     })
@@ -91,7 +91,7 @@ async fn redis_get(url: &str, key: &str) -> Option<Vec<u8>> {
 }
 
 /// An edge-miss chat request; returns its cache key and latency after checking a 200.
-async fn edge_miss(stack: &Stack, key: &str, prompt: &str) -> (CacheKey, Duration) {
+pub(crate) async fn edge_miss(stack: &Stack, key: &str, prompt: &str) -> (CacheKey, Duration) {
     let start = Instant::now();
     let response = stack
         .post_with("/v1/chat/completions", key, &chat_body(prompt), &EDGE_MISS)
