@@ -127,9 +127,14 @@ impl<T> Drop for Leader<T> {
 }
 
 impl<T: Clone + Send + Sync> Waiter<T> {
-    /// The leader's answer, waiting at most `limit`.
-    pub async fn wait(mut self, limit: Duration) -> Result<T, WaitError> {
-        let wait = self.rx.wait_for(|v| v.is_some());
+    /// The first value the leader publishes that `accept` takes (a leader may publish more
+    /// than once: a live stream, then the whole answer), waiting at most `limit`.
+    pub async fn wait(
+        &mut self,
+        limit: Duration,
+        mut accept: impl FnMut(&T) -> bool,
+    ) -> Result<T, WaitError> {
+        let wait = self.rx.wait_for(|v| v.as_ref().is_some_and(&mut accept));
         match tokio::time::timeout(limit, wait).await {
             Ok(Ok(value)) => value.clone().ok_or(WaitError::Abandoned),
             Ok(Err(_)) => Err(WaitError::Abandoned),
@@ -148,17 +153,17 @@ mod tests {
         let Joined::Leader(leader) = c.join("k") else {
             panic!("first joiner leads")
         };
-        let Joined::Waiter(w1) = c.join("k") else {
+        let Joined::Waiter(mut w1) = c.join("k") else {
             panic!("second joiner waits")
         };
-        let task = tokio::spawn(w1.wait(Duration::from_secs(5)));
+        let task = tokio::spawn(async move { w1.wait(Duration::from_secs(5), |_| true).await });
         leader.publish(7);
         assert_eq!(task.await.unwrap(), Ok(7));
         // Still held: a late joiner gets the published answer at once.
-        let Joined::Waiter(w2) = c.join("k") else {
+        let Joined::Waiter(mut w2) = c.join("k") else {
             panic!("slot held until the leader drops")
         };
-        assert_eq!(w2.wait(Duration::from_millis(10)).await, Ok(7));
+        assert_eq!(w2.wait(Duration::from_millis(10), |_| true).await, Ok(7));
         drop(leader);
         assert_eq!(c.in_flight(), 0);
         assert!(matches!(c.join("k"), Joined::Leader(_)));
@@ -170,12 +175,12 @@ mod tests {
         let Joined::Leader(leader) = c.join("k") else {
             panic!()
         };
-        let Joined::Waiter(w) = c.join("k") else {
+        let Joined::Waiter(mut w) = c.join("k") else {
             panic!()
         };
         drop(leader);
         assert_eq!(
-            w.wait(Duration::from_secs(1)).await,
+            w.wait(Duration::from_secs(1), |_| true).await,
             Err(WaitError::Abandoned)
         );
     }
@@ -186,11 +191,11 @@ mod tests {
         let Joined::Leader(_leader) = c.join("k") else {
             panic!()
         };
-        let Joined::Waiter(w) = c.join("k") else {
+        let Joined::Waiter(mut w) = c.join("k") else {
             panic!()
         };
         assert_eq!(
-            w.wait(Duration::from_millis(10)).await,
+            w.wait(Duration::from_millis(10), |_| true).await,
             Err(WaitError::TimedOut)
         );
     }

@@ -6,6 +6,7 @@ pub mod breaker;
 pub mod budget;
 pub mod coalesce;
 pub mod error;
+pub mod fanout;
 pub mod kv_api;
 pub mod metrics;
 pub mod replicate;
@@ -17,6 +18,7 @@ pub mod settings;
 pub mod store;
 pub mod stream;
 pub mod tenants;
+pub mod usage;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;

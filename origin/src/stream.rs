@@ -1,19 +1,21 @@
-//! Forwarding a streamed provider answer: each chunk goes to the client as it arrives (no
-//! buffering of the whole answer) while `common`'s `ChatAssembler` rebuilds the completion,
-//! which is returned only when the stream ended properly. Never decides about caching.
+//! Forwarding a streamed provider answer: each SSE event goes to the [`Fanout`] (the client and
+//! any coalesced waiters) as soon as it is complete, its reported usage is read whatever else
+//! happens, and `common`'s `ChatAssembler` rebuilds a chat completion, returned only when the
+//! stream ended properly. Everything kept is bounded by the provider answer limit. Never
+//! decides about caching.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use gateway_common::entry::Usage;
+use gateway_common::error::ApiError;
 use gateway_common::sse::{ChatAssembler, SseError};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
 
-/// Chunks queued toward one client; a slow client applies back-pressure up to this many.
-pub const CLIENT_QUEUE_CHUNKS: usize = 64;
+use crate::fanout::{Event, Fanout};
+use crate::usage;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StreamError {
@@ -21,21 +23,14 @@ pub enum StreamError {
     Idle,
     #[error("the provider stream broke: {0}")]
     Broken(String),
+    #[error("the provider's streamed answer exceeds {0} bytes")]
+    TooLarge(usize),
     #[error("the stream did not complete: {0}")]
     Incomplete(#[from] SseError),
 }
 
 /// The client half: an actix-compatible body stream.
 pub type ClientStream = std::pin::Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
-
-/// A channel toward the client: the sender for [`forward`], the body stream for the response.
-pub fn client_channel() -> (mpsc::Sender<Bytes>, ClientStream) {
-    let (tx, rx) = mpsc::channel::<Bytes>(CLIENT_QUEUE_CHUNKS);
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (Ok(chunk), rx))
-    });
-    (tx, Box::pin(stream))
-}
 
 /// A source of chunks: the provider's response in production, a script in unit tests.
 pub trait ChunkSource: Send {
@@ -52,13 +47,14 @@ impl ChunkSource for reqwest::Response {
 
 /// The request body with `stream_options.include_usage = true`, every other member kept byte
 /// for byte, so a streamed answer always reports the tokens it cost (the budget needs them even
-/// when the client did not ask). `None` if the body is not a JSON object.
+/// when the client did not ask). A `null` `stream_options` counts as absent, as OpenAI reads it.
+/// `None` if the body is not a JSON object.
 pub fn with_usage_requested(body: &[u8]) -> Option<Bytes> {
     let mut object: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(body).ok()?;
     let mut options: serde_json::Map<String, serde_json::Value> = match object.get("stream_options")
     {
-        Some(raw) => serde_json::from_str(raw.get()).ok()?,
-        None => serde_json::Map::new(),
+        Some(raw) if raw.get() != "null" => serde_json::from_str(raw.get()).ok()?,
+        _ => serde_json::Map::new(),
     };
     options.insert("include_usage".into(), serde_json::Value::Bool(true));
     let raw = RawValue::from_string(serde_json::to_string(&options).ok()?).ok()?;
@@ -66,21 +62,129 @@ pub fn with_usage_requested(body: &[u8]) -> Option<Bytes> {
     serde_json::to_vec(&object).ok().map(Bytes::from)
 }
 
-/// Hides the usage chunk (`"choices": []` with a `usage`) from a client that did not ask for
-/// it, forwarding every other event as soon as it is complete. Events are kept byte for byte.
+/// How [`forward`] reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding {
+    /// Rebuild a chat completion (for the cache and the waiters that want JSON).
+    pub assemble: bool,
+    /// Longest silence between two chunks.
+    pub idle: Duration,
+    /// Most bytes read from the provider; past it the stream fails (nothing cached).
+    pub max_bytes: usize,
+}
+
+/// How a forwarded stream ended.
+#[derive(Debug)]
+pub struct Forwarded {
+    /// With `assemble`, the completed `chat.completion` JSON (`Ok(Some)`) only if the stream
+    /// ended with `[DONE]` and every choice finished; without it, `Ok(None)` on a clean end.
+    pub result: Result<Option<Vec<u8>>, StreamError>,
+    /// The last usage the provider reported, whether or not the stream completed.
+    pub usage: Option<Usage>,
+}
+
+/// Copies `source` to `fanout` event by event (see the module doc). The provider stream is
+/// read to its end even when every reader is gone, so the answer can still be cached. On a
+/// failure the readers receive an OpenAI-style error event before the end.
+pub async fn forward<S: ChunkSource>(
+    mut source: S,
+    fanout: &Fanout,
+    options: Forwarding,
+) -> Forwarded {
+    let mut events = Events::default();
+    let mut assembler = options.assemble.then(ChatAssembler::new);
+    let mut assembly_error = None;
+    let mut usage = None;
+    let mut read = 0usize;
+    let publish = |event: Bytes, usage: &mut Option<Usage>| {
+        let reported = data_of(&event)
+            .filter(|data| contains(data, b"\"usage\""))
+            .and_then(|data| usage::read(&data));
+        let usage_only = match reported {
+            Some(usage::Reported {
+                usage: Some(reported),
+                no_choices,
+            }) => {
+                *usage = Some(reported);
+                no_choices
+            }
+            _ => false,
+        };
+        fanout.push(Event {
+            bytes: event,
+            usage_only,
+        });
+    };
+    let end = loop {
+        let chunk = match tokio::time::timeout(options.idle, source.next_chunk()).await {
+            Err(_) => break Err(StreamError::Idle),
+            Ok(Err(e)) => break Err(StreamError::Broken(e)),
+            Ok(Ok(None)) => break Ok(()),
+            Ok(Ok(Some(chunk))) => chunk,
+        };
+        read = read.saturating_add(chunk.len());
+        if read > options.max_bytes {
+            // Bounds every buffer: the partial event, the assembler and the fanout.
+            break Err(StreamError::TooLarge(options.max_bytes));
+        }
+        if let Some(a) = assembler.as_mut()
+            && let Err(e) = a.push(&chunk)
+        {
+            assembly_error = Some(e);
+            assembler = None;
+        }
+        for event in events.push(&chunk) {
+            publish(event, &mut usage);
+        }
+    };
+    if end.is_ok()
+        && let Some(rest) = events.finish()
+    {
+        publish(rest, &mut usage);
+    }
+    let result = match end {
+        Err(error) => Err(error),
+        Ok(()) => match (assembly_error, assembler) {
+            (Some(e), _) => Err(StreamError::Incomplete(e)),
+            (None, Some(a)) => a.finish().map(Some).map_err(StreamError::Incomplete),
+            (None, None) => Ok(None),
+        },
+    };
+    let tail = match &end_error(&result) {
+        Some(error) => Bytes::from(format!(
+            "data: {}\n\n",
+            String::from_utf8_lossy(&ApiError::bad_gateway(error.to_string()).to_json())
+        )),
+        None => Bytes::new(),
+    };
+    fanout.finish(tail);
+    Forwarded { result, usage }
+}
+
+/// The failure the readers must be told about: a broken, silent or oversized stream. A
+/// stream that ended cleanly but could not be assembled reached its readers whole.
+fn end_error(result: &Result<Option<Vec<u8>>, StreamError>) -> Option<&StreamError> {
+    match result {
+        Err(StreamError::Incomplete(_)) | Ok(_) => None,
+        Err(error) => Some(error),
+    }
+}
+
+/// Splits a byte stream into SSE events (each ending with a blank line, LF or CRLF), kept byte
+/// for byte.
 #[derive(Debug, Default)]
-pub struct UsageFilter {
+struct Events {
     pending: Vec<u8>,
     /// Where the unfinished last line of `pending` starts: the lines before it are already
     /// known not to end the event, so the next chunk is searched from here, not from 0.
     line_start: usize,
 }
 
-impl UsageFilter {
-    /// The complete events of what arrived so far, minus usage chunks; a partial event waits.
-    pub fn push(&mut self, chunk: &[u8]) -> Bytes {
+impl Events {
+    /// The events completed by `chunk`.
+    fn push(&mut self, chunk: &[u8]) -> Vec<Bytes> {
         self.pending.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.pending.len());
+        let mut events = Vec::new();
         let mut event_start = 0;
         let mut line_start = self.line_start;
         while let Some(offset) = self.pending[line_start..].iter().position(|&b| b == b'\n') {
@@ -88,129 +192,42 @@ impl UsageFilter {
             let line = &self.pending[line_start..line_end];
             line_start = line_end + 1;
             if line.is_empty() || line == b"\r" {
-                let event = &self.pending[event_start..line_start];
-                if !is_usage_chunk(event) {
-                    out.extend_from_slice(event);
-                }
+                events.push(Bytes::copy_from_slice(
+                    &self.pending[event_start..line_start],
+                ));
                 event_start = line_start;
             }
         }
         self.pending.drain(..event_start);
         self.line_start = line_start - event_start;
-        Bytes::from(out)
+        events
     }
 
-    /// Whatever is left at the end of the stream (an unterminated last event).
-    pub fn finish(self) -> Bytes {
-        if is_usage_chunk(&self.pending) {
-            Bytes::new()
-        } else {
-            Bytes::from(self.pending)
-        }
+    /// An unterminated last event, if the stream ended inside one.
+    fn finish(self) -> Option<Bytes> {
+        (!self.pending.is_empty()).then(|| Bytes::from(self.pending))
     }
 }
 
-/// Whether an SSE event is a chat chunk with no choices and a usage object.
-fn is_usage_chunk(event: &[u8]) -> bool {
-    #[derive(serde::Deserialize)]
-    struct Probe {
-        choices: Option<Vec<serde::de::IgnoredAny>>,
-        usage: Option<serde::de::IgnoredAny>,
+/// The `data:` lines of an event joined with "\n", as SSE readers see them.
+fn data_of(event: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(event).ok()?;
+    let mut data: Option<Vec<u8>> = None;
+    for line in text.lines() {
+        if let Some(value) = line.strip_prefix("data:") {
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            let joined = data.get_or_insert_with(Vec::new);
+            if !joined.is_empty() {
+                joined.push(b'\n');
+            }
+            joined.extend_from_slice(value.as_bytes());
+        }
     }
-    let Ok(text) = std::str::from_utf8(event) else {
-        return false;
-    };
-    let mut data = text
-        .lines()
-        .filter_map(|line| line.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d));
-    let Some(first) = data.next() else {
-        return false;
-    };
-    // This runs for every event of a filtered stream; one data line is the norm, and it is
-    // parsed where it lies instead of being collected and joined.
-    let json: Cow<'_, str> = match data.next() {
-        None => Cow::Borrowed(first),
-        Some(second) => Cow::Owned(
-            [first, second]
-                .into_iter()
-                .chain(data)
-                .collect::<Vec<_>>()
-                .join("\n"),
-        ),
-    };
-    match serde_json::from_str::<Probe>(&json) {
-        Ok(probe) => probe.choices.is_some_and(|c| c.is_empty()) && probe.usage.is_some(),
-        Err(_) => false,
-    }
+    data
 }
 
-/// Copies `source` to `client` chunk by chunk. With `assemble`, returns the completed
-/// `chat.completion` JSON (`Ok(Some)`) only if the stream ended with `[DONE]` and every choice
-/// finished; without it, `Ok(None)` on a clean end. A client that disconnects or stops reading
-/// for `idle` is dropped but the provider stream is still read to the end, so the answer can
-/// still be cached and handed to coalesced waiters. On a broken stream the client receives an
-/// OpenAI-style error event before the end.
-pub async fn forward<S: ChunkSource>(
-    mut source: S,
-    client: mpsc::Sender<Bytes>,
-    assemble: bool,
-    mut filter: Option<UsageFilter>,
-    idle: Duration,
-) -> Result<Option<Vec<u8>>, StreamError> {
-    let mut client = Some(client);
-    let mut assembler = assemble.then(ChatAssembler::new);
-    let mut assembly_error = None;
-    let end = loop {
-        let chunk = match tokio::time::timeout(idle, source.next_chunk()).await {
-            Err(_) => break Err(StreamError::Idle),
-            Ok(Err(e)) => break Err(StreamError::Broken(e)),
-            Ok(Ok(None)) => break Ok(()),
-            Ok(Ok(Some(chunk))) => chunk,
-        };
-        if let Some(a) = assembler.as_mut()
-            && let Err(e) = a.push(&chunk)
-        {
-            assembly_error = Some(e);
-            assembler = None;
-        }
-        let chunk = match filter.as_mut() {
-            Some(filter) => filter.push(&chunk),
-            None => chunk,
-        };
-        if !chunk.is_empty()
-            && let Some(tx) = &client
-            && tx.send_timeout(chunk, idle).await.is_err()
-        {
-            client = None;
-        }
-    };
-    if let Some(rest) = filter.map(UsageFilter::finish)
-        && !rest.is_empty()
-        && let Some(tx) = &client
-        && tx.send_timeout(rest, idle).await.is_err()
-    {
-        client = None;
-    }
-    if let Err(error) = &end
-        && let Some(tx) = &client
-    {
-        let event = format!(
-            "data: {}\n\n",
-            String::from_utf8_lossy(
-                &gateway_common::error::ApiError::bad_gateway(error.to_string()).to_json()
-            )
-        );
-        let _ = tx.send_timeout(Bytes::from(event), idle).await;
-    }
-    end?;
-    if let Some(e) = assembly_error {
-        return Err(StreamError::Incomplete(e));
-    }
-    match assembler {
-        Some(a) => Ok(Some(a.finish()?)),
-        None => Ok(None),
-    }
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]
@@ -238,79 +255,98 @@ mod tests {
     const ROLE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n";
     const HELLO: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello\"},\"finish_reason\":null}]}\n\n";
     const STOP: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n";
+    const USAGE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\n";
     const DONE: &str = "data: [DONE]\n\n";
 
-    /// [`forward`] with assembly on and a one-second idle timeout, as every test here wants.
-    async fn assemble(
-        source: Script,
-        client: mpsc::Sender<Bytes>,
-        filter: Option<UsageFilter>,
-    ) -> Result<Option<Vec<u8>>, StreamError> {
-        forward(source, client, true, filter, Duration::from_secs(1)).await
+    fn options(max_bytes: usize) -> Forwarding {
+        Forwarding {
+            assemble: true,
+            idle: Duration::from_secs(1),
+            max_bytes,
+        }
     }
 
-    /// Everything the client received, concatenated.
-    async fn received(rx: ClientStream) -> Vec<u8> {
-        let chunks: Vec<Bytes> = rx.map(|c| c.unwrap()).collect().await;
-        chunks.concat()
+    /// Forwards `source` with assembly on, and what a reader that did (not) ask for usage got.
+    async fn run(source: Script, max_bytes: usize, show_usage: bool) -> (Forwarded, Vec<u8>) {
+        let fanout = Fanout::new();
+        let reader = fanout.read(show_usage);
+        let forwarded = forward(source, &fanout, options(max_bytes)).await;
+        let received: Vec<Bytes> = reader.map(|c| c.unwrap()).collect().await;
+        (forwarded, received.concat())
     }
 
     #[tokio::test]
     async fn a_complete_stream_is_forwarded_and_assembled() {
-        let (tx, rx) = client_channel();
-        let out = assemble(script(&[ROLE, HELLO, STOP, DONE]), tx, None)
-            .await
-            .unwrap()
-            .unwrap();
-        let completion: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let (out, received) = run(script(&[ROLE, HELLO, STOP, DONE]), 1 << 20, false).await;
+        let completion: serde_json::Value =
+            serde_json::from_slice(&out.result.unwrap().unwrap()).unwrap();
         assert_eq!(completion["choices"][0]["message"]["content"], "Hello");
-        assert_eq!(
-            received(rx).await,
-            [ROLE, HELLO, STOP, DONE].concat().as_bytes()
-        );
+        assert_eq!(received, [ROLE, HELLO, STOP, DONE].concat().as_bytes());
     }
 
     #[tokio::test]
     async fn a_stream_without_done_is_not_assembled() {
-        let (tx, _rx) = client_channel();
-        let err = assemble(script(&[ROLE, HELLO]), tx, None)
-            .await
-            .unwrap_err();
-        assert!(matches!(err, StreamError::Incomplete(_)), "{err:?}");
+        let (out, _) = run(script(&[ROLE, HELLO]), 1 << 20, false).await;
+        assert!(
+            matches!(out.result, Err(StreamError::Incomplete(_))),
+            "{:?}",
+            out.result
+        );
     }
 
     #[tokio::test]
     async fn a_broken_stream_ends_with_an_error_event() {
-        let (tx, rx) = client_channel();
         let mut s = script(&[ROLE]);
         s.0.push_back(Err("reset".into()));
-        let err = assemble(s, tx, None).await.unwrap_err();
-        assert!(matches!(err, StreamError::Broken(_)));
-        let text = String::from_utf8(received(rx).await).unwrap();
+        let (out, received) = run(s, 1 << 20, false).await;
+        assert!(matches!(out.result, Err(StreamError::Broken(_))));
+        let text = String::from_utf8(received).unwrap();
         assert!(
             text.ends_with("}}\n\n") && text.contains("\"error\""),
             "{text}"
         );
     }
 
-    const USAGE: &str = "data: {\"id\":\"c1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"m\",\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":1,\"total_tokens\":2}}\n\n";
-
     #[tokio::test]
-    async fn the_usage_chunk_is_hidden_from_a_client_that_did_not_ask_but_still_assembled() {
-        let (tx, rx) = client_channel();
+    async fn the_usage_chunk_is_hidden_from_a_reader_that_did_not_ask_but_still_counted() {
         // Split mid-event to prove events are reassembled before they are judged.
         let (a, b) = USAGE.split_at(20);
         let source = script(&[ROLE, HELLO, STOP, a, b, DONE]);
-        let out = assemble(source, tx, Some(UsageFilter::default()))
-            .await
-            .unwrap()
-            .unwrap();
-        let completion: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        let (out, received) = run(source, 1 << 20, false).await;
+        let completion: serde_json::Value =
+            serde_json::from_slice(&out.result.unwrap().unwrap()).unwrap();
         assert_eq!(completion["usage"]["total_tokens"], 2);
-        assert_eq!(
-            received(rx).await,
-            [ROLE, HELLO, STOP, DONE].concat().as_bytes()
-        );
+        assert_eq!(out.usage.unwrap().total_tokens, 2);
+        assert_eq!(received, [ROLE, HELLO, STOP, DONE].concat().as_bytes());
+        let (_, shown) = run(script(&[ROLE, HELLO, STOP, USAGE, DONE]), 1 << 20, true).await;
+        assert_eq!(shown, [ROLE, HELLO, STOP, USAGE, DONE].concat().as_bytes());
+    }
+
+    #[tokio::test]
+    async fn usage_is_counted_even_when_the_stream_cannot_be_assembled() {
+        // No finish chunk: a clean end, [DONE] and usage, but no complete completion.
+        let (out, _) = run(script(&[ROLE, HELLO, USAGE, DONE]), 1 << 20, false).await;
+        assert!(matches!(out.result, Err(StreamError::Incomplete(_))));
+        assert_eq!(out.usage.unwrap().total_tokens, 2);
+    }
+
+    #[tokio::test]
+    async fn a_stream_past_the_limit_fails_with_an_error_event_and_keeps_nothing_more() {
+        // A provider that never ends its event: one endless data line.
+        let endless: Vec<String> = (0..100).map(|_| "x".repeat(1000)).collect();
+        let mut chunks = vec!["data: {\"choices\":[{\"delta\":{\"content\":\""];
+        chunks.extend(endless.iter().map(String::as_str));
+        let (out, received) = run(script(&chunks), 10_000, false).await;
+        assert_eq!(out.result.unwrap_err(), StreamError::TooLarge(10_000));
+        let text = String::from_utf8(received).unwrap();
+        assert!(text.starts_with("data: {\"error\""), "{text}");
+        // Many complete events past the limit: the same.
+        let many: Vec<&str> = std::iter::once(ROLE)
+            .chain(std::iter::repeat_n(HELLO, 1000))
+            .collect();
+        let (out, received) = run(script(&many), 10_000, false).await;
+        assert_eq!(out.result.unwrap_err(), StreamError::TooLarge(10_000));
+        assert!(received.len() < 11_000, "{}", received.len());
     }
 
     #[test]
@@ -323,35 +359,38 @@ mod tests {
             &body[..],
             br#"{"model":"m","n":1.50,"stream":true,"stream_options":{"include_usage":true,"x":1}}"#
         );
+        let null = with_usage_requested(br#"{"stream":true,"stream_options":null}"#).unwrap();
+        assert_eq!(
+            &null[..],
+            br#"{"stream":true,"stream_options":{"include_usage":true}}"#
+        );
         assert!(with_usage_requested(b"[1]").is_none());
     }
 
     #[test]
-    fn an_event_split_over_many_chunks_is_judged_once_whole() {
-        let mut filter = UsageFilter::default();
+    fn events_split_over_many_chunks_come_out_whole_crlf_included() {
+        let mut events = Events::default();
         let mut out = Vec::new();
-        for piece in format!("{ROLE}{USAGE}{HELLO}").as_bytes().chunks(7) {
-            out.extend_from_slice(&filter.push(piece));
+        let crlf = ROLE.replace('\n', "\r\n");
+        for piece in format!("{crlf}{USAGE}{HELLO}").as_bytes().chunks(7) {
+            out.extend(events.push(piece));
         }
-        assert_eq!(out, [ROLE, HELLO].concat().as_bytes());
-        assert!(filter.finish().is_empty());
-    }
-
-    #[test]
-    fn crlf_events_are_filtered_too() {
-        let mut filter = UsageFilter::default();
-        let usage = USAGE.replace("\n", "\r\n");
-        let role = ROLE.replace("\n", "\r\n");
-        let out = filter.push(format!("{role}{usage}").as_bytes());
-        assert_eq!(&out[..], role.as_bytes());
-        assert!(filter.finish().is_empty());
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0], crlf.as_bytes());
+        assert_eq!(out[2], HELLO.as_bytes());
+        assert!(events.finish().is_none());
     }
 
     #[tokio::test]
-    async fn a_gone_client_does_not_stop_the_assembly() {
-        let (tx, rx) = client_channel();
-        drop(rx);
-        let out = assemble(script(&[ROLE, HELLO, STOP, DONE]), tx, None).await;
-        assert!(out.unwrap().is_some());
+    async fn a_gone_reader_does_not_stop_the_assembly() {
+        let fanout = Fanout::new();
+        drop(fanout.read(false));
+        let out = forward(
+            script(&[ROLE, HELLO, STOP, DONE]),
+            &fanout,
+            options(1 << 20),
+        )
+        .await;
+        assert!(out.result.unwrap().is_some());
     }
 }

@@ -1,0 +1,520 @@
+//! A miss: one provider call per key (single flight), run in a task of its own so a client that
+//! disconnects cannot strand the requests coalesced behind it. A streamed answer is shared
+//! live: every coalesced stream reader follows the same events as they arrive. After the
+//! answer: tokens counted, the cache written, the entry offered to the edge tier.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use gateway_common::canonical::ParsedRequest;
+use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
+use gateway_common::error::ApiError;
+use gateway_common::headers::{CacheStatusMember, Fwd};
+use gateway_common::key::CacheKey;
+use gateway_common::policy::{self, Bypass, Plan};
+use gateway_common::route::Route;
+use gateway_common::sse::replay_chat;
+use gateway_common::tenant::Tenant;
+use tokio::sync::oneshot;
+
+use super::{CACHE_NAME, Refusal, Reply, ReplyBody, Service, Trace};
+use crate::budget::unix_now;
+use crate::coalesce::{Joined, Leader, WaitError, Waiter};
+use crate::fanout::Fanout;
+use crate::router::{AttemptError, RouterError, Upstream, UpstreamBody};
+use crate::stream::{self, Forwarding};
+use crate::usage;
+
+/// A provider's answer, shared between the leader and its coalesced waiters.
+#[derive(Debug)]
+pub(super) struct Answer {
+    status: u16,
+    content_type: String,
+    body: Bytes,
+    provider: Arc<str>,
+    usage: Option<Usage>,
+    upstream_ms: f64,
+    /// Present when the answer is cacheable and will be written.
+    entry: Option<Arc<Entry>>,
+}
+
+pub(super) type Shared = Result<Arc<Answer>, Refusal>;
+
+/// What a key's flight offers its waiters: the live stream while it runs (a streamed answer),
+/// then the whole answer.
+#[derive(Debug, Clone)]
+pub(super) enum Flight {
+    Live(Arc<Live>),
+    Done(Shared),
+}
+
+/// A provider stream under way.
+#[derive(Debug)]
+pub(super) struct Live {
+    provider: Arc<str>,
+    upstream_ms: f64,
+    fanout: Arc<Fanout>,
+}
+
+/// A miss as [`Service::serve`] hands it over.
+pub(super) struct Miss {
+    pub(super) tenant: Arc<Tenant>,
+    pub(super) parsed: ParsedRequest,
+    pub(super) body: Bytes,
+    pub(super) key: Option<CacheKey>,
+    pub(super) plan: Plan,
+    /// `Cache-Status` `fwd` of this tier.
+    pub(super) fwd: Fwd,
+    pub(super) edge_miss: bool,
+}
+
+/// How the client wants the answer.
+#[derive(Debug, Clone, Copy)]
+struct Want {
+    route: Route,
+    stream: bool,
+    include_usage: bool,
+}
+
+/// One provider call.
+struct Job {
+    tenant: Arc<Tenant>,
+    route: Route,
+    model: String,
+    /// What the provider is sent (the client's body, with usage requested for streams).
+    body: Bytes,
+    stream: bool,
+    /// Assemble a streamed chat answer (for the cache and the waiters that want JSON).
+    assemble: bool,
+    /// Where to write a cacheable answer; `None` when the plan does not write.
+    key: Option<CacheKey>,
+    edge_miss: bool,
+}
+
+/// A leader's or a waiter's outcome: a live stream to read, or the whole answer.
+enum Led {
+    Live(Reply),
+    Done(Shared),
+}
+
+impl Service {
+    /// Answers a miss (or a bypass) from the provider; see the module doc.
+    pub(super) async fn miss(
+        self: &Arc<Self>,
+        miss: Miss,
+        trace: &mut Trace,
+    ) -> Result<Reply, Refusal> {
+        let parsed = &miss.parsed;
+        let want = Want {
+            route: parsed.route,
+            stream: parsed.stream,
+            include_usage: parsed.include_usage,
+        };
+        // A stream reports its tokens only when asked: ask, so the budget sees every token
+        // (the usage chunk is then hidden from a client that did not ask for it).
+        let body = (parsed.stream && !parsed.include_usage)
+            .then(|| stream::with_usage_requested(&miss.body))
+            .flatten()
+            .unwrap_or(miss.body);
+        let job = Job {
+            tenant: Arc::clone(&miss.tenant),
+            route: parsed.route,
+            model: parsed.model.clone(),
+            body,
+            stream: parsed.stream,
+            assemble: parsed.stream && parsed.route == Route::ChatCompletions,
+            key: if miss.plan.write {
+                miss.key.clone()
+            } else {
+                None
+            },
+            edge_miss: miss.edge_miss,
+        };
+        let status =
+            |stored, collapsed| Some(cache_status(miss.fwd, miss.plan.bypass, stored, collapsed));
+        let led = match &miss.key {
+            Some(key) if miss.plan.read => match self.coalescer.join(&key.redis_key()) {
+                Joined::Leader(leader) => self.lead(job, Some(leader), want, trace).await,
+                Joined::Waiter(waiter) => {
+                    trace.collapsed = true;
+                    self.metrics.coalesced_waiters.inc();
+                    self.follow(waiter, want, &miss.tenant, miss.edge_miss, trace)
+                        .await
+                }
+            },
+            _ => self.lead(job, None, want, trace).await,
+        };
+        let answer = match led {
+            Led::Live(reply) => {
+                trace.cache_status = status(false, trace.collapsed);
+                return Ok(reply);
+            }
+            Led::Done(shared) => shared?,
+        };
+        trace.provider = Some(Arc::clone(&answer.provider));
+        trace.upstream_ms = Some(answer.upstream_ms);
+        trace.cache_status = status(answer.entry.is_some(), trace.collapsed);
+        Ok(render_answer(&answer, want))
+    }
+
+    /// Starts the provider call in its own task and waits for it: for a stream, until the
+    /// provider's stream starts (then the reply reads it live); otherwise the whole answer.
+    async fn lead(
+        self: &Arc<Self>,
+        job: Job,
+        leader: Option<Leader<Flight>>,
+        want: Want,
+        trace: &mut Trace,
+    ) -> Led {
+        let (done_tx, done_rx) = oneshot::channel();
+        let (live_tx, live_rx) = oneshot::channel();
+        tokio::spawn(Arc::clone(self).fetch(job, leader, want.stream.then_some(live_tx), done_tx));
+        if want.stream
+            && let Ok(live) = live_rx.await
+        {
+            return Led::Live(live_reply(
+                &live,
+                live.fanout.read(want.include_usage),
+                trace,
+            ));
+        }
+        Led::Done(match tokio::time::timeout(self.wait_limit, done_rx).await {
+            Ok(Ok(shared)) => shared,
+            Ok(Err(_)) => Err(ApiError::internal().into()),
+            Err(_) => Err(ApiError::gateway_timeout("the provider did not answer in time").into()),
+        })
+    }
+
+    /// A coalesced request: a stream joins the leader's live stream (from its first event,
+    /// then live); anything else waits for the whole answer.
+    async fn follow(
+        &self,
+        mut waiter: Waiter<Flight>,
+        want: Want,
+        tenant: &Tenant,
+        edge_miss: bool,
+        trace: &mut Trace,
+    ) -> Led {
+        let done = |flight: &Flight| matches!(flight, Flight::Done(_));
+        let flight = waiter
+            .wait(self.wait_limit, |flight| want.stream || done(flight))
+            .await;
+        let flight = match flight {
+            Ok(Flight::Live(live)) => match live.fanout.join(want.include_usage, edge_miss) {
+                Some(reader) => return Led::Live(live_reply(&live, reader, trace)),
+                // The stream just ended: its answer is being published.
+                None => waiter.wait(self.wait_limit, done).await,
+            },
+            other => other,
+        };
+        let shared = match flight {
+            Ok(Flight::Done(shared)) => shared,
+            Ok(Flight::Live(_)) => Err(ApiError::internal().into()),
+            Err(WaitError::Abandoned) => {
+                Err(ApiError::bad_gateway("the provider call was abandoned").into())
+            }
+            Err(WaitError::TimedOut) => {
+                Err(ApiError::gateway_timeout("the provider did not answer in time").into())
+            }
+        };
+        if let Ok(answer) = &shared {
+            if let Some(usage) = &answer.usage {
+                self.budget.record_saved(&tenant.id, usage.total_tokens);
+            }
+            if edge_miss && let Some(entry) = &answer.entry {
+                self.offer(Arc::clone(entry));
+            }
+        }
+        Led::Done(shared)
+    }
+
+    /// The provider call and everything after it: share the live stream or publish the
+    /// answer to the waiters, then (off every response path) count tokens, write the cache,
+    /// offer the entry for replication, and only then free the coalescing slot.
+    async fn fetch(
+        self: Arc<Self>,
+        job: Job,
+        leader: Option<Leader<Flight>>,
+        mut live_tx: Option<oneshot::Sender<Arc<Live>>>,
+        done_tx: oneshot::Sender<Shared>,
+    ) {
+        let start = Instant::now();
+        let sent = self
+            .router
+            .send(job.route, &job.model, &job.body, job.stream)
+            .await;
+        let upstream_ms = start.elapsed().as_secs_f64() * 1000.0;
+        let mut used = None;
+        let mut sharers = (0, false);
+        let shared: Shared = match sent {
+            Err(error) => Err(refusal_for(&error)),
+            Ok(Upstream {
+                provider,
+                body: UpstreamBody::Stream(response),
+                ..
+            }) => {
+                let live = Arc::new(Live {
+                    provider: Arc::clone(&provider),
+                    upstream_ms,
+                    fanout: Fanout::new(),
+                });
+                if let Some(tx) = live_tx.take() {
+                    let _ = tx.send(Arc::clone(&live));
+                }
+                if let Some(leader) = &leader {
+                    leader.publish(Flight::Live(Arc::clone(&live)));
+                }
+                let options = Forwarding {
+                    assemble: job.assemble,
+                    idle: self.router.stream_idle_timeout,
+                    max_bytes: self.max_upstream_body_bytes,
+                };
+                let forwarded = stream::forward(response, &live.fanout, options).await;
+                // Before the answer is published: a waiter either joined the live stream (and
+                // is counted here) or takes the published answer.
+                sharers = live.fanout.seal();
+                used = forwarded.usage;
+                match forwarded.result {
+                    Ok(Some(completion)) => Ok(self.answer(
+                        &job,
+                        200,
+                        "application/json".into(),
+                        Bytes::from(completion),
+                        provider,
+                        upstream_ms,
+                    )),
+                    Ok(None) => {
+                        Err(ApiError::bad_gateway("the streamed answer cannot be shared").into())
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, provider = %provider, "stream ended badly; not cached");
+                        Err(ApiError::bad_gateway(error.to_string()).into())
+                    }
+                }
+            }
+            Ok(Upstream {
+                provider,
+                status,
+                content_type,
+                body: UpstreamBody::Full(body),
+            }) => {
+                let answer = self.answer(&job, status, content_type, body, provider, upstream_ms);
+                used = answer.usage.clone();
+                Ok(answer)
+            }
+        };
+        // No stream: the leading request stops waiting for one and takes the answer.
+        drop(live_tx);
+        if let Some(leader) = &leader {
+            leader.publish(Flight::Done(shared.clone()));
+        }
+        let _ = done_tx.send(shared.clone());
+
+        let (joined, joined_from_edge) = sharers;
+        if let Some(usage) = &used {
+            self.budget.record_used(&job.tenant.id, usage.total_tokens);
+            if joined > 0 {
+                self.budget.record_saved(
+                    &job.tenant.id,
+                    usage.total_tokens.saturating_mul(joined as u64),
+                );
+            }
+        }
+        if let Ok(answer) = &shared
+            && let (Some(entry), Some(key)) = (&answer.entry, &job.key)
+        {
+            if job.edge_miss || joined_from_edge {
+                self.offer(Arc::clone(entry));
+            }
+            self.write(key, entry).await;
+        }
+        drop(leader);
+    }
+
+    fn answer(
+        &self,
+        job: &Job,
+        status: u16,
+        content_type: String,
+        body: Bytes,
+        provider: Arc<str>,
+        upstream_ms: f64,
+    ) -> Arc<Answer> {
+        let usage = if (200..300).contains(&status) {
+            usage::of_answer(&body)
+        } else {
+            None
+        };
+        let entry = match &job.key {
+            Some(key) if policy::is_cacheable_response(status, &content_type, &body) => {
+                Some(Arc::new(Entry {
+                    envelope: Envelope {
+                        v: ENTRY_VERSION,
+                        tenant: job.tenant.id.clone(),
+                        key: key.hex().to_string(),
+                        created: unix_now(),
+                        ttl: policy::effective_ttl(job.tenant.cache_ttl_secs, self.ttl_cap_secs),
+                        status,
+                        content_type: content_type.clone(),
+                        model: job.model.clone(),
+                        provider: provider.to_string(),
+                        usage: usage.clone(),
+                    },
+                    body: body.to_vec(),
+                }))
+            }
+            _ => None,
+        };
+        if job.key.is_some() && entry.is_none() {
+            self.metrics
+                .cache_writes
+                .with_label_values(&["uncacheable"])
+                .inc();
+        }
+        Arc::new(Answer {
+            status,
+            content_type,
+            body,
+            provider,
+            usage,
+            upstream_ms,
+            entry,
+        })
+    }
+
+    async fn write(&self, key: &CacheKey, entry: &Entry) {
+        let bytes = match entry.encode() {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                self.metrics
+                    .cache_writes
+                    .with_label_values(&["uncacheable"])
+                    .inc();
+                tracing::debug!(%error, "entry not encodable; not cached");
+                return;
+            }
+        };
+        let outcome = match self
+            .store
+            .set_ex(&key.redis_key(), bytes, entry.envelope.ttl)
+            .await
+        {
+            Ok(()) => "stored",
+            Err(_) => "failed",
+        };
+        self.metrics
+            .cache_writes
+            .with_label_values(&[outcome])
+            .inc();
+    }
+}
+
+/// A reply that reads a live stream, and the trace fields it knows.
+fn live_reply(live: &Live, reader: stream::ClientStream, trace: &mut Trace) -> Reply {
+    trace.provider = Some(Arc::clone(&live.provider));
+    trace.upstream_ms = Some(live.upstream_ms);
+    Reply {
+        status: 200,
+        content_type: "text/event-stream".into(),
+        body: ReplyBody::Stream(reader),
+    }
+}
+
+pub(super) fn cache_status(
+    fwd: Fwd,
+    bypass: Option<Bypass>,
+    stored: bool,
+    collapsed: bool,
+) -> String {
+    let mut member = CacheStatusMember::fwd(CACHE_NAME, fwd, stored);
+    if let Some(reason) = bypass {
+        member = member.with_detail(reason.as_str());
+    }
+    let mut member = member.render();
+    if collapsed {
+        // RFC 9211 `collapsed`: answered by a request made for another client.
+        member.push_str("; collapsed");
+    }
+    member
+}
+
+/// A provider answer as this client asked for it (a waiter may want SSE from a JSON answer).
+fn render_answer(answer: &Answer, want: Want) -> Reply {
+    if want.stream
+        && want.route == Route::ChatCompletions
+        && answer.status == 200
+        && let Ok(sse) = replay_chat(&answer.body, want.include_usage)
+    {
+        return Reply {
+            status: 200,
+            content_type: "text/event-stream".into(),
+            body: ReplyBody::Full(Bytes::from(sse)),
+        };
+    }
+    Reply {
+        status: answer.status,
+        content_type: answer.content_type.clone(),
+        body: ReplyBody::Full(answer.body.clone()),
+    }
+}
+
+fn refusal_for(error: &RouterError) -> Refusal {
+    match error {
+        RouterError::NoProvider(model) => {
+            ApiError::bad_gateway(format!("No provider is configured for model {model}.")).into()
+        }
+        RouterError::AllOpen => {
+            ApiError::bad_gateway("No provider is available for this model right now.").into()
+        }
+        RouterError::TooLarge(_) => {
+            ApiError::bad_gateway("The provider's answer is too large.").into()
+        }
+        RouterError::Exhausted {
+            last: AttemptError::Timeout,
+            ..
+        } => ApiError::gateway_timeout("The provider did not answer in time.").into(),
+        RouterError::Exhausted {
+            last:
+                AttemptError::Status {
+                    status: 429,
+                    retry_after,
+                },
+            ..
+        } => Refusal {
+            error: ApiError::rate_limited(
+                "The providers for this model are rate limiting; retry later.",
+            ),
+            retry_after_secs: Some(
+                retry_after
+                    .as_deref()
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(1),
+            ),
+        },
+        RouterError::Exhausted { last, .. } => {
+            ApiError::bad_gateway(format!("The provider failed: {last}.")).into()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cache_status_marks_collapsed_requests_and_bypass_reasons() {
+        assert_eq!(
+            cache_status(Fwd::Uri_Miss, None, true, true),
+            "gateway-origin; fwd=uri-miss; stored; collapsed"
+        );
+        assert_eq!(
+            cache_status(Fwd::Bypass, None, false, false),
+            "gateway-origin; fwd=bypass"
+        );
+        assert_eq!(
+            cache_status(Fwd::Bypass, Some(Bypass::Sampled), false, false),
+            "gateway-origin; fwd=bypass; detail=sampled"
+        );
+    }
+}
