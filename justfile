@@ -52,7 +52,7 @@ python-venv:
 
 # Build the host crates (origin, fixtures, tests).
 build:
-    cargo build --workspace --all-targets
+    cargo build --all-targets
 
 # Build the edge wasm (release, size-optimized).
 build-edge:
