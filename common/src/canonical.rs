@@ -530,13 +530,19 @@ mod tests {
             .unwrap()
             .sampled
         };
-        assert!(sampled(""), "no temperature: the provider default (1) samples");
+        assert!(
+            sampled(""),
+            "no temperature: the provider default (1) samples"
+        );
         assert!(sampled(r#","temperature":null"#));
         assert!(sampled(r#","temperature":0.7"#));
         assert!(sampled(r#","temperature":1"#));
         assert!(!sampled(r#","temperature":0"#));
         assert!(!sampled(r#","temperature":0.0"#));
-        assert!(!sampled(r#","seed":7"#), "a seed asks for a reproducible answer");
+        assert!(
+            !sampled(r#","seed":7"#),
+            "a seed asks for a reproducible answer"
+        );
         assert!(!sampled(r#","temperature":1.2,"seed":7"#));
         assert!(sampled(r#","seed":null"#));
         let embedding = parse_request(
@@ -560,7 +566,11 @@ mod tests {
         assert!(store("true"));
         assert!(!store("false"));
         assert!(!store("null"));
-        assert!(!chat(r#"{"model":"m","messages":[{"role":"user"}]}"#).unwrap().store);
+        assert!(
+            !chat(r#"{"model":"m","messages":[{"role":"user"}]}"#)
+                .unwrap()
+                .store
+        );
     }
 
     #[test]

@@ -292,7 +292,10 @@ mod tests {
         let sampled = request(true, true, false);
         let stored = request(true, false, true);
         let default = tenant(true, false);
-        assert!(plan(none, &sampled, &default).read, "sampled answers cached by default");
+        assert!(
+            plan(none, &sampled, &default).read,
+            "sampled answers cached by default"
+        );
         assert_eq!(
             plan(none, &stored, &default).bypass,
             Some(Bypass::Store),
@@ -307,7 +310,10 @@ mod tests {
             no_cache: true,
             ..none
         };
-        assert!(!plan(no_cache, &sampled, &fresh_draws).write, "not written either");
+        assert!(
+            !plan(no_cache, &sampled, &fresh_draws).write,
+            "not written either"
+        );
         assert!(plan(none, &stored, &fresh_draws).read);
         assert!(plan(none, &request(true, false, false), &fresh_draws).read);
         assert_eq!(Bypass::NoStore.as_str(), "no-store");

@@ -22,7 +22,8 @@ use gateway_common::headers::{
 };
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{
-    Bypass, Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control, plan,
+    Bypass, Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control,
+    plan,
 };
 use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
