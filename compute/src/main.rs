@@ -133,7 +133,12 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         let found = kv::lookup(key);
         record(&mut timing, log, "kv", kv_started);
         let read = match found {
-            Ok(entry) => {
+            Ok(mut entry) => {
+                // The cap bounds every entry served, whoever wrote it: the origin replicates
+                // with its own TTL (up to its own, longer cap). Capping the envelope itself
+                // makes the freshness below, the stale-if-error window (counted from the
+                // capped TTL) and the TTL a stale answer reports agree.
+                entry.envelope.ttl = effective_ttl(entry.envelope.ttl, settings.ttl_cap_secs);
                 let env = &entry.envelope;
                 let fresh = freshness(
                     env.created,
@@ -267,7 +272,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     let age = header_resp(&resp, "age")
         .and_then(|a| a.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.fallback().ttl_cap_secs);
+    let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.ttl_cap_secs);
     let provider = header_resp(&resp, X_UPSTREAM_PROVIDER)
         .unwrap_or_default()
         .to_owned();
@@ -526,3 +531,4 @@ impl LogLine {
         println!("{line}");
     }
 }
+

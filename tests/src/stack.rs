@@ -234,6 +234,18 @@ impl Stack {
         Ok((edge, proxy))
     }
 
+    /// The edge's log line for the last request keyed `key`, once the edge has finished every
+    /// request sent to it. Panics when there is none (a test failure).
+    pub async fn edge_log_line(&self, key: &CacheKey) -> Value {
+        self.settle().await;
+        self.edge
+            .log_lines()
+            .into_iter()
+            .rev()
+            .find(|line| line["key"] == key.hex())
+            .unwrap_or_else(|| panic!("no edge log line for key {}", key.hex()))
+    }
+
     /// Take the origin down: the origin stops and its address refuses connections.
     pub async fn stop_origin(&mut self) {
         if let Some(proxy) = self.proxy.take() {

@@ -16,4 +16,5 @@ mod faults;
 mod isolation;
 mod openai_client;
 mod streaming;
+mod ttl_cap;
 mod walk;
