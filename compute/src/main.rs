@@ -431,7 +431,8 @@ fn model_and_usage(body: &[u8], requested: &str) -> (String, Option<Usage>) {
         Some(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: n("total_tokens").unwrap_or(prompt + completion),
+            // Provider-supplied numbers: a huge count must not wrap (or, in a debug build, panic).
+            total_tokens: n("total_tokens").unwrap_or(prompt.saturating_add(completion)),
         })
     });
     (model, usage)
@@ -532,3 +533,27 @@ impl LogLine {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_near_the_limit_saturate_instead_of_wrapping() {
+        let body = format!(
+            r#"{{"model":"m-2024","usage":{{"prompt_tokens":{},"completion_tokens":2}}}}"#,
+            u64::MAX - 1
+        );
+        let (model, usage) = model_and_usage(body.as_bytes(), "m");
+        assert_eq!(model, "m-2024");
+        assert_eq!(usage.map(|u| u.total_tokens), Some(u64::MAX));
+    }
+
+    #[test]
+    fn a_reported_total_is_kept_and_a_missing_usage_is_none() {
+        let body = br#"{"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":9}}"#;
+        let (model, usage) = model_and_usage(body, "requested");
+        assert_eq!(model, "requested");
+        assert_eq!(usage.map(|u| u.total_tokens), Some(9));
+        assert_eq!(model_and_usage(b"not json", "m").1, None);
+    }
+}
