@@ -52,7 +52,7 @@ python-venv:
 
 # Build the host crates (origin, fixtures, tests).
 build:
-    cargo build --workspace --all-targets
+    cargo build --all-targets
 
 # Build the edge wasm (release, size-optimized).
 build-edge:
@@ -70,10 +70,13 @@ test: setup build-edge
     cargo test --workspace --no-fail-fast
     just test-wasm
 
-# Golden vectors compiled to wasm32-wasip1 and run in Viceroy (edge and origin agree on keys).
+# Golden vectors compiled to wasm32-wasip1 and run in Viceroy (edge and origin agree on keys),
+# and the edge's own unit tests, which only link for wasm32-wasip1.
 test-wasm:
     CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
         cargo test -p gateway-common --target wasm32-wasip1 --test golden
+    CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
+        cargo test -p gateway-compute --target wasm32-wasip1
 
 # Regenerate the edge's local Config Store `tenants` from fixtures/tenants.json.
 edge-tenants:

@@ -133,7 +133,12 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         let found = kv::lookup(key);
         record(&mut timing, log, "kv", kv_started);
         let read = match found {
-            Ok(entry) => {
+            Ok(mut entry) => {
+                // The cap bounds every entry served, whoever wrote it: the origin replicates
+                // with its own TTL (up to its own, longer cap). Capping the envelope itself
+                // makes the freshness below, the stale-if-error window (counted from the
+                // capped TTL) and the TTL a stale answer reports agree.
+                entry.envelope.ttl = effective_ttl(entry.envelope.ttl, settings.ttl_cap_secs);
                 let env = &entry.envelope;
                 let fresh = freshness(
                     env.created,
@@ -267,7 +272,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     let age = header_resp(&resp, "age")
         .and_then(|a| a.trim().parse::<u64>().ok())
         .unwrap_or(0);
-    let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.fallback().ttl_cap_secs);
+    let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.ttl_cap_secs);
     let provider = header_resp(&resp, X_UPSTREAM_PROVIDER)
         .unwrap_or_default()
         .to_owned();
@@ -426,7 +431,8 @@ fn model_and_usage(body: &[u8], requested: &str) -> (String, Option<Usage>) {
         Some(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
-            total_tokens: n("total_tokens").unwrap_or(prompt + completion),
+            // Provider-supplied numbers: a huge count must not wrap (or, in a debug build, panic).
+            total_tokens: n("total_tokens").unwrap_or(prompt.saturating_add(completion)),
         })
     });
     (model, usage)
@@ -524,5 +530,30 @@ impl LogLine {
             line[format!("{step}_ms")] = serde_json::json!(round2(*took));
         }
         println!("{line}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_near_the_limit_saturate_instead_of_wrapping() {
+        let body = format!(
+            r#"{{"model":"m-2024","usage":{{"prompt_tokens":{},"completion_tokens":2}}}}"#,
+            u64::MAX - 1
+        );
+        let (model, usage) = model_and_usage(body.as_bytes(), "m");
+        assert_eq!(model, "m-2024");
+        assert_eq!(usage.map(|u| u.total_tokens), Some(u64::MAX));
+    }
+
+    #[test]
+    fn a_reported_total_is_kept_and_a_missing_usage_is_none() {
+        let body = br#"{"usage":{"prompt_tokens":3,"completion_tokens":2,"total_tokens":9}}"#;
+        let (model, usage) = model_and_usage(body, "requested");
+        assert_eq!(model, "requested");
+        assert_eq!(usage.map(|u| u.total_tokens), Some(9));
+        assert_eq!(model_and_usage(b"not json", "m").1, None);
     }
 }

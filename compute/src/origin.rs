@@ -17,9 +17,10 @@ pub const BACKEND: &str = "origin";
 /// How a forward failed before an answer came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OriginFailure {
-    /// Could not connect (refused, DNS, unreachable, connect timeout): 503.
+    /// Could not connect (refused, DNS error, unreachable): 503.
     Unreachable,
-    /// Connected but no (complete) answer in time: 504.
+    /// No answer in time: the connect (or the DNS lookup) timed out, or the answer's first
+    /// byte did not come: 504.
     Timeout,
     /// Anything else the backend did wrong: 502.
     Broken,
@@ -69,7 +70,11 @@ pub fn send(
 
 fn classify(cause: &SendErrorCause) -> OriginFailure {
     match cause {
-        SendErrorCause::HttpResponseTimeout => OriginFailure::Timeout,
+        // A connect or DNS lookup that ran out of time is an origin that did not answer in
+        // time (504), not one that said no (503).
+        SendErrorCause::HttpResponseTimeout
+        | SendErrorCause::ConnectionTimeout
+        | SendErrorCause::DnsTimeout => OriginFailure::Timeout,
         // The origin answered, but not with a usable HTTP response.
         SendErrorCause::HttpIncompleteResponse
         | SendErrorCause::HttpResponseHeaderSectionTooLarge
@@ -77,8 +82,9 @@ fn classify(cause: &SendErrorCause) -> OriginFailure {
         | SendErrorCause::HttpResponseStatusInvalid
         | SendErrorCause::HttpProtocolError
         | SendErrorCause::Http2StreamError { .. } => OriginFailure::Broken,
-        // Refused, DNS, unreachable, connect timeout, TLS, and host errors with no detail
-        // (Viceroy reports a refused connection as an internal error): no answer came back.
+        // Refused, DNS error, unreachable, TLS, and host errors with no detail: no answer came
+        // back. Viceroy 0.22 fills in no detail at all (its `send_v2` ignores the detail
+        // argument), so locally every failure to get an answer, timeouts included, lands here.
         _ => OriginFailure::Unreachable,
     }
 }
@@ -129,5 +135,54 @@ fn timed_backend(settings: &EdgeSettings) -> Option<Backend> {
             );
             Some(base)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connect_or_dns_timeout_is_a_timeout_not_an_unreachable_origin() {
+        assert_eq!(
+            classify(&SendErrorCause::ConnectionTimeout),
+            OriginFailure::Timeout
+        );
+        assert_eq!(
+            classify(&SendErrorCause::DnsTimeout),
+            OriginFailure::Timeout
+        );
+        assert_eq!(
+            classify(&SendErrorCause::HttpResponseTimeout),
+            OriginFailure::Timeout
+        );
+    }
+
+    #[test]
+    fn a_refused_or_undetailed_failure_is_an_unreachable_origin() {
+        for cause in [
+            SendErrorCause::ConnectionRefused,
+            SendErrorCause::DnsError {
+                rcode: Some(3),
+                info_code: None,
+            },
+            SendErrorCause::DestinationIpUnroutable,
+            SendErrorCause::TlsCertificateError,
+            SendErrorCause::InternalError(None),
+        ] {
+            assert_eq!(classify(&cause), OriginFailure::Unreachable, "{cause:?}");
+        }
+    }
+
+    #[test]
+    fn an_unusable_answer_is_a_broken_origin() {
+        assert_eq!(
+            classify(&SendErrorCause::HttpIncompleteResponse),
+            OriginFailure::Broken
+        );
+        assert_eq!(
+            classify(&SendErrorCause::HttpProtocolError),
+            OriginFailure::Broken
+        );
     }
 }

@@ -11,12 +11,18 @@ pub const EDGE_CONFIG_STORE: &str = "edge_config";
 /// Secret Store holding the cache key secret and the origin's shared secret.
 pub const SECRET_STORE: &str = "gateway_secrets";
 
+/// `ttl_cap_secs` when `edge_config` does not set it: one day.
+const DEFAULT_TTL_CAP_SECS: u64 = 86_400;
+
 /// Settings for one request (a Compute instance serves one request). What a KV hit needs is
-/// read up front; what only a fallback to the origin needs is read on first use, so a hit
-/// pays for two store lookups, not nine. Deliberately not `Debug`: it holds secrets.
+/// read up front (three lookups); the five that only a fallback to the origin needs are read
+/// on first use, so a hit never pays for them. Deliberately not `Debug`: it holds secrets.
 pub struct EdgeSettings {
     /// Largest request body accepted. Default `common::canonical::DEFAULT_MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
+    /// Upper bound on any entry's TTL, as on the origin, in seconds: on what the edge stores
+    /// and on every entry it reads, whoever wrote it. Default 86400.
+    pub ttl_cap_secs: u64,
     /// The HMAC key for cache keys; `None` when the secret is missing, in which case the edge
     /// keys nothing and forwards every request (slower, never wrong).
     pub cache_key_secret: Option<Vec<u8>>,
@@ -37,8 +43,6 @@ pub struct Fallback {
     pub origin_first_byte_timeout: Duration,
     /// Default 120 s (a reasoning model can pause between streamed chunks).
     pub origin_between_bytes_timeout: Duration,
-    /// Upper bound on any entry's TTL, as on the origin. Default 86400 s.
-    pub ttl_cap_secs: u64,
     /// Sent to the origin in `x-gateway-edge-secret` when set.
     pub edge_shared_secret: Option<Vec<u8>>,
 }
@@ -50,7 +54,6 @@ impl Default for Fallback {
             origin_connect_timeout: Duration::from_millis(1000),
             origin_first_byte_timeout: Duration::from_secs(300),
             origin_between_bytes_timeout: Duration::from_secs(120),
-            ttl_cap_secs: 86_400,
             edge_shared_secret: None,
         }
     }
@@ -72,6 +75,7 @@ impl EdgeSettings {
             .ok();
         let mut s = EdgeSettings {
             max_body_bytes: gateway_common::canonical::DEFAULT_MAX_BODY_BYTES,
+            ttl_cap_secs: DEFAULT_TTL_CAP_SECS,
             cache_key_secret: secrets
                 .as_ref()
                 .and_then(|store| secret(store, "cache_key_secret")),
@@ -80,6 +84,9 @@ impl EdgeSettings {
             fallback: OnceCell::new(),
         };
         s.max_body_bytes = s.setting("max_body_bytes", parse_number, s.max_body_bytes);
+        // Read on every request, hits included (one Config Store read): a hit must judge the
+        // entry's freshness against the cap, since the origin's replicas carry its own TTL.
+        s.ttl_cap_secs = s.setting("ttl_cap_secs", parse_number, s.ttl_cap_secs);
         if s.cache_key_secret.is_none() {
             eprintln!(
                 "edge: no cache_key_secret; caching at the edge is off, every request goes to the origin"
@@ -113,7 +120,6 @@ impl EdgeSettings {
                     parse_ms,
                     d.origin_between_bytes_timeout,
                 ),
-                ttl_cap_secs: self.setting("ttl_cap_secs", parse_number, d.ttl_cap_secs),
                 edge_shared_secret: self
                     .secrets
                     .as_ref()

@@ -33,6 +33,8 @@ pub struct EdgeConfig {
     pub kv: Vec<KvSeed>,
     pub origin_connect_timeout_ms: u64,
     pub origin_first_byte_timeout_ms: u64,
+    /// `edge_config.ttl_cap_secs`: 86400, as in `fastly.toml`'s `[local_server]`.
+    pub ttl_cap_secs: u64,
     /// The Config Store `tenants` contents (as `edge_tenants_json` renders them), written
     /// into this edge's scratch directory; `fixtures/edge/tenants.json` when `None`.
     pub tenants_store: Option<String>,
@@ -48,6 +50,7 @@ impl EdgeConfig {
             kv: Vec::new(),
             origin_connect_timeout_ms: 1000,
             origin_first_byte_timeout_ms: 30_000,
+            ttl_cap_secs: 86_400,
             tenants_store: None,
         }
     }
@@ -112,6 +115,15 @@ impl Edge {
     /// What Viceroy and the guest printed (the edge's log lines).
     pub fn log(&self) -> String {
         self.process.log()
+    }
+
+    /// The edge's per-request log lines (`"tier":"edge"`), parsed, oldest first.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        self.log()
+            .lines()
+            .filter(|line| line.contains("\"tier\":\"edge\""))
+            .filter_map(|line| serde_json::from_str(line.get(line.find('{')?..)?).ok())
+            .collect()
     }
 
     /// Requests the edge has finished, work after the response (local populate) included:
@@ -204,9 +216,10 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
     )?;
     writeln!(
         t,
-        "origin_first_byte_timeout_ms = \"{}\"\n",
+        "origin_first_byte_timeout_ms = \"{}\"",
         config.origin_first_byte_timeout_ms
     )?;
+    writeln!(t, "ttl_cap_secs = \"{}\"\n", config.ttl_cap_secs)?;
     writeln!(
         t,
         "[[local_server.secret_stores.gateway_secrets]]\nkey = \"cache_key_secret\""

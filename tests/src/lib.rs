@@ -1,6 +1,7 @@
 //! End-to-end test harness: starts the real processes (Redis, mock provider, fake Fastly KV
 //! API, origin, Viceroy) on free ports and stops them afterwards.
 
+pub mod blackhole;
 pub mod edge;
 pub mod entry;
 pub mod sse;

@@ -234,6 +234,26 @@ impl Stack {
         Ok((edge, proxy))
     }
 
+    /// Requests that crossed from the edge to the origin carrying the header `name`; 0 once
+    /// the origin is stopped.
+    pub fn origin_requests_with_header(&self, name: &str) -> u64 {
+        self.proxy
+            .as_ref()
+            .map_or(0, |proxy| proxy.requests_with_header(name))
+    }
+
+    /// The edge's log line for the last request keyed `key`, once the edge has finished every
+    /// request sent to it. Panics when there is none (a test failure).
+    pub async fn edge_log_line(&self, key: &CacheKey) -> Value {
+        self.settle().await;
+        self.edge
+            .log_lines()
+            .into_iter()
+            .rev()
+            .find(|line| line["key"] == key.hex())
+            .unwrap_or_else(|| panic!("no edge log line for key {}", key.hex()))
+    }
+
     /// Take the origin down: the origin stops and its address refuses connections.
     pub async fn stop_origin(&mut self) {
         if let Some(proxy) = self.proxy.take() {

@@ -16,4 +16,6 @@ mod faults;
 mod isolation;
 mod openai_client;
 mod streaming;
+mod tenant_policy;
+mod ttl_cap;
 mod walk;
