@@ -154,10 +154,12 @@ impl Budget {
         }
         counter.with_label_values(&[tenant]).inc_by(tokens);
         let mut pending = self.lock();
-        match pending.get_mut(tenant) {
-            Some(p) => *field(p) += tokens,
-            None => *field(pending.entry(tenant.to_owned()).or_default()) += tokens,
-        }
+        // Provider-supplied counts: a hostile or broken provider must not overflow them.
+        let slot = match pending.get_mut(tenant) {
+            Some(p) => field(p),
+            None => field(pending.entry(tenant.to_owned()).or_default()),
+        };
+        *slot = slot.saturating_add(tokens);
     }
 
     /// Writes the pending counts to Redis in one round trip; on failure they are kept for the
@@ -184,8 +186,8 @@ impl Budget {
             let mut pending = self.lock();
             for (tenant, p) in drained {
                 let entry = pending.entry(tenant).or_default();
-                entry.used += p.used;
-                entry.saved += p.saved;
+                entry.used = entry.used.saturating_add(p.used);
+                entry.saved = entry.saved.saturating_add(p.saved);
             }
         }
     }
@@ -320,6 +322,15 @@ mod tests {
                 retry_after_secs: 43_200
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn provider_counts_saturate_instead_of_overflowing() {
+        let budget = Budget::new(Arc::new(MemoryStore::new()), Metrics::new().unwrap());
+        let t = tenant(None, Some(u64::MAX));
+        budget.record_used("acme", u64::MAX - 1);
+        budget.record_used("acme", 7);
+        assert!(budget.check(&t, 5).await.tokens.is_some(), "at the maximum");
     }
 
     #[tokio::test]

@@ -120,7 +120,7 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit).into());
     }
-    let mut body = BytesMut::with_capacity(declared.map_or(8 * 1024, |n| n as usize));
+    let mut body = BytesMut::with_capacity(initial_capacity(declared));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk.map_err(|_| {
             Refusal::from(ApiError::bad_request(
@@ -135,6 +135,16 @@ async fn read_body(
     }
     Ok(body.freeze())
 }
+
+/// What to reserve for a body before any of it arrived: the declared length (already within
+/// the limit), but never more than [`MAX_PREALLOCATED_BYTES`], so a client that declares
+/// megabytes and sends nothing cannot make every connection hold them.
+fn initial_capacity(declared: Option<u64>) -> usize {
+    declared.map_or(8 * 1024, |n| n.min(MAX_PREALLOCATED_BYTES as u64) as usize)
+}
+
+/// The most [`initial_capacity`] reserves; a larger body grows as it arrives.
+const MAX_PREALLOCATED_BYTES: usize = 64 * 1024;
 
 /// Headers, metrics and the request log line, then the response.
 fn finish(
@@ -347,5 +357,17 @@ async fn metrics(request: HttpRequest, service: web::Data<Service>) -> HttpRespo
             .content_type("text/plain; version=0.0.4; charset=utf-8")
             .body(page),
         Err(refusal) => error_response(&refusal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_declared_length_reserves_at_most_64_kib_before_the_body_arrives() {
+        assert_eq!(initial_capacity(Some(4 * 1024 * 1024)), 64 * 1024);
+        assert_eq!(initial_capacity(Some(100)), 100);
+        assert_eq!(initial_capacity(None), 8 * 1024);
     }
 }

@@ -395,7 +395,10 @@ impl Service {
         match Entry::decode(&bytes, key) {
             Ok(entry) => {
                 let env = &entry.envelope;
-                match policy::freshness(env.created, env.ttl, now, max_age, 0) {
+                // The cap applies to what is read too: an entry written under a larger cap
+                // (before the setting was lowered) is not served past the current one.
+                let ttl = policy::effective_ttl(env.ttl, self.ttl_cap_secs);
+                match policy::freshness(env.created, ttl, now, max_age, 0) {
                     Freshness::Fresh { age, remaining } => (
                         Some(Hit {
                             entry,
