@@ -368,6 +368,27 @@ admin_token = "admin-token-0123456789"
     }
 
     #[test]
+    fn the_production_example_loads_once_its_secrets_are_in_the_environment() {
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("config/production.example.toml");
+        let mut env = HashMap::from([
+            ("OPENAI_API_KEY".to_string(), "sk-openai".to_string()),
+            ("FASTLY_API_TOKEN".to_string(), "fastly-token".to_string()),
+        ]);
+        let err = Settings::load(Some(&path), &env).unwrap_err().to_string();
+        assert!(err.contains("cache.key_secret"), "{err}");
+        for (key, value) in [
+            ("GATEWAY__CACHE__KEY_SECRET", "0123456789abcdef-key"),
+            ("GATEWAY__SECURITY__EDGE_SECRET", "edge-secret-0123456789"),
+            ("GATEWAY__SECURITY__ADMIN_TOKEN", "admin-token-0123456789"),
+        ] {
+            env.insert(key.to_string(), value.to_string());
+        }
+        let s = Settings::load(Some(&path), &env).unwrap();
+        assert!(!s.dev_mode && s.security.require_edge_secret && s.replication.enabled);
+    }
+
+    #[test]
     fn dev_mode_loads_the_fixture_tenants_and_needs_no_tokens() {
         let s = load(&format!("dev_mode = true\n{}", provider_toml())).unwrap();
         assert_eq!(
