@@ -13,6 +13,7 @@ use gateway_fixtures::provider::ProviderConfig;
 use serde_json::{Value, json};
 
 use crate::harness::{ACME, Options, Stack, chat_body, header};
+use crate::streaming::content_of_sse;
 
 /// 12 content chunks or so, 150 ms apart: a stream of about two seconds.
 fn slow_stream(
@@ -56,18 +57,6 @@ async fn read_stream(stack: Arc<Stack>, body: Value) -> Read {
     }
 }
 
-fn content(text: &str) -> String {
-    text.lines()
-        .filter_map(|l| l.strip_prefix("data: "))
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|c| {
-            c["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coalesced_stream_waiters_get_the_leaders_chunks_live_not_after_its_end() {
     // A short coalesce wait: a waiter that waited for the whole answer would get a 504.
@@ -97,7 +86,11 @@ async fn coalesced_stream_waiters_get_the_leaders_chunks_live_not_after_its_end(
             "{}",
             waiter.cache_status
         );
-        assert_eq!(content(&waiter.text), content(&leader.text), "waiter {i}");
+        assert_eq!(
+            content_of_sse(&waiter.text),
+            content_of_sse(&leader.text),
+            "waiter {i}"
+        );
         assert!(waiter.text.trim_end().ends_with("data: [DONE]"));
         assert_eq!(
             waiter.text.contains(r#""choices":[]"#),

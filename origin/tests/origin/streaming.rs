@@ -34,7 +34,7 @@ fn content_of_json(body: &Value) -> String {
         .to_string()
 }
 
-fn content_of_sse(text: &str) -> String {
+pub(crate) fn content_of_sse(text: &str) -> String {
     text.lines()
         .filter_map(|l| l.strip_prefix("data: "))
         .filter(|d| *d != "[DONE]")
