@@ -31,6 +31,7 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
             model: "gpt-4o-mini".to_owned(),
             provider: "mock".to_owned(),
             usage: None,
+            generation: 0,
         },
         body: HIT_BODY.to_vec(),
     };

@@ -64,6 +64,7 @@ fn entry(i: u64, created: u64) -> Entry {
                 completion_tokens: 40,
                 total_tokens: 52,
             }),
+            generation: 0,
         },
         body: HIT_BODY.to_vec(),
     }
@@ -93,6 +94,7 @@ pub async fn run(entries: u64) -> anyhow::Result<Replication> {
         requests_per_second: None,
         cache_sampled: true,
         cache_store_requests: false,
+        purge_generation: 0,
     };
     let replicator = KvReplicator::start(&settings, &Tenants::new(vec![tenant]), &Metrics::new()?)?;
     let created = now();

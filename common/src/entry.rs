@@ -39,6 +39,15 @@ pub struct Envelope {
     pub provider: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// The tenant's purge generation when the entry was written. Both tiers refuse an entry
+    /// from before the tenant's last purge (`policy::purged`). Absent (0) in entries written
+    /// before generations existed, and when the tenant was never purged.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A cache entry: the envelope and the response body, byte for byte.
@@ -201,6 +210,7 @@ mod tests {
                     completion_tokens: 5,
                     total_tokens: 8,
                 }),
+                generation: 0,
             },
             body: b"{\"id\":\"x\"}\n\nwith newlines\n".to_vec(),
         }
@@ -238,6 +248,22 @@ mod tests {
             Entry::decode_kv(value, Some(metadata.as_bytes()), &k).unwrap(),
             e
         );
+    }
+
+    #[test]
+    fn the_generation_is_written_only_once_the_tenant_has_purged() {
+        let k = key("acme", b"{}");
+        let mut e = entry(&k);
+        let (_, metadata) = e.encode_kv().unwrap();
+        assert!(
+            !metadata.contains("generation"),
+            "older readers see what they always saw"
+        );
+        e.envelope.generation = 3;
+        let (value, metadata) = e.encode_kv().unwrap();
+        assert!(metadata.contains(r#""generation":3"#));
+        let back = Entry::decode_kv(value, Some(metadata.as_bytes()), &k).unwrap();
+        assert_eq!(back.envelope.generation, 3);
     }
 
     #[test]

@@ -168,6 +168,12 @@ pub fn effective_ttl(tenant_ttl: u64, cap: u64) -> u64 {
     tenant_ttl.min(cap).max(1)
 }
 
+/// Whether an entry written under purge `generation` predates the tenant's last purge
+/// (`tenant_generation`): then it is never served, fresh or stale.
+pub fn purged(generation: u64, tenant_generation: u64) -> bool {
+    generation < tenant_generation
+}
+
 /// How usable an entry is now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Freshness {
@@ -260,6 +266,7 @@ mod tests {
             requests_per_second: None,
             cache_sampled,
             cache_store_requests,
+            purge_generation: 0,
         }
     }
 
@@ -373,6 +380,15 @@ mod tests {
         );
         assert_eq!(freshness(100, 60, 190, None, 30), Freshness::Expired);
         assert_eq!(freshness(100, 60, 160, None, 0), Freshness::Expired);
+    }
+
+    #[test]
+    fn an_entry_from_before_the_last_purge_is_purged() {
+        assert!(!purged(0, 0));
+        assert!(purged(0, 1));
+        assert!(purged(2, 3));
+        assert!(!purged(3, 3), "written after the purge");
+        assert!(!purged(4, 3), "an edge that has not seen the purge yet");
     }
 
     #[test]

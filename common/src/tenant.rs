@@ -37,6 +37,16 @@ pub struct Tenant {
     /// to the provider uncached (`Cache-Status: detail=store`).
     #[serde(default)]
     pub cache_store_requests: bool,
+    /// How many times the tenant purged its whole cache: an entry written under an older
+    /// generation is never served (`policy::purged`). Kept by the origin (in Redis) and
+    /// carried to the edge in this record (the Config Store `tenants`); not part of a tenants
+    /// file.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub purge_generation: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn default_true() -> bool {

@@ -23,7 +23,7 @@ use gateway_common::headers::{
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{
     Bypass, Freshness, Plan, effective_ttl, freshness, is_cacheable_response, parse_cache_control,
-    plan,
+    plan, purged,
 };
 use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
@@ -133,6 +133,10 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         let found = kv::lookup(key);
         record(&mut timing, log, "kv", kv_started);
         let read = match found {
+            // Written before the tenant's last purge: never served, not even stale.
+            Ok(entry) if purged(entry.envelope.generation, tenant.purge_generation) => {
+                KvRead::Purged
+            }
             Ok(mut entry) => {
                 // The cap bounds every entry served, whoever wrote it: the origin replicates
                 // with its own TTL (up to its own, longer cap). Capping the envelope itself
@@ -289,6 +293,9 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
             model,
             provider,
             usage,
+            // The edge's view of the tenant's purges; never newer than the origin's, so an
+            // entry populated here is refused rather than served after a purge it missed.
+            generation: d.tenant.purge_generation,
         },
         body: body.clone(),
     };
@@ -384,6 +391,8 @@ enum KvRead {
     Stale,
     /// Past any use.
     Expired,
+    /// Written before the tenant's last purge (an older purge generation).
+    Purged,
 }
 
 impl KvRead {
@@ -393,6 +402,7 @@ impl KvRead {
             KvRead::Unservable => "unservable",
             KvRead::Stale => "stale",
             KvRead::Expired => "expired",
+            KvRead::Purged => "purged",
         }
     }
 }

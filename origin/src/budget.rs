@@ -277,6 +277,7 @@ mod tests {
             requests_per_second: rps,
             cache_sampled: true,
             cache_store_requests: false,
+            purge_generation: 0,
         }
     }
 

@@ -35,13 +35,15 @@ pub struct Answered {
     pub rate_limit: RateLimit,
 }
 
-/// The four requests the replicator makes, as a metrics label.
+/// The requests the replicator makes, as a metrics label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RequestKind {
     Batch,
     Put,
     List,
     Delete,
+    /// A bulk upsert of Config Store items (`config_api.rs`).
+    Config,
 }
 
 impl RequestKind {
@@ -51,6 +53,7 @@ impl RequestKind {
             RequestKind::Put => "put",
             RequestKind::List => "list",
             RequestKind::Delete => "delete",
+            RequestKind::Config => "config",
         }
     }
 }
@@ -361,7 +364,9 @@ impl KvApi {
 }
 
 /// Sends one request; any non-2xx is an error carrying the status and rate-limit headers.
-async fn send(request: reqwest::RequestBuilder) -> Result<(Bytes, Answered), KvApiError> {
+pub(crate) async fn send(
+    request: reqwest::RequestBuilder,
+) -> Result<(Bytes, Answered), KvApiError> {
     let response = request.send().await.map_err(transport_error)?;
     let status = response.status();
     let rate_limit = rate_limit(response.headers());

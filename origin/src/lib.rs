@@ -5,8 +5,10 @@
 pub mod breaker;
 pub mod budget;
 pub mod coalesce;
+pub mod config_api;
 pub mod error;
 pub mod fanout;
+pub mod generation;
 pub mod kv_api;
 pub mod metrics;
 pub mod replicate;
@@ -98,17 +100,26 @@ impl Application {
                 Tenants::from_file(&file)?
             }
         };
+        // The cache's pool; the replication log shares it for what the request path logs.
+        let redis = Arc::new(RedisStore::new(&settings.redis, metrics.clone())?);
         let store: Arc<dyn Store> = match parts.store {
             Some(store) => store,
-            None => Arc::new(RedisStore::new(&settings.redis, metrics.clone())?),
+            None => Arc::clone(&redis) as Arc<dyn Store>,
         };
         let replicator: Arc<dyn Replicator> = match parts.replicator {
             Some(replicator) => replicator,
-            None if settings.replication.enabled => Arc::new(KvReplicator::start(
-                &settings.replication,
-                &tenants,
-                &metrics,
-            )?),
+            None if settings.replication.enabled => {
+                // The lanes get a pool of their own: their calls carry whole batches and wait
+                // longer than a cache read may.
+                let lanes = RedisStore::new(&settings.redis.for_replication(), metrics.clone())?;
+                Arc::new(KvReplicator::start(
+                    &settings.replication,
+                    &tenants,
+                    &metrics,
+                    redis,
+                    Arc::new(lanes),
+                )?)
+            }
             None => Arc::new(NoopReplicator),
         };
         let service = Service::new(&settings, tenants, store, Arc::clone(&replicator), metrics)?;

@@ -1,6 +1,6 @@
 //! The seam toward the edge tier's dual-write: the service offers every cacheable entry it
 //! answered for an edge miss (`x-gateway-edge-miss: 1`) and every purge. The real replicator
-//! (a bounded queue drained in batches to the Fastly KV API) plugs in here; it must never block.
+//! (a log in Redis shared by the replicas, drained in batches to the Fastly API) plugs in here.
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -12,16 +12,24 @@ use futures_util::future::BoxFuture;
 use gateway_common::entry::Entry;
 use gateway_common::key::CacheKey;
 
-/// Receives what the edge tier should hold. Every method but `drain` returns at once; a
-/// replicator that cannot keep up drops (and counts) an entry rather than slowing a response,
-/// and refuses a purge rather than accept one it will not carry out.
+/// Receives what the edge tier should hold. `offer` and the purges take at most one Redis
+/// command (the shared replication log); a replicator that cannot log an entry drops (and
+/// counts) it rather than slow a response, and refuses a purge rather than accept one it will
+/// not carry out.
 pub trait Replicator: Send + Sync + 'static {
     /// An entry the origin answered for an edge miss. `false` when it was dropped.
-    fn offer(&self, entry: Arc<Entry>) -> bool;
-    /// A tenant deleted one of its keys. `Err`: not queued; the caller must say so.
-    fn purge_key(&self, key: &CacheKey) -> Result<(), PurgeRefused>;
-    /// A tenant purged all of its keys. `Err`: not queued; the caller must say so.
-    fn purge_tenant(&self, tenant: &str) -> Result<(), PurgeRefused>;
+    fn offer(&self, entry: Arc<Entry>) -> BoxFuture<'_, bool>;
+    /// A tenant deleted one of its keys (already deleted from Redis, or Redis failed).
+    /// `Err`: not queued; the caller must say so.
+    fn purge_key(&self, key: &CacheKey) -> BoxFuture<'_, Result<(), PurgeRefused>>;
+    /// A tenant purged all of its keys: `generation` is its new purge generation (recorded
+    /// in Redis), `None` when Redis could not record one (then every KV key of the tenant is
+    /// listed and deleted). `Err`: not queued; the caller must say so.
+    fn purge_tenant(
+        &self,
+        tenant: &str,
+        generation: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), PurgeRefused>>;
     /// True while the queue is saturated; `/readyz` then answers 503 so a load balancer sends
     /// traffic to replicas that can still replicate.
     fn saturated(&self) -> bool;
@@ -52,14 +60,18 @@ pub struct Drained {
 pub struct NoopReplicator;
 
 impl Replicator for NoopReplicator {
-    fn offer(&self, _entry: Arc<Entry>) -> bool {
-        true
+    fn offer(&self, _entry: Arc<Entry>) -> BoxFuture<'_, bool> {
+        async { true }.boxed()
     }
-    fn purge_key(&self, _key: &CacheKey) -> Result<(), PurgeRefused> {
-        Ok(())
+    fn purge_key(&self, _key: &CacheKey) -> BoxFuture<'_, Result<(), PurgeRefused>> {
+        async { Ok(()) }.boxed()
     }
-    fn purge_tenant(&self, _tenant: &str) -> Result<(), PurgeRefused> {
-        Ok(())
+    fn purge_tenant(
+        &self,
+        _tenant: &str,
+        _generation: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), PurgeRefused>> {
+        async { Ok(()) }.boxed()
     }
     fn saturated(&self) -> bool {
         false
@@ -92,7 +104,7 @@ impl RecordingReplicator {
             .collect()
     }
 
-    /// Purges seen so far: `key:<hex>` or `tenant:<id>`.
+    /// Purges seen so far: `key:<hex>`, `tenant:<id>@<generation>` or `tenant:<id>`.
     pub fn purges(&self) -> Vec<String> {
         self.purged
             .lock()
@@ -106,26 +118,33 @@ impl RecordingReplicator {
 }
 
 impl Replicator for RecordingReplicator {
-    fn offer(&self, entry: Arc<Entry>) -> bool {
+    fn offer(&self, entry: Arc<Entry>) -> BoxFuture<'_, bool> {
         self.offered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(entry);
-        true
+        async { true }.boxed()
     }
-    fn purge_key(&self, key: &CacheKey) -> Result<(), PurgeRefused> {
+    fn purge_key(&self, key: &CacheKey) -> BoxFuture<'_, Result<(), PurgeRefused>> {
         self.purged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(format!("key:{}", key.hex()));
-        Ok(())
+        async { Ok(()) }.boxed()
     }
-    fn purge_tenant(&self, tenant: &str) -> Result<(), PurgeRefused> {
+    fn purge_tenant(
+        &self,
+        tenant: &str,
+        generation: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), PurgeRefused>> {
         self.purged
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(format!("tenant:{tenant}"));
-        Ok(())
+            .push(match generation {
+                Some(g) => format!("tenant:{tenant}@{g}"),
+                None => format!("tenant:{tenant}"),
+            });
+        async { Ok(()) }.boxed()
     }
     fn saturated(&self) -> bool {
         self.saturated.load(Ordering::SeqCst)

@@ -1,25 +1,27 @@
-//! The dual-write to the edge tier. The request path offers entries and purges (never
-//! blocking: a full write queue drops and counts; a full purge queue refuses, so the caller
-//! hears it); two background lanes send them to the Fastly KV API within one shared request
-//! budget: writes in batches, purges merged per tenant. On shutdown both are drained.
+//! The dual-write to the edge tier, shared by every replica. Offered entries and accepted
+//! purges go to a replication log in Redis (two streams read through one consumer group, see
+//! `log.rs`), so they survive the replica that logged them and are sent by whichever replica
+//! is alive; the Fastly API request budget is shared there too. Each replica runs two lanes:
+//! writes in batches (`writes.rs`) and purges merged per tenant (`purges.rs`).
 //!
-//! Ordering: a purge removes the writes of its scope still queued, strikes them from a batch
-//! being gathered, and its delete waits until no batch filtered before it is in flight, so a
-//! write offered before a purge never lands after it. An entry read before a purge and
-//! offered after it is refused by [`dedup::Dedup`].
+//! Nothing older or purged stays in the KV store: a write sends the entry Redis holds when it
+//! is sent (skipping one from before the tenant's purge generation), then checks that Redis
+//! still holds exactly that; if a purge or a newer entry raced it, a delete or the newer entry
+//! follows. Writers of Redis (a refresh, a purge) change Redis before they log, so either the
+//! check sees the change or the change's own record is sent after the write.
+//!
+//! When Redis does not answer, purges fall back to a queue in this process (sent by the same
+//! purge lane), and offers are dropped: without Redis nothing is cached to replicate.
 
 mod budget;
 mod caller;
-mod dedup;
+mod log;
 mod metrics;
 mod purges;
 mod writes;
 
 pub use budget::{RequestBudget, backoff};
-pub use dedup::{Admission, Dedup, PURGE_GUARD};
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -27,20 +29,23 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use gateway_common::entry::Entry;
 use gateway_common::key::CacheKey;
-use tokio::sync::{Notify, watch};
+use sha2::Digest;
+use tokio::sync::Notify;
 
-use crate::budget::unix_now;
+use crate::config_api::ConfigStoreApi;
 use crate::kv_api::{KvApi, KvApiSetupError, MAX_VALUE_BYTES};
 use crate::metrics::Metrics;
 use crate::replicate::{Drained, PurgeRefused, Replicator};
 use crate::settings::{ReplicationSettings, ms};
-use crate::store::ThrottledLog;
+use crate::store::{RedisStore, ThrottledLog};
 use crate::tenants::Tenants;
 use budget::{Lane, SharedBudget};
 use caller::{Caller, RetryConfig};
 use metrics::ReplicationMetrics;
-use purges::{Job, PurgeLane, PurgeQueue, Scope};
-use writes::{Batch, Ready, WriteLane};
+use purges::{PurgeLane, PurgeQueue, Scope};
+use writes::WriteLane;
+
+pub(crate) use log::Log;
 
 /// Why the replicator could not start.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +60,8 @@ pub enum ReplicatorError {
     NoRuntime,
 }
 
-/// The real [`Replicator`]: see the module doc. Cloning shares the queues and the lanes; when
-/// the last clone is dropped the lanes send what they hold and stop.
+/// The real [`Replicator`]: see the module doc. Cloning shares the lanes; when the last clone
+/// is dropped the lanes finish what they hold and stop.
 #[derive(Clone)]
 pub struct KvReplicator {
     shared: Arc<Shared>,
@@ -65,11 +70,9 @@ pub struct KvReplicator {
 
 impl std::fmt::Debug for KvReplicator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = self.shared.lock();
         f.debug_struct("KvReplicator")
-            .field("queued", &state.writes.len())
-            .field("purges", &state.purges.len())
-            .field("capacity", &self.shared.capacity)
+            .field("consumer", &self.shared.log.consumer())
+            .field("local_purges", &self.shared.lock().purges.len())
             .finish_non_exhaustive()
     }
 }
@@ -84,66 +87,47 @@ impl Drop for Lifeline {
     }
 }
 
-/// An offered entry waiting in the write queue.
-pub(crate) struct Pending {
-    entry: Arc<Entry>,
-    kv_key: String,
-    offered_at: Instant,
-}
-
 /// What the request path and the two lanes share.
 pub(crate) struct Shared {
+    log: Arc<Log>,
     state: Mutex<State>,
-    /// One permit per wake-up of the write lane (a new write, a flush, the close).
+    /// Wakes the write lane (a local offer, a flush, the close).
     write_ready: Notify,
     purge_ready: Notify,
-    /// The purge number a batch was filtered at while it is in flight, `None` when none is:
-    /// a purge's deletes wait until no batch filtered before it can still land.
-    sending: watch::Sender<Option<u64>>,
-    /// Writes allowed to wait; beyond it offers are dropped and counted.
-    capacity: usize,
+    /// Offers of the same entry within this window are logged once (across replicas).
+    dedup_window: Duration,
+    /// The write log's bound: past it offers are dropped and counted.
+    max_log: usize,
+    /// Tenant id → its record, for the Config Store update of a purge generation.
+    tenants: Tenants,
     metrics: ReplicationMetrics,
-    unconstrained: Arc<AtomicBool>,
 }
 
-/// Everything a purge must change atomically with the writes it supersedes.
+/// What this replica's lanes are doing, for `drain`, plus the purge queue they share.
 struct State {
-    dedup: Dedup,
-    writes: VecDeque<Pending>,
-    /// The write lane holds a batch (or a carried write) taken from the queue, not yet sent.
-    holding: bool,
-    /// Writes in the lane's hands: the batch being gathered or sent, and the carry.
-    in_hand: usize,
-    /// Purges recorded while `holding`: applied to the batch before it is sent.
-    hand_purges: Vec<Scope>,
-    /// Purges recorded so far; each gets the next number.
-    purge_seq: u64,
+    /// Purges merged per tenant: from the log, and those logged locally while Redis was down.
     purges: PurgeQueue,
-    /// The purge lane is sending a job.
-    purging: bool,
-    /// Send what is queued now: no linger (shutdown).
+    /// The write lane found the log empty on its last look and holds nothing.
+    writes_idle: bool,
+    /// The purge lane found nothing to do on its last look.
+    purges_idle: bool,
+    /// Send what is logged now: no linger (shutdown).
     flushing: bool,
     /// Every handle is gone: the lanes stop once idle.
     closed: bool,
 }
 
-impl State {
-    fn idle(&self, sending: bool) -> bool {
-        self.writes.is_empty()
-            && !self.holding
-            && !sending
-            && self.purges.is_empty()
-            && !self.purging
-    }
-}
-
 impl KvReplicator {
-    /// Starts both lanes on the current Tokio runtime. The tenants give each tenant's
-    /// stale-if-error window, which extends the KV TTL (see `Entry::kv_expiry`).
+    /// Starts both lanes on the current Tokio runtime. The request path logs through
+    /// `requests` (the cache's pool), the lanes work through `lanes` (a pool of their own, see
+    /// `Log`). The tenants give each tenant's stale-if-error window, which extends the KV TTL,
+    /// and its Config Store records.
     pub fn start(
         settings: &ReplicationSettings,
         tenants: &Tenants,
         metrics: &Metrics,
+        requests: Arc<RedisStore>,
+        lanes: Arc<RedisStore>,
     ) -> Result<KvReplicator, ReplicatorError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|_| ReplicatorError::NoRuntime)?;
@@ -151,58 +135,59 @@ impl KvReplicator {
             .api_token
             .as_ref()
             .ok_or(ReplicatorError::NoToken)?;
-        let api = KvApi::new(
-            &settings.api_base_url,
-            &settings.store_id,
-            token,
-            ms(settings.request_timeout_ms),
-        )?;
+        let timeout = ms(settings.request_timeout_ms);
+        let api = KvApi::new(&settings.api_base_url, &settings.store_id, token, timeout)?;
+        let config_api = match settings.config_store_id.as_str() {
+            "" => None,
+            id => Some(ConfigStoreApi::new(
+                &settings.api_base_url,
+                id,
+                token,
+                timeout,
+            )?),
+        };
         let metrics = ReplicationMetrics::register(metrics.registry())?;
-        let unconstrained = Arc::new(AtomicBool::new(true));
+        let log = Arc::new(Log::new(requests, lanes, consumer_name()));
         let shared = Arc::new(Shared {
+            log: Arc::clone(&log),
             state: Mutex::new(State {
-                dedup: Dedup::new(
-                    ms(settings.dedup_window_ms),
-                    settings.queue_capacity.max(1024) * 2,
-                ),
-                writes: VecDeque::new(),
-                holding: false,
-                in_hand: 0,
-                hand_purges: Vec::new(),
-                purge_seq: 0,
                 purges: PurgeQueue::new(settings.purge_queue_capacity),
-                purging: false,
+                writes_idle: false,
+                purges_idle: false,
                 flushing: false,
                 closed: false,
             }),
             write_ready: Notify::new(),
             purge_ready: Notify::new(),
-            sending: watch::channel(None).0,
-            capacity: settings.queue_capacity,
+            dedup_window: ms(settings.dedup_window_ms),
+            max_log: settings.queue_capacity,
+            tenants: tenants.clone(),
             metrics: metrics.clone(),
-            unconstrained: Arc::clone(&unconstrained),
         });
         let caller = Caller {
             api,
-            budget: SharedBudget::new(RequestBudget::new(
-                settings.hourly_request_budget,
-                Instant::now(),
-            )),
+            budget: SharedBudget::new(
+                RequestBudget::new(settings.hourly_request_budget, Instant::now()),
+                Some(Arc::clone(&log)),
+            ),
             lane: Lane::Writes,
             retry: RetryConfig::from(settings),
             metrics,
-            unconstrained,
             log: Arc::new(ThrottledLog::new(Duration::from_secs(10))),
+        };
+        let timing = Timing {
+            claim_idle: ms(settings.claim_idle_ms),
+            poll: ms(settings.poll_ms),
         };
         let writes = WriteLane {
             shared: Arc::clone(&shared),
             caller: caller.clone(),
             config: writes::BatchConfig::from(settings),
+            timing,
             stale_windows: tenants
                 .iter()
                 .map(|t| (t.id.clone(), t.stale_if_error_secs))
                 .collect(),
-            carry: None,
             batch_refused_until: None,
         };
         let purges = PurgeLane {
@@ -211,127 +196,187 @@ impl KvReplicator {
                 lane: Lane::Purges,
                 ..caller
             },
+            config_api,
+            timing,
         };
-        runtime.spawn(writes.run());
-        runtime.spawn(purges.run());
+        runtime.spawn(async move {
+            // Any replica may be the first: the streams and the group are made on demand.
+            // Until Redis answers, the lanes' reads fail and they retry.
+            if let Err(error) = log.ensure_group().await {
+                tracing::warn!(%error, "replication: the log in Redis is not reachable yet");
+            }
+            tokio::join!(writes.run(), purges.run());
+        });
         Ok(KvReplicator {
             _lifeline: Arc::new(Lifeline(Arc::clone(&shared))),
             shared,
         })
     }
 
-    /// Writes waiting in the queue (not counting the batch in the write lane's hands).
-    pub fn queued(&self) -> usize {
-        self.shared.lock().writes.len()
-    }
-
-    /// Records a purge of `scope` and queues it for the purge lane; see the module doc.
-    fn purge(&self, scope: Scope) -> Result<(), PurgeRefused> {
+    /// Queues `scope` in this process: Redis could not log it.
+    fn purge_locally(&self, scope: Scope) -> Result<(), PurgeRefused> {
         let shared = &self.shared;
         let mut state = shared.lock();
         if state.closed {
             return Err(PurgeRefused::Stopped);
         }
-        let seq = state.purge_seq + 1;
         let merged = state
             .purges
-            .push(&scope, seq)
+            .push(&scope, None)
             .map_err(|_| PurgeRefused::Full)?;
-        state.purge_seq = seq;
-        // Recorded before anything else: a newer entry offered after this point is written
-        // again; an older one (read before the purge) is refused.
-        state
-            .dedup
-            .purge(&scope.prefix(), Instant::now(), unix_now());
-        let before = state.writes.len();
-        state
-            .writes
-            .retain(|p| !scope.covers(&p.entry.envelope.tenant, &p.kv_key));
-        let superseded = before - state.writes.len();
-        if state.holding {
-            state.hand_purges.push(scope);
-        }
-        let (depth, purge_depth) = (state.writes.len(), state.purges.len());
+        state.purges_idle = false;
+        let depth = state.purges.len();
         drop(state);
-        let metrics = &shared.metrics;
-        metrics.count_dropped("purged", superseded as u64);
-        metrics.queue_depth.set(depth as i64);
-        metrics.purge_queue_depth.set(purge_depth as i64);
+        shared.metrics.purge_queue_depth.set(depth as i64);
+        shared.metrics.purges_local.inc();
         if merged {
-            metrics.purges_merged.inc();
+            shared.metrics.purges_merged.inc();
         }
         shared.purge_ready.notify_one();
         Ok(())
     }
+
+    /// Logs a purge record, or queues it here when Redis cannot take it.
+    async fn purge(&self, fields: &[(&str, &str)], scope: Scope) -> Result<(), PurgeRefused> {
+        if self.shared.lock().closed {
+            return Err(PurgeRefused::Stopped);
+        }
+        match self.shared.log.append(log::PURGES, fields).await {
+            Ok(()) => {
+                self.shared.logged_purge();
+                Ok(())
+            }
+            Err(error) => {
+                tracing::warn!(%error, "replication: the purge could not be logged in Redis; this replica sends it");
+                self.purge_locally(scope)
+            }
+        }
+    }
+}
+
+/// How the lanes look at the shared log.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// Take over records unacknowledged this long.
+    claim_idle: Duration,
+    /// Look for new records this often when idle.
+    poll: Duration,
+}
+
+/// `<host>-<pid>-<random>`: unique per process, so a restarted replica is a new consumer and
+/// its predecessor's records are claimed like any dead replica's.
+fn consumer_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "origin".into());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 impl Replicator for KvReplicator {
-    fn offer(&self, entry: Arc<Entry>) -> bool {
-        let shared = &self.shared;
-        let Some(key) = CacheKey::from_hex(&entry.envelope.tenant, &entry.envelope.key) else {
-            shared.metrics.count_dropped("invalid", 1);
-            return false;
-        };
-        if entry.body.len() > MAX_VALUE_BYTES {
-            // The KV Store refuses it; better not to hold it in the queue at all.
-            shared.metrics.count_dropped("too_large", 1);
-            return false;
-        }
-        let kv_key = key.kv_key();
-        let now = Instant::now();
-        let mut state = shared.lock();
-        let reason = if state.closed {
-            "stopped"
-        } else {
-            match state.dedup.admit(&kv_key, entry.envelope.created, now) {
-                Admission::Duplicate => {
-                    drop(state);
-                    shared.metrics.deduplicated.inc();
-                    return true;
-                }
-                Admission::Purged => "purged",
-                Admission::Admit if state.writes.len() >= shared.capacity => {
-                    state.dedup.forget(&kv_key);
-                    "queue_full"
-                }
-                Admission::Admit => {
-                    state.writes.push_back(Pending {
-                        entry,
-                        kv_key,
-                        offered_at: now,
-                    });
-                    let depth = state.writes.len();
-                    drop(state);
+    fn offer(&self, entry: Arc<Entry>) -> BoxFuture<'_, bool> {
+        async move {
+            let shared = &self.shared;
+            let Some(key) = CacheKey::from_hex(&entry.envelope.tenant, &entry.envelope.key) else {
+                shared.metrics.count_dropped("invalid", 1);
+                return false;
+            };
+            if entry.body.len() > MAX_VALUE_BYTES {
+                // The KV Store refuses it; better not to log it at all.
+                shared.metrics.count_dropped("too_large", 1);
+                return false;
+            }
+            if shared.lock().closed {
+                shared.metrics.count_dropped("stopped", 1);
+                return false;
+            }
+            // The same entry (key, creation and body) offered again, by any replica, within
+            // the window is logged once.
+            let body = hex::encode(&sha2::Sha256::digest(&entry.body)[..8]);
+            let seen = format!(
+                "gw:{{repl}}:seen:{}:{}:{}",
+                key.kv_key(),
+                entry.envelope.created,
+                body
+            );
+            let window = shared.dedup_window.as_millis() as u64;
+            match shared
+                .log
+                .offer(&key.redis_key(), &seen, window, shared.max_log)
+                .await
+            {
+                Ok(log::Offered::Logged) => {
                     shared.metrics.queued.inc();
-                    shared.metrics.queue_depth.set(depth as i64);
                     shared.write_ready.notify_one();
-                    return true;
+                    true
+                }
+                Ok(log::Offered::Duplicate) => {
+                    shared.metrics.deduplicated.inc();
+                    true
+                }
+                Ok(log::Offered::Full) => {
+                    shared.metrics.count_dropped("queue_full", 1);
+                    false
+                }
+                Err(_) => {
+                    // Without Redis the entry is not cached either: nothing to replicate.
+                    shared.metrics.count_dropped("redis", 1);
+                    false
                 }
             }
-        };
-        drop(state);
-        shared.metrics.count_dropped(reason, 1);
-        false
+        }
+        .boxed()
     }
 
-    fn purge_key(&self, key: &CacheKey) -> Result<(), PurgeRefused> {
-        self.purge(Scope::Key {
-            tenant: key.tenant().to_string(),
-            kv_key: key.kv_key(),
-        })
+    fn purge_key(&self, key: &CacheKey) -> BoxFuture<'_, Result<(), PurgeRefused>> {
+        let tenant = key.tenant().to_string();
+        let kv_key = key.kv_key();
+        async move {
+            let fields = [
+                ("op", "key"),
+                ("t", tenant.as_str()),
+                ("k", kv_key.as_str()),
+            ];
+            let scope = Scope::Key {
+                tenant: tenant.clone(),
+                kv_key: kv_key.clone(),
+            };
+            self.purge(&fields, scope).await
+        }
+        .boxed()
     }
 
-    fn purge_tenant(&self, tenant: &str) -> Result<(), PurgeRefused> {
-        self.purge(Scope::Tenant(tenant.to_string()))
+    fn purge_tenant(
+        &self,
+        tenant: &str,
+        generation: Option<u64>,
+    ) -> BoxFuture<'_, Result<(), PurgeRefused>> {
+        let tenant = tenant.to_string();
+        async move {
+            match generation {
+                Some(generation) => {
+                    let g = generation.to_string();
+                    let fields = [("op", "gen"), ("t", tenant.as_str()), ("g", g.as_str())];
+                    let scope = Scope::Generation {
+                        tenant: tenant.clone(),
+                        generation,
+                    };
+                    self.purge(&fields, scope).await
+                }
+                // No generation (Redis is down): list and delete the tenant's KV keys.
+                None => self.purge_locally(Scope::Tenant(tenant)),
+            }
+        }
+        .boxed()
     }
 
-    /// Full while the API is healthy and within budget: this replica is the bottleneck, and a
-    /// load balancer should prefer others. When the API fails or the budget is spent, every
-    /// replica is in the same state (they share the API and the token), so readiness is kept:
-    /// marking them all unready would turn an edge-tier problem into an outage.
+    /// Never saturated: the log lives in Redis and any replica drains it; a full log drops
+    /// (and counts) new offers, whichever replica makes them.
     fn saturated(&self) -> bool {
-        self.shared.lock().writes.len() >= self.shared.capacity
-            && self.shared.unconstrained.load(Ordering::Relaxed)
+        false
     }
 
     fn drain(&self, within: Duration) -> BoxFuture<'_, Drained> {
@@ -341,8 +386,7 @@ impl Replicator for KvReplicator {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
-        // Every update leaves the state consistent between statements, so a poisoned lock
-        // (a panic elsewhere) is still usable.
+        // Flags and a queue, consistent between statements: a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -350,124 +394,10 @@ impl Shared {
         self.lock().flushing
     }
 
-    /// The next queued write, waiting for one; `None` once closed and idle.
-    async fn next_write(&self) -> Option<Pending> {
-        loop {
-            {
-                let mut state = self.lock();
-                if let Some(pending) = self.pop_write(&mut state) {
-                    return Some(pending);
-                }
-                if state.closed {
-                    return None;
-                }
-            }
-            self.write_ready.notified().await;
-        }
-    }
-
-    fn try_next_write(&self) -> Option<Pending> {
-        let mut state = self.lock();
-        self.pop_write(&mut state)
-    }
-
-    fn pop_write(&self, state: &mut State) -> Option<Pending> {
-        let pending = state.writes.pop_front()?;
-        if !state.holding {
-            state.holding = true;
-            state.hand_purges.clear();
-        }
-        state.in_hand += 1;
-        self.metrics.queue_depth.set(state.writes.len() as i64);
-        Some(pending)
-    }
-
-    /// The batch's writes minus those purged while it was gathered (the carry too), marked as
-    /// in flight under the lock purges take, so a purge either struck a write from this batch
-    /// or waits for it (see [`Shared::settled`]).
-    fn seal(&self, batch: Batch, carry: &mut Option<Ready>) -> Vec<Ready> {
-        let mut state = self.lock();
-        let mut items = batch.into_items();
-        let before = items.len();
-        let purged =
-            |r: &Ready, purges: &[Scope]| purges.iter().any(|p| p.covers(&r.tenant, &r.item.key));
-        items.retain(|r| !purged(r, &state.hand_purges));
-        let mut dropped = before - items.len();
-        if carry
-            .as_ref()
-            .is_some_and(|r| purged(r, &state.hand_purges))
-        {
-            *carry = None;
-            dropped += 1;
-        }
-        state.hand_purges.clear();
-        state.holding = carry.is_some();
-        state.in_hand = items.len() + usize::from(carry.is_some());
-        self.sending.send_replace(Some(state.purge_seq));
-        drop(state);
-        self.metrics.count_dropped("purged", dropped as u64);
-        items
-    }
-
-    /// The batch sealed last is done (written, or given up).
-    fn sent(&self, carrying: bool) {
-        let mut state = self.lock();
-        state.in_hand = usize::from(carrying);
-        self.sending.send_replace(None);
-    }
-
-    /// Waits until no batch filtered before purge number `seq` is in flight.
-    async fn settled(&self, seq: u64) {
-        let mut sending = self.sending.subscribe();
-        // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = sending
-            .wait_for(|filtered_at| filtered_at.is_none_or(|at| at >= seq))
-            .await;
-    }
-
-    /// The next tenant's purge job, waiting for one; `None` once closed and idle.
-    async fn next_purge(&self) -> Option<(String, Job)> {
-        loop {
-            {
-                let mut state = self.lock();
-                if let Some(job) = state.purges.pop() {
-                    state.purging = true;
-                    self.metrics
-                        .purge_queue_depth
-                        .set(state.purges.len() as i64);
-                    return Some(job);
-                }
-                if state.closed {
-                    return None;
-                }
-            }
-            self.purge_ready.notified().await;
-        }
-    }
-
-    fn purge_done(&self) {
-        self.lock().purging = false;
-    }
-
-    /// Counts `items` as dropped; `forget` lets a later offer of the same entry try again.
-    fn count_dropped(&self, items: &[Ready], reason: &str, forget: bool) {
-        if items.is_empty() {
-            return;
-        }
-        self.metrics.count_dropped(reason, items.len() as u64);
-        if forget {
-            let mut state = self.lock();
-            for ready in items {
-                state.dedup.forget(&ready.item.key);
-            }
-        }
-    }
-
-    /// Counts one write given up for `reason` and forgets it in dedup, so a later offer of
-    /// the same entry is not taken for a duplicate.
-    fn drop_write(&self, kv_key: &str, reason: &str) {
-        self.lock().dedup.forget(kv_key);
-        self.metrics.count_dropped(reason, 1);
+    /// A purge record was logged here: the purge lane has work (and is not idle for `drain`).
+    fn logged_purge(&self) {
+        self.lock().purges_idle = false;
+        self.purge_ready.notify_one();
     }
 
     fn wake_lanes(&self) {
@@ -484,39 +414,67 @@ impl Shared {
         self.wake_lanes();
     }
 
-    /// Sends what is queued now (no linger) and waits until both lanes are idle, at most
-    /// `within`; reports (logs and counts) what is left unsent.
+    /// Sends what is logged now (no linger) and waits until both lanes find nothing left, at
+    /// most `within`; reports (logs and counts) what is left. What this replica leaves in the
+    /// log is not lost: another replica, or this one restarted, sends it.
     async fn drain(&self, within: Duration) -> Drained {
-        self.lock().flushing = true;
+        {
+            let mut state = self.lock();
+            state.flushing = true;
+            state.writes_idle = false;
+            state.purges_idle = false;
+        }
         self.wake_lanes();
         let deadline = Instant::now() + within;
         loop {
-            let left = {
+            let (idle, local) = {
                 let state = self.lock();
-                let sending = self.sending.borrow().is_some();
-                if state.idle(sending) {
-                    return Drained::default();
-                }
-                Drained {
-                    writes: state.writes.len() + state.in_hand,
-                    purges: state.purges.len() + usize::from(state.purging),
-                }
+                (
+                    state.writes_idle && state.purges_idle && state.purges.is_empty(),
+                    state.purges.len(),
+                )
             };
+            if idle {
+                return Drained::default();
+            }
             if Instant::now() >= deadline {
-                self.metrics.count_dropped("shutdown", left.writes as u64);
-                self.metrics
-                    .count_dropped("purge_shutdown", left.purges as u64);
+                let left = Drained {
+                    writes: self.log.len(log::WRITES).await.unwrap_or(0),
+                    purges: local + self.log.len(log::PURGES).await.unwrap_or(0),
+                };
+                // Only the local purges are lost with this process; the log's records wait
+                // for the next replica to take them.
+                self.metrics.count_dropped("purge_shutdown", local as u64);
                 tracing::warn!(
-                    writes = left.writes,
+                    logged_writes = left.writes,
                     purges = left.purges,
+                    local_purges = local,
                     within_ms = within.as_millis() as u64,
-                    "replication: shutting down with work the Fastly API did not take in time; those KV entries stay until their TTL"
+                    "replication: stopping with work left; what is in the Redis log is sent by another replica, local purges are lost (their KV entries expire by TTL)"
                 );
                 return left;
             }
-            // Shutdown only: a short poll is simpler than a third notification path.
+            // Shutdown only: a short poll is simpler than another notification path.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// This tenant's Config Store items carrying `generation`: one per API key digest (the
+    /// edge looks tenants up by key). Empty for a tenant this replica does not know.
+    fn tenant_records(&self, tenant: &str, generation: u64) -> Vec<(String, String)> {
+        let Some(record) = self.tenants.iter().find(|t| t.id == tenant) else {
+            return Vec::new();
+        };
+        let mut record = (**record).clone();
+        record.purge_generation = generation;
+        let Ok(json) = serde_json::to_string(&record) else {
+            return Vec::new();
+        };
+        record
+            .api_key_sha256
+            .iter()
+            .map(|digest| (digest.clone(), json.clone()))
+            .collect()
     }
 }
 

@@ -18,6 +18,7 @@ use gateway_common::tenant::Tenant;
 
 use crate::budget::{Budget, Rejection, unix_now};
 use crate::coalesce::Coalescer;
+use crate::generation;
 use crate::metrics::Metrics;
 use crate::replicate::Replicator;
 use crate::router::Router;
@@ -159,6 +160,8 @@ pub struct Service {
     admin_token: Option<Secret>,
     decode_log: ThrottledLog,
     purge_limiter: PurgeLimiter,
+    /// How long a tenant's purge generation is kept after its last bump (`generation.rs`).
+    generation_ttl_secs: u64,
 }
 
 impl std::fmt::Debug for Service {
@@ -184,6 +187,9 @@ impl Service {
             metrics.clone(),
         )?;
         let budget = Arc::new(Budget::new(Arc::clone(&store), metrics.clone()));
+        let longest_stale = tenants.iter().map(|t| t.stale_if_error_secs).max();
+        let generation_ttl_secs =
+            generation::ttl_secs(settings.cache.ttl_cap_secs, longest_stale.unwrap_or(0));
         Ok(Arc::new(Service {
             tenants,
             store,
@@ -207,6 +213,7 @@ impl Service {
                 settings.redis.error_log_interval_secs,
             )),
             purge_limiter: PurgeLimiter::new(&settings.purge),
+            generation_ttl_secs,
         }))
     }
 
@@ -265,15 +272,45 @@ impl Service {
         trace.key = key.as_ref().map(|k| k.hex().to_string());
         let now = unix_now();
 
-        // The budget counters ride in the cache read's round trip: one Redis call, not two.
-        let (standing, looked) = match &key {
+        // The tenant's purge generation (when the cache is used) and its budget counters ride
+        // in the cache read's round trip: one Redis call, not two.
+        let cached = plan.read || plan.write;
+        let mut ops = Vec::with_capacity(3);
+        if cached {
+            ops.push(CounterOp::Get {
+                key: generation::key(&tenant.id),
+            });
+        }
+        ops.extend(self.budget.counter_ops(&tenant, now));
+        let (values, looked) = match &key {
             Some(key) if plan.read => {
-                let ops = self.budget.counter_ops(&tenant, now);
-                let (values, looked) = self.lookup(key, now, plan.max_age, &ops).await;
-                (self.budget.standing(&tenant, now, values), Some(looked))
+                let (values, looked) = self.lookup(key, &ops).await;
+                (values, Some(looked))
             }
-            _ => (self.budget.check(&tenant, now).await, None),
+            _ if ops.is_empty() => (Some(Vec::new()), None),
+            _ => (self.store.counters(&ops).await.ok(), None),
         };
+        // Unknown when Redis did not answer: then nothing was read, and an entry written with
+        // generation 0 is at worst refused later.
+        let (generation, counters) = match values {
+            Some(values) if cached => (
+                values.first().copied().unwrap_or(0),
+                Some(values.into_iter().skip(1).collect()),
+            ),
+            values => (0, values),
+        };
+        let standing = self.budget.standing(&tenant, now, counters);
+        let looked = looked.map(|(got, redis_ms)| {
+            let (hit, stale) = match &key {
+                Some(key) => self.decode(key, got, now, plan.max_age, generation),
+                None => (None, false),
+            };
+            Looked {
+                hit,
+                redis_ms,
+                stale,
+            }
+        });
         if let Some(rejection) = standing.rate {
             return Err(self.refuse_budget(&tenant.id, rejection));
         }
@@ -318,7 +355,7 @@ impl Service {
                         self.budget.record_saved(&tenant.id, tokens);
                     }
                     if let Some(entry) = offered {
-                        self.offer(entry);
+                        self.offer(entry).await;
                     }
                     return Ok(reply);
                 }
@@ -342,6 +379,7 @@ impl Service {
                 key,
                 plan,
                 fwd,
+                generation,
                 edge_miss: request.edge_miss,
             },
             trace,
@@ -349,15 +387,13 @@ impl Service {
         .await
     }
 
-    /// The values of the budget counter `ops` (`None` when Redis did not answer) and what the
-    /// cache read found for `key`.
+    /// The values of the counter `ops` (`None` when Redis did not answer), what the cache
+    /// read found for `key`, and how long that round trip took (ms).
     async fn lookup(
         &self,
         key: &CacheKey,
-        now: u64,
-        max_age: Option<u64>,
         ops: &[CounterOp],
-    ) -> (Option<Vec<u64>>, Looked) {
+    ) -> (Option<Vec<u64>>, (Option<Vec<u8>>, f64)) {
         let start = Instant::now();
         let redis_key = key.redis_key();
         let got = if ops.is_empty() {
@@ -366,33 +402,28 @@ impl Service {
             self.store.get_with_counters(&redis_key, ops).await
         };
         let redis_ms = start.elapsed().as_secs_f64() * 1000.0;
-        let (got, values) = match got {
-            Ok((got, values)) => (got, Some(values)),
-            Err(_) => (None, None),
-        };
-        let (hit, stale) = self.decode(key, got, now, max_age);
-        (
-            values,
-            Looked {
-                hit,
-                redis_ms,
-                stale,
-            },
-        )
+        match got {
+            Ok((got, values)) => (Some(values), (got, redis_ms)),
+            Err(_) => (None, (None, redis_ms)),
+        }
     }
 
-    /// The entry read for `key` as a fresh hit, or why not (see [`Service::lookup`]).
+    /// The entry read for `key` as a fresh hit, or why not: `true` when an entry was there
+    /// but too old (`Cache-Status: fwd=stale`). An entry from before the tenant's purge
+    /// `generation` is not there at all.
     fn decode(
         &self,
         key: &CacheKey,
         got: Option<Vec<u8>>,
         now: u64,
         max_age: Option<u64>,
+        generation: u64,
     ) -> (Option<Hit>, bool) {
         let Some(bytes) = got else {
             return (None, false);
         };
         match Entry::decode(&bytes, key) {
+            Ok(entry) if policy::purged(entry.envelope.generation, generation) => (None, false),
             Ok(entry) => {
                 let env = &entry.envelope;
                 // The cap applies to what is read too: an entry written under a larger cap
@@ -420,8 +451,9 @@ impl Service {
         }
     }
 
-    fn offer(&self, entry: Arc<Entry>) {
-        let outcome = if self.replicator.offer(entry) {
+    /// Logs `entry` for the edge tier (one Redis command).
+    async fn offer(&self, entry: Arc<Entry>) {
+        let outcome = if self.replicator.offer(entry).await {
             "offered"
         } else {
             "dropped"

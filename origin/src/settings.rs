@@ -76,6 +76,9 @@ backoff_base_ms = 500
 backoff_max_ms = 60000
 hourly_request_budget = 900
 purge_queue_capacity = 1024
+config_store_id = ""
+claim_idle_ms = 60000
+poll_ms = 200
 "#;
 
 /// The tenants file loaded in `dev_mode` when `tenants.file` is not set. Its keys are in the
@@ -315,7 +318,8 @@ pub struct ReplicationSettings {
     /// Resolved from `api_token_env` at load; tests set it directly. Never logged.
     #[serde(skip)]
     pub api_token: Option<Secret>,
-    /// Entries waiting to be written; beyond it offers are dropped and counted.
+    /// Writes the shared replication log may hold (all replicas' offers together); beyond
+    /// it offers are dropped and counted.
     pub queue_capacity: usize,
     /// Most entries in one batch request.
     pub batch_max_entries: usize,
@@ -338,6 +342,15 @@ pub struct ReplicationSettings {
     /// pending purges of a tenant merge). Past it a purge is refused with 503, never dropped
     /// after the caller was told it was accepted.
     pub purge_queue_capacity: usize,
+    /// The id of the Config Store `tenants` the edge reads. When set, a tenant purge is one
+    /// bulk update of the tenant's records there (its new purge generation) instead of a
+    /// listing and one delete per KV key.
+    pub config_store_id: String,
+    /// Records of the shared replication log that a replica took and has not acknowledged
+    /// for this long are taken over by another (a crashed replica's work).
+    pub claim_idle_ms: u64,
+    /// How often an idle lane looks at the shared log for work another replica logged.
+    pub poll_ms: u64,
 }
 
 /// Why settings could not be loaded. Every message names the offending key.
@@ -475,6 +488,21 @@ impl Settings {
             .listen
             .parse()
             .map_err(|e: std::net::AddrParseError| invalid("server.listen", e.to_string()))
+    }
+}
+
+impl RedisSettings {
+    /// The same Redis with the bounds of the replication log: its calls carry whole batches
+    /// (hundreds of entries) and run off the request path, so they may take longer than a
+    /// cache read, on a few connections of their own.
+    pub fn for_replication(&self) -> RedisSettings {
+        RedisSettings {
+            pool_size: 4,
+            response_timeout_ms: self.response_timeout_ms.max(2_000),
+            pool_wait_timeout_ms: self.pool_wait_timeout_ms.max(1_000),
+            connect_timeout_ms: self.connect_timeout_ms.max(1_000),
+            ..self.clone()
+        }
     }
 }
 

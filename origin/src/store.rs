@@ -68,8 +68,9 @@ pub trait Store: Send + Sync + 'static {
     fn set_ex<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_secs: u64) -> StoreResult<'a, ()>;
     /// Whether the key existed.
     fn delete<'a>(&'a self, key: &'a str) -> StoreResult<'a, bool>;
-    /// Delete every key matching a `prefix*` pattern; the number deleted.
-    fn purge<'a>(&'a self, pattern: &'a str) -> StoreResult<'a, u64>;
+    /// Delete every cache entry matching a `prefix*` pattern that was written under a purge
+    /// generation below `generation` (entries of the current one stay); the number deleted.
+    fn purge<'a>(&'a self, pattern: &'a str, generation: u64) -> StoreResult<'a, u64>;
     /// The ops in one round trip; one value per op, in order.
     fn counters<'a>(&'a self, ops: &'a [CounterOp]) -> StoreResult<'a, Vec<u64>>;
     /// [`Store::get`] and [`Store::counters`] together: a request's cache read and its budget
@@ -202,8 +203,9 @@ impl RedisStore {
     }
 
     /// Runs one round trip built by `call` on a pooled connection, with every bound, metric
-    /// and log applied. `op` labels the metrics.
-    async fn run<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, StoreError>
+    /// and log applied. `op` labels the metrics. Other modules that keep state in Redis (the
+    /// replication log) call through here too.
+    pub(crate) async fn run<T, F, Fut>(&self, op: &'static str, call: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
@@ -301,7 +303,7 @@ impl Store for RedisStore {
         .boxed()
     }
 
-    fn purge<'a>(&'a self, pattern: &'a str) -> StoreResult<'a, u64> {
+    fn purge<'a>(&'a self, pattern: &'a str, generation: u64) -> StoreResult<'a, u64> {
         async move {
             let mut cursor: u64 = 0;
             let mut deleted = 0;
@@ -321,10 +323,19 @@ impl Store for RedisStore {
                 if !keys.is_empty() {
                     deleted += self
                         .run("unlink", move |mut c| async move {
-                            redis::cmd("UNLINK")
-                                .arg(&keys)
-                                .query_async::<u64>(&mut c)
-                                .await
+                            // One script per key, pipelined: each touches one key (a cluster
+                            // routes them one by one), and an entry a request wrote since the
+                            // purge (the current generation) is kept.
+                            let mut pipe = redis::pipe();
+                            for key in &keys {
+                                pipe.cmd("EVAL")
+                                    .arg(UNLINK_OLDER)
+                                    .arg(1)
+                                    .arg(key)
+                                    .arg(generation);
+                            }
+                            let deleted: Vec<u64> = pipe.query_async(&mut c).await?;
+                            Ok(deleted.into_iter().sum::<u64>())
                         })
                         .await?;
                 }
@@ -383,6 +394,21 @@ impl Store for RedisStore {
         .boxed()
     }
 }
+
+/// Deletes the entry at KEYS[1] if its envelope's purge generation (absent = 0) is below
+/// ARGV[1]; 1 if it did. An entry is `<envelope JSON>\n<body>` (`common::entry`).
+const UNLINK_OLDER: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+local nl = string.find(v, '\n', 1, true)
+local ok, env = pcall(cjson.decode, string.sub(v, 1, (nl or 1) - 1))
+local g = 0
+if ok and type(env) == 'table' then g = tonumber(env['generation']) or 0 end
+if g < tonumber(ARGV[1]) then
+  redis.call('UNLINK', KEYS[1])
+  return 1
+end
+return 0";
 
 /// `INCRBY` + `EXPIRE` (the expiry's reply ignored) or `GET` per op: one reply per op.
 fn push_counter_ops(pipe: &mut redis::Pipeline, ops: &[CounterOp]) {
@@ -466,6 +492,15 @@ impl MemoryStore {
 }
 
 /// `prefix*` patterns only (the only kind the origin uses).
+/// The purge generation in an entry's envelope line (0 when absent or unreadable).
+fn entry_generation(value: &[u8]) -> u64 {
+    let line = value.split(|&b| b == b'\n').next().unwrap_or_default();
+    serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|envelope| envelope.get("generation").and_then(|g| g.as_u64()))
+        .unwrap_or(0)
+}
+
 fn pattern_matches(pattern: &str, key: &str) -> bool {
     match pattern.strip_suffix('*') {
         Some(prefix) => key.starts_with(prefix),
@@ -500,12 +535,14 @@ impl Store for MemoryStore {
         .boxed()
     }
 
-    fn purge<'a>(&'a self, pattern: &'a str) -> StoreResult<'a, u64> {
+    fn purge<'a>(&'a self, pattern: &'a str, generation: u64) -> StoreResult<'a, u64> {
         async move {
             self.check()?;
             let mut map = self.lock();
             let before = map.len();
-            map.retain(|k, _| !pattern_matches(pattern, k));
+            map.retain(|k, (value, _)| {
+                !pattern_matches(pattern, k) || entry_generation(value) >= generation
+            });
             Ok((before - map.len()) as u64)
         }
         .boxed()
@@ -559,9 +596,22 @@ mod tests {
         s.set_ex("gw:v1:globex:aa", b"z".to_vec(), 60)
             .await
             .unwrap();
+        s.set_ex(
+            "gw:v1:acme:cc",
+            br#"{"generation":2}
+body"#
+                .to_vec(),
+            60,
+        )
+        .await
+        .unwrap();
         assert_eq!(s.get("gw:v1:acme:aa").await.unwrap(), Some(b"x".to_vec()));
-        assert_eq!(s.purge("gw:v1:acme:*").await.unwrap(), 2);
+        assert_eq!(s.purge("gw:v1:acme:*", 2).await.unwrap(), 2);
         assert_eq!(s.get("gw:v1:acme:bb").await.unwrap(), None);
+        assert!(
+            s.delete("gw:v1:acme:cc").await.unwrap(),
+            "written since: kept"
+        );
         assert!(s.delete("gw:v1:globex:aa").await.unwrap());
         assert!(s.is_empty());
     }

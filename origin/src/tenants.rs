@@ -92,6 +92,7 @@ mod tests {
             requests_per_second: None,
             cache_sampled: true,
             cache_store_requests: false,
+            purge_generation: 0,
         }
     }
 

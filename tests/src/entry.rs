@@ -29,6 +29,7 @@ pub fn completion(tenant: &str, prompt: &str, created: u64, ttl: u64, content: &
             model: "gpt-4o-mini".to_owned(),
             provider: "seeded".to_owned(),
             usage: None,
+            generation: 0,
         },
         body: body.to_string().into_bytes(),
     }

@@ -142,6 +142,7 @@ pub fn many_tenants(count: usize) -> Vec<Tenant> {
             requests_per_second: None,
             cache_sampled: true,
             cache_store_requests: false,
+            purge_generation: 0,
         })
         .collect()
 }

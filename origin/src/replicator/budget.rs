@@ -1,12 +1,13 @@
-//! The Fastly API request budget the two replication lanes share: a token bucket refilled at
-//! the hourly rate (held back by the API's rate-limit headers and by backoffs), handed to the
-//! write lane and the purge lane in turn when both wait, so neither can starve the other.
+//! The Fastly API request budget: a token bucket refilled at the hourly rate, held back by the
+//! API's rate-limit headers and by backoffs, shared by every replica (in Redis), and handed to
+//! this replica's write lane and purge lane in turn when both wait.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use super::log::Log;
 use crate::kv_api::RateLimit;
 
 /// The longest the replicator waits on the API's word (`Retry-After`, a rate-limit reset).
@@ -103,6 +104,11 @@ impl RequestBudget {
         }
     }
 
+    /// The bucket's size and refill rate (requests per second).
+    pub fn size(&self) -> (f64, f64) {
+        (self.capacity, self.per_sec)
+    }
+
     /// Requests available now (fractional).
     pub fn available(&mut self, now: Instant) -> f64 {
         self.refill(now);
@@ -126,38 +132,47 @@ impl Lane {
     }
 }
 
-/// One [`RequestBudget`] for both lanes. While both wait for a request, they get one each in
-/// turn: a tenant's purge backlog (a LIST and a DELETE per key) can never hold back every
-/// tenant's writes, and a steady stream of writes can never postpone purges forever.
-#[derive(Debug)]
+/// The budget every replica spends from: the shared bucket in Redis (see `log.rs`), or,
+/// while Redis does not answer, this replica's own [`RequestBudget`] of the same size. Within
+/// a replica the two lanes take turns while both wait: a tenant's purge backlog never holds
+/// back every tenant's writes, and a stream of writes never postpones purges forever.
 pub(super) struct SharedBudget {
-    state: Mutex<Turns>,
+    turns: Mutex<Turns>,
     changed: Notify,
+    /// The fallback bucket; also what the shared one is sized from.
+    local: Mutex<RequestBudget>,
+    shared: Option<Arc<Log>>,
 }
 
 #[derive(Debug)]
 struct Turns {
-    bucket: RequestBudget,
     waiting: [bool; 2],
     /// Who goes next when both wait.
     next: Lane,
 }
 
 impl SharedBudget {
-    pub(super) fn new(bucket: RequestBudget) -> Arc<SharedBudget> {
+    /// `shared`: the Redis log holding the bucket all replicas share; `None` keeps the budget
+    /// in this process (a replica on its own, and tests).
+    pub(super) fn new(local: RequestBudget, shared: Option<Arc<Log>>) -> Arc<SharedBudget> {
         Arc::new(SharedBudget {
-            state: Mutex::new(Turns {
-                bucket,
+            turns: Mutex::new(Turns {
                 waiting: [false; 2],
                 next: Lane::Writes,
             }),
             changed: Notify::new(),
+            local: Mutex::new(local),
+            shared,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Turns> {
-        // Plain numbers, consistent between statements: a poisoned lock is still usable.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn turns(&self) -> MutexGuard<'_, Turns> {
+        // Two flags and a lane: a poisoned lock is still consistent.
+        self.turns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn local(&self) -> MutexGuard<'_, RequestBudget> {
+        self.local.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Waits until `lane` may make one request, and spends it. Returns how long that took.
@@ -168,67 +183,128 @@ impl SharedBudget {
             let changed = self.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let ready_at = {
-                let mut turns = self.lock();
-                let now = Instant::now();
-                if turns.waiting[lane.other() as usize] && turns.next != lane {
-                    // The other lane's turn: it takes the next request, then wakes us.
-                    None
-                } else if turns.bucket.try_take(now) {
+            let my_turn = {
+                let turns = self.turns();
+                !turns.waiting[lane.other() as usize] || turns.next == lane
+            };
+            if !my_turn {
+                // The other lane's turn: it takes the next request, then wakes us.
+                changed.await;
+                continue;
+            }
+            match self.try_take(true).await {
+                None => {
+                    let mut turns = self.turns();
                     turns.next = lane.other();
                     turns.waiting[lane as usize] = false;
                     drop(turns);
                     self.changed.notify_waiters();
                     return started.elapsed();
-                } else {
-                    Some(turns.bucket.ready_at(now))
                 }
-            };
-            match ready_at {
-                None => changed.await,
-                Some(at) => tokio::select! {
+                Some(wait) => tokio::select! {
                     () = changed => {}
-                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = tokio::time::sleep(wait) => {}
                 },
             }
         }
     }
 
-    /// When the next request could be made, whoever's turn it is.
-    pub(super) fn ready_at(&self) -> Instant {
-        self.lock().bucket.ready_at(Instant::now())
+    /// How long until a request could be made (zero if one could now), spending nothing.
+    #[cfg(test)]
+    pub(super) async fn ready_in(&self) -> Duration {
+        self.try_take(false).await.unwrap_or_default()
     }
 
-    /// No request before `until` (a backoff, `Retry-After`).
-    pub(super) fn hold_until(&self, until: Instant) {
-        self.lock().bucket.hold_until(until);
+    /// Waits until `lane` could make a request (its turn, and the budget allows one), spending
+    /// nothing; the lane keeps its place while it holds the guard, so the other lane does not
+    /// take that request meanwhile. The write lane waits here before it takes work.
+    pub(super) async fn ready(&self, lane: Lane) -> Waiting<'_> {
+        let waiting = Waiting::new(self, lane);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let my_turn = {
+                let turns = self.turns();
+                !turns.waiting[lane.other() as usize] || turns.next == lane
+            };
+            if !my_turn {
+                changed.await;
+                continue;
+            }
+            match self.try_take(false).await {
+                None => return waiting,
+                Some(wait) => tokio::select! {
+                    () = changed => {}
+                    () = tokio::time::sleep(wait) => {}
+                },
+            }
+        }
+    }
+
+    /// Spends one request if `spend` and one is available (`None`), or how long to wait.
+    async fn try_take(&self, spend: bool) -> Option<Duration> {
+        let (capacity, per_sec) = self.local().size();
+        // When Redis does not answer, this replica paces itself until it does.
+        if let Some(log) = &self.shared
+            && let Ok(wait) = log.take_budget(capacity, per_sec, spend).await
+        {
+            return wait;
+        }
+        let mut local = self.local();
+        let now = Instant::now();
+        if spend && local.try_take(now) {
+            return None;
+        }
+        let wait = local.ready_at(now).saturating_duration_since(now);
+        (!wait.is_zero() || spend).then_some(wait)
+    }
+
+    /// No request before `wait` from now (a backoff, `Retry-After`), for every replica.
+    pub(super) async fn hold(&self, wait: Duration) {
+        self.local().hold_until(Instant::now() + wait);
+        if let Some(log) = &self.shared {
+            let _ = log.hold_budget(wait, None).await;
+        }
         self.changed.notify_waiters();
     }
 
-    /// See [`RequestBudget::observe`].
-    pub(super) fn observe(&self, limit: RateLimit, now_unix: u64, now: Instant) {
-        self.lock().bucket.observe(limit, now_unix, now);
+    /// Applies the API's `Fastly-RateLimit-*` headers (see [`RequestBudget::observe`]).
+    pub(super) async fn observe(&self, limit: RateLimit, now_unix: u64) {
+        self.local().observe(limit, now_unix, Instant::now());
+        if let (Some(log), Some(remaining)) = (&self.shared, limit.remaining) {
+            let wait = match remaining {
+                0 => limit
+                    .reset_unix
+                    .map_or(Duration::from_secs(60), |reset| {
+                        Duration::from_secs(reset.saturating_sub(now_unix).max(1))
+                    })
+                    .min(MAX_WAIT),
+                _ => Duration::ZERO,
+            };
+            let _ = log.hold_budget(wait, Some(remaining)).await;
+        }
         self.changed.notify_waiters();
     }
 }
 
 /// Marks a lane as waiting for as long as its `take` runs, and unmarks it however that ends
 /// (a drain's timeout cancels it), so the other lane is never left waiting for a turn.
-struct Waiting<'a> {
+pub(super) struct Waiting<'a> {
     budget: &'a SharedBudget,
     lane: Lane,
 }
 
 impl<'a> Waiting<'a> {
     fn new(budget: &'a SharedBudget, lane: Lane) -> Waiting<'a> {
-        budget.lock().waiting[lane as usize] = true;
+        budget.turns().waiting[lane as usize] = true;
         Waiting { budget, lane }
     }
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
-        self.budget.lock().waiting[self.lane as usize] = false;
+        self.budget.turns().waiting[self.lane as usize] = false;
         self.budget.changed.notify_waiters();
     }
 }
@@ -315,7 +391,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn two_waiting_lanes_take_turns() {
         // 3600 an hour: one a second, after a burst of 360.
-        let budget = SharedBudget::new(RequestBudget::new(3600, Instant::now()));
+        let budget = SharedBudget::new(RequestBudget::new(3600, Instant::now()), None);
         for _ in 0..360 {
             budget.take(Lane::Writes).await;
         }

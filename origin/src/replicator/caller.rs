@@ -3,8 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::budget::{Lane, MAX_WAIT, SharedBudget, backoff};
 use super::metrics::ReplicationMetrics;
@@ -38,9 +37,6 @@ pub(super) struct Caller {
     pub(super) lane: Lane,
     pub(super) retry: RetryConfig,
     pub(super) metrics: ReplicationMetrics,
-    /// The last API request succeeded and no long budget or rate-limit wait is under way: a
-    /// full queue then means this replica cannot keep up (`/readyz`).
-    pub(super) unconstrained: Arc<AtomicBool>,
     pub(super) log: Arc<ThrottledLog>,
 }
 
@@ -63,7 +59,6 @@ impl Caller {
         loop {
             self.take_budget().await;
             let result = op(self.api.clone()).await;
-            let now = Instant::now();
             let metrics = &self.metrics;
             let error = match result {
                 Ok((value, answered)) => {
@@ -71,8 +66,7 @@ impl Caller {
                         .api_requests
                         .with_label_values(&[kind.as_str(), &answered.status.to_string()])
                         .inc();
-                    self.budget.observe(answered.rate_limit, unix_now(), now);
-                    self.unconstrained.store(true, Ordering::Relaxed);
+                    self.budget.observe(answered.rate_limit, unix_now()).await;
                     return Ok(value);
                 }
                 Err(error) => error,
@@ -81,7 +75,7 @@ impl Caller {
                 .api_requests
                 .with_label_values(&[kind.as_str(), &error.label()])
                 .inc();
-            self.budget.observe(error.rate_limit(), unix_now(), now);
+            self.budget.observe(error.rate_limit(), unix_now()).await;
             if !error.is_retryable() {
                 return Err(error);
             }
@@ -108,20 +102,15 @@ impl Caller {
                 backoff.max(error.retry_after().unwrap_or_default())
             }
             .min(MAX_WAIT);
-            self.unconstrained.store(false, Ordering::Relaxed);
             if let Some(suppressed) = self.log.admit() {
                 tracing::warn!(kind = kind.as_str(), error = %error, wait_ms = wait.as_millis() as u64, suppressed, "replication: Fastly API request failed; retrying");
             }
-            self.budget.hold_until(now + wait);
+            self.budget.hold(wait).await;
         }
     }
 
     /// Waits until the shared budget gives this lane one request.
     async fn take_budget(&self) {
-        if self.budget.ready_at() > Instant::now() + Duration::from_secs(1) {
-            // A long wait is the budget or the API's limit, not ordinary pacing.
-            self.unconstrained.store(false, Ordering::Relaxed);
-        }
         let waited = self.budget.take(self.lane).await;
         self.metrics.budget_wait.inc_by(waited.as_secs_f64());
     }

@@ -22,6 +22,14 @@ pub(super) struct ReplicationMetrics {
     pub(super) purge_queue_depth: IntGauge,
     /// Purges folded into one of the same tenant already waiting.
     pub(super) purges_merged: IntCounter,
+    /// Purges queued in this process because Redis could not log them.
+    pub(super) purges_local: IntCounter,
+    /// Tenant purge generations written to the Config Store.
+    pub(super) generations: IntCounter,
+    /// Batches or purges left in the log after the API failed, for a later retry.
+    pub(super) deferred: IntCounter,
+    /// Follow-ups after a write raced a purge or a newer entry: kind = delete | rewrite.
+    pub(super) followups: IntCounterVec,
     pub(super) batch_entries: HistogramVec,
     pub(super) lag: Histogram,
     /// kind: batch | put | list | delete; status: HTTP status | timeout | connection | malformed
@@ -95,7 +103,7 @@ impl ReplicationMetrics {
                 registry,
                 IntGauge::new(
                     "replication_queue_depth",
-                    "Entries waiting in the replication queue",
+                    "Writes in the shared replication log (any replica's), as last seen",
                 )?,
             )?,
             purge_queue_depth: reg(
@@ -110,6 +118,37 @@ impl ReplicationMetrics {
                 IntCounter::new(
                     "replication_purges_merged_total",
                     "Purges merged into a waiting purge of the same tenant",
+                )?,
+            )?,
+            purges_local: reg(
+                registry,
+                IntCounter::new(
+                    "replication_purges_local_total",
+                    "Purges queued in this replica because Redis could not log them",
+                )?,
+            )?,
+            generations: reg(
+                registry,
+                IntCounter::new(
+                    "replication_generations_total",
+                    "Tenant purge generations written to the Config Store",
+                )?,
+            )?,
+            deferred: reg(
+                registry,
+                IntCounter::new(
+                    "replication_deferred_total",
+                    "Work left in the replication log after the Fastly API failed, retried later",
+                )?,
+            )?,
+            followups: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "replication_followups_total",
+                        "Writes that raced a purge (kind=delete) or a newer entry (kind=rewrite)",
+                    ),
+                    &["kind"],
                 )?,
             )?,
             batch_entries: reg(

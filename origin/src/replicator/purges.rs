@@ -1,14 +1,19 @@
-//! The purge lane: pending purges merged per tenant (a tenant purge supersedes that tenant's
-//! queued key purges and earlier tenant purges), bounded, and sent by a task of their own, so
-//! a tenant's purge backlog never holds up any tenant's writes. Never writes an entry.
+//! The purge lane: purge records from the shared log (and purges queued here while Redis was
+//! down), merged per tenant and sent in a task of their own, so a tenant's purge backlog never
+//! holds up any tenant's writes. A tenant purge is one Config Store update (the tenant's new
+//! purge generation, which the edge checks) when a Config Store is configured, else a listing
+//! and one delete per key; a key purge is one delete. Never writes an entry.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::Instant;
 
 use gateway_common::key::CacheKey;
 
-use super::Shared;
 use super::caller::Caller;
+use super::log::{self, Record};
+use super::{Shared, Timing};
+use crate::config_api::ConfigStoreApi;
 use crate::kv_api::{KvApiError, RequestKind};
 
 /// What a purge covers.
@@ -16,54 +21,72 @@ use crate::kv_api::{KvApiError, RequestKind};
 pub(super) enum Scope {
     /// One KV key (`v1/<tenant>/<hex>`) of `tenant`.
     Key { tenant: String, kv_key: String },
-    /// Every key of a tenant.
+    /// Every entry of `tenant` written before `generation`: the edge refuses them once its
+    /// tenant record carries the generation.
+    Generation { tenant: String, generation: u64 },
+    /// Every KV key of a tenant, listed and deleted (no generation could be recorded).
     Tenant(String),
 }
 
 impl Scope {
-    pub(super) fn tenant(&self) -> &str {
+    fn tenant(&self) -> &str {
         match self {
-            Scope::Key { tenant, .. } | Scope::Tenant(tenant) => tenant,
+            Scope::Key { tenant, .. }
+            | Scope::Generation { tenant, .. }
+            | Scope::Tenant(tenant) => tenant,
         }
     }
 
-    /// Whether a write of `kv_key` for `tenant` falls under this purge.
-    pub(super) fn covers(&self, tenant: &str, kv_key: &str) -> bool {
-        match self {
-            Scope::Key { kv_key: key, .. } => key == kv_key,
-            Scope::Tenant(purged) => purged == tenant,
-        }
-    }
-
-    /// The KV key or tenant prefix, as [`super::dedup::Dedup::purge`] records it.
-    pub(super) fn prefix(&self) -> String {
-        match self {
-            Scope::Key { kv_key, .. } => kv_key.clone(),
-            Scope::Tenant(tenant) => CacheKey::kv_prefix(tenant),
+    /// The scope a purge record of the log describes; `None` for a malformed record.
+    fn of(record: &Record) -> Option<Scope> {
+        let field = |name: &str| record.fields.get(name).cloned();
+        let tenant = field("t")?;
+        match field("op")?.as_str() {
+            "key" => Some(Scope::Key {
+                tenant,
+                kv_key: field("k")?,
+            }),
+            "gen" => Some(Scope::Generation {
+                tenant,
+                generation: field("g")?.parse().ok()?,
+            }),
+            _ => None,
         }
     }
 }
 
-/// A tenant's pending purge work. `seq` is the newest purge merged into it: the lane waits
-/// until no write filtered before that purge is still in flight (see [`Shared::settled`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Job {
-    All { seq: u64 },
-    Keys { keys: BTreeSet<String>, seq: u64 },
+/// A tenant's pending purge work, merged: a tenant-wide purge covers the key purges queued
+/// before it (their entries are older than it), never those queued after.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) struct Job {
+    /// The newest purge generation to carry to the edge.
+    generation: Option<u64>,
+    /// List and delete every KV key of the tenant.
+    list_all: bool,
+    keys: BTreeSet<String>,
+    /// The log records merged into this job, acknowledged once it is done.
+    ids: Vec<String>,
 }
 
 impl Job {
-    fn seq(&self) -> u64 {
-        match self {
-            Job::All { seq } | Job::Keys { seq, .. } => *seq,
-        }
+    /// Slots it takes in the queue: a tenant-wide purge one, key purges one per key.
+    fn size(&self) -> usize {
+        usize::from(self.generation.is_some() || self.list_all) + self.keys.len()
     }
 
-    /// Slots it takes in the queue: a tenant purge one, key purges one per key.
-    fn size(&self) -> usize {
-        match self {
-            Job::All { .. } => 1,
-            Job::Keys { keys, .. } => keys.len(),
+    fn merge(&mut self, scope: &Scope) {
+        match scope {
+            Scope::Key { kv_key, .. } => {
+                self.keys.insert(kv_key.clone());
+            }
+            Scope::Generation { generation, .. } => {
+                self.generation = Some(self.generation.map_or(*generation, |g| g.max(*generation)));
+                self.keys.clear();
+            }
+            Scope::Tenant(_) => {
+                self.list_all = true;
+                self.keys.clear();
+            }
         }
     }
 }
@@ -92,44 +115,31 @@ impl PurgeQueue {
         }
     }
 
-    /// Adds `scope` (recorded as purge number `seq`), merged into the tenant's pending job.
-    /// `Ok(true)` when it merged into one already waiting. A tenant purge of a tenant already
-    /// waiting never fails: it only shrinks the queue.
-    pub(super) fn push(&mut self, scope: &Scope, seq: u64) -> Result<bool, Full> {
+    /// Merges a purge queued in this process into the tenant's pending job. `Ok(true)` when
+    /// a job was already waiting. A purge that does not grow the queue (a tenant-wide one over
+    /// waiting key purges) is always taken.
+    pub(super) fn push(&mut self, scope: &Scope, id: Option<String>) -> Result<bool, Full> {
+        self.add(scope, id, true)
+    }
+
+    /// Merges a purge record of the log: the log is durable and bounded already, so it is
+    /// taken whatever the capacity (it must not be lost between the log and the queue).
+    pub(super) fn merge(&mut self, scope: &Scope, id: String) -> bool {
+        matches!(self.add(scope, Some(id), false), Ok(true))
+    }
+
+    fn add(&mut self, scope: &Scope, id: Option<String>, bounded: bool) -> Result<bool, Full> {
         let tenant = scope.tenant();
-        let merged = self.jobs.get(tenant).map(|job| match (job, scope) {
-            (Job::All { seq: old }, _) => Job::All {
-                seq: (*old).max(seq),
-            },
-            (Job::Keys { .. }, Scope::Tenant(_)) => Job::All { seq },
-            (Job::Keys { keys, seq: old }, Scope::Key { kv_key, .. }) => {
-                let mut keys = keys.clone();
-                keys.insert(kv_key.clone());
-                Job::Keys {
-                    keys,
-                    seq: (*old).max(seq),
-                }
-            }
-        });
-        let (job, old_size) = match merged {
-            Some(job) => (job, self.jobs.get(tenant).map_or(0, Job::size)),
-            None => (
-                match scope {
-                    Scope::Tenant(_) => Job::All { seq },
-                    Scope::Key { kv_key, .. } => Job::Keys {
-                        keys: BTreeSet::from([kv_key.clone()]),
-                        seq,
-                    },
-                },
-                0,
-            ),
-        };
+        let existed = self.jobs.contains_key(tenant);
+        let mut job = self.jobs.get(tenant).cloned().unwrap_or_default();
+        let old_size = job.size();
+        job.merge(scope);
         let size = self.size - old_size + job.size();
-        if size > self.size && size > self.capacity {
+        if bounded && size > self.size && size > self.capacity {
             return Err(Full);
         }
+        job.ids.extend(id);
         self.size = size;
-        let existed = old_size > 0;
         if !existed {
             self.order.push_back(tenant.to_string());
         }
@@ -145,7 +155,7 @@ impl PurgeQueue {
         Some((tenant, job))
     }
 
-    /// Slots in use: waiting tenant purges plus waiting key purges.
+    /// Slots in use: waiting tenant-wide purges plus waiting key purges.
     pub(super) fn len(&self) -> usize {
         self.size
     }
@@ -155,31 +165,171 @@ impl PurgeQueue {
     }
 }
 
-/// The task that sends purges: waits until no write offered before the purge can still land,
-/// then deletes (a tenant purge lists the tenant's keys first: the API has no bulk delete).
+/// The task that sends purges; see the module doc.
 pub(super) struct PurgeLane {
     pub(super) shared: Arc<Shared>,
     pub(super) caller: Caller,
+    /// The Config Store `tenants`, when configured.
+    pub(super) config_api: Option<ConfigStoreApi>,
+    pub(super) timing: Timing,
+}
+
+/// How a job ended: acknowledge its records, or leave them for a retry by any replica.
+enum Done {
+    Ack,
+    Retry,
 }
 
 impl PurgeLane {
     pub(super) async fn run(self) {
-        while let Some((tenant, job)) = self.shared.next_purge().await {
-            // A write filtered before this purge was recorded may still be on its way to the
-            // API: deleting first would let it land after the delete.
-            self.shared.settled(job.seq()).await;
-            match job {
-                Job::All { .. } => self.purge_tenant(&tenant).await,
-                Job::Keys { keys, .. } => {
-                    for key in keys {
-                        self.delete(&key).await;
-                    }
+        let mut next_claim = Instant::now();
+        loop {
+            let found = self.take_records(&mut next_claim).await;
+            let job = {
+                let mut state = self.shared.lock();
+                let job = state.purges.pop();
+                self.shared
+                    .metrics
+                    .purge_queue_depth
+                    .set(state.purges.len() as i64);
+                state.purges_idle = job.is_none() && !found;
+                if job.is_none() && state.closed {
+                    return;
                 }
+                job
+            };
+            let Some((tenant, job)) = job else {
+                tokio::select! {
+                    () = self.shared.purge_ready.notified() => {}
+                    () = tokio::time::sleep(self.timing.poll) => {}
+                }
+                continue;
+            };
+            let ids = job.ids.clone();
+            match self.send(&tenant, job).await {
+                Done::Ack => {
+                    let _ = self.shared.log.ack(log::PURGES, &ids).await;
+                }
+                // Left pending: claimed again after `claim_idle` (by this replica or another).
+                Done::Retry => self.caller.metrics.deferred.inc(),
             }
-            self.shared.purge_done();
         }
     }
 
+    /// Moves purge records from the log (new ones, and a dead replica's) into the queue;
+    /// whether there were any.
+    async fn take_records(&self, next_claim: &mut Instant) -> bool {
+        let mut records = Vec::new();
+        if Instant::now() >= *next_claim {
+            *next_claim = Instant::now() + self.timing.claim_idle / 2;
+            records.extend(
+                self.shared
+                    .log
+                    .claim(log::PURGES, self.timing.claim_idle, 100)
+                    .await
+                    .unwrap_or_default(),
+            );
+        }
+        // Everything waiting, so a burst of purges merges into one job per tenant rather than
+        // being sent as it trickles in.
+        loop {
+            let page = self
+                .shared
+                .log
+                .read(log::PURGES, 100)
+                .await
+                .unwrap_or_default();
+            let full = page.len() == 100;
+            records.extend(page);
+            if !full || records.len() >= 10_000 {
+                break;
+            }
+        }
+        if records.is_empty() {
+            return false;
+        }
+        let mut malformed = Vec::new();
+        let mut merged = 0;
+        {
+            let mut state = self.shared.lock();
+            for record in records {
+                let Some(scope) = Scope::of(&record) else {
+                    malformed.push(record.id);
+                    continue;
+                };
+                if state.purges.merge(&scope, record.id) {
+                    merged += 1;
+                }
+            }
+        }
+        self.caller.metrics.purges_merged.inc_by(merged);
+        let _ = self.shared.log.ack(log::PURGES, &malformed).await;
+        true
+    }
+
+    async fn send(&self, tenant: &str, job: Job) -> Done {
+        if let Some(generation) = job.generation {
+            match &self.config_api {
+                Some(api) => {
+                    if let Done::Retry = self.publish_generation(api, tenant, generation).await {
+                        return Done::Retry;
+                    }
+                }
+                None => self.purge_tenant(tenant).await,
+            }
+        }
+        if job.list_all {
+            self.purge_tenant(tenant).await;
+        }
+        for key in &job.keys {
+            self.delete(key).await;
+        }
+        Done::Ack
+    }
+
+    /// One Config Store request carrying the tenant's new generation in each of its records.
+    async fn publish_generation(
+        &self,
+        api: &ConfigStoreApi,
+        tenant: &str,
+        generation: u64,
+    ) -> Done {
+        let items = self.shared.tenant_records(tenant, generation);
+        if items.is_empty() {
+            tracing::warn!(
+                tenant,
+                "replication: a purge generation for a tenant this replica does not know; the edge learns it when its records are next written"
+            );
+            return Done::Ack;
+        }
+        let result = self
+            .caller
+            .call(RequestKind::Config, |_| {
+                let api = api.clone();
+                let items = &items;
+                async move { api.upsert(items).await.map(|a| ((), a)) }
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                self.caller.metrics.generations.inc();
+                Done::Ack
+            }
+            Err(e) if e.is_retryable() => {
+                if let Some(suppressed) = self.caller.log.admit() {
+                    tracing::warn!(tenant, error = %e, suppressed, "replication: the purge generation did not reach the Config Store; retried later");
+                }
+                Done::Retry
+            }
+            Err(e) => {
+                self.caller.metrics.count_dropped("purge_failed", 1);
+                tracing::warn!(tenant, error = %e, "replication: the Config Store refused the purge generation; the tenant's KV entries expire by TTL");
+                Done::Ack
+            }
+        }
+    }
+
+    /// Lists the tenant's KV keys and deletes each (the API has no bulk delete).
     async fn purge_tenant(&self, tenant: &str) {
         let keys = match self.list_tenant(tenant).await {
             Ok(keys) => keys,
@@ -253,32 +403,44 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_tenant_purge_supersedes_the_tenants_key_purges_and_earlier_tenant_purges() {
-        let mut queue = PurgeQueue::new(10);
-        assert_eq!(queue.push(&key("acme", "a"), 1), Ok(false));
-        assert_eq!(queue.push(&key("globex", "g"), 2), Ok(false));
-        assert_eq!(queue.push(&key("acme", "b"), 3), Ok(true));
-        assert_eq!(queue.len(), 3);
-        assert_eq!(queue.push(&Scope::Tenant("acme".into()), 4), Ok(true));
-        assert_eq!(queue.len(), 2, "acme's two keys became one tenant purge");
-        for seq in 5..300 {
-            assert_eq!(queue.push(&Scope::Tenant("acme".into()), seq), Ok(true));
-            assert_eq!(queue.push(&key("acme", "c"), seq), Ok(true));
+    fn generation(tenant: &str, generation: u64) -> Scope {
+        Scope::Generation {
+            tenant: tenant.into(),
+            generation,
         }
-        assert_eq!(queue.len(), 2, "a flood of purges stays one job");
-        // Tenants keep their arrival order; a merged job carries the newest purge's number.
-        assert_eq!(queue.pop(), Some(("acme".into(), Job::All { seq: 299 })));
+    }
+
+    #[test]
+    fn a_tenant_purge_covers_the_key_purges_before_it_and_not_those_after() {
+        let mut queue = PurgeQueue::new(10);
+        assert_eq!(queue.push(&key("acme", "a"), Some("1-0".into())), Ok(false));
+        assert_eq!(queue.push(&key("globex", "g"), None), Ok(false));
+        assert_eq!(queue.push(&key("acme", "b"), Some("2-0".into())), Ok(true));
+        assert_eq!(queue.len(), 3);
         assert_eq!(
-            queue.pop(),
-            Some((
-                "globex".into(),
-                Job::Keys {
-                    keys: BTreeSet::from(["v1/globex/g".to_string()]),
-                    seq: 2
-                }
-            ))
+            queue.push(&generation("acme", 4), Some("3-0".into())),
+            Ok(true)
         );
+        assert_eq!(queue.len(), 2, "acme's two keys became one tenant purge");
+        for n in 5..300 {
+            assert_eq!(queue.push(&generation("acme", n), None), Ok(true));
+        }
+        assert_eq!(queue.push(&key("acme", "c"), Some("9-0".into())), Ok(true));
+        assert_eq!(
+            queue.len(),
+            3,
+            "a flood stays one job, plus the key purged after it"
+        );
+        let (tenant, job) = queue.pop().unwrap();
+        assert_eq!(tenant, "acme");
+        assert_eq!(job.generation, Some(299), "the newest generation");
+        assert_eq!(job.keys, BTreeSet::from(["v1/acme/c".to_string()]));
+        assert_eq!(
+            job.ids,
+            ["1-0", "2-0", "3-0", "9-0"],
+            "every record acknowledged"
+        );
+        assert_eq!(queue.pop().unwrap().0, "globex");
         assert!(queue.is_empty());
         assert_eq!(queue.pop(), None);
     }
@@ -286,28 +448,34 @@ mod tests {
     #[test]
     fn a_full_queue_refuses_new_work_but_still_takes_a_tenant_purge_that_shrinks_it() {
         let mut queue = PurgeQueue::new(2);
-        queue.push(&key("acme", "a"), 1).unwrap();
-        queue.push(&key("acme", "b"), 2).unwrap();
-        assert_eq!(queue.push(&key("acme", "c"), 3), Err(Full));
-        assert_eq!(queue.push(&Scope::Tenant("globex".into()), 4), Err(Full));
-        assert_eq!(queue.push(&Scope::Tenant("acme".into()), 5), Ok(true));
+        queue.push(&key("acme", "a"), None).unwrap();
+        queue.push(&key("acme", "b"), None).unwrap();
+        assert_eq!(queue.push(&key("acme", "c"), None), Err(Full));
+        assert_eq!(queue.push(&Scope::Tenant("globex".into()), None), Err(Full));
+        assert_eq!(queue.push(&Scope::Tenant("acme".into()), None), Ok(true));
         assert_eq!(queue.len(), 1);
-        assert_eq!(queue.push(&Scope::Tenant("globex".into()), 6), Ok(false));
-        assert_eq!(
-            queue.push(&key("acme", "d"), 7),
-            Ok(true),
-            "covered by acme's"
-        );
+        assert_eq!(queue.push(&generation("globex", 1), None), Ok(false));
+        assert_eq!(queue.push(&Scope::Tenant("acme".into()), None), Ok(true));
     }
 
     #[test]
-    fn a_scope_covers_its_key_or_its_whole_tenant_only() {
-        let k = key("acme", "a");
-        assert!(k.covers("acme", "v1/acme/a"));
-        assert!(!k.covers("acme", "v1/acme/b"));
-        let t = Scope::Tenant("acme".into());
-        assert!(t.covers("acme", "v1/acme/b"));
-        assert!(!t.covers("acme2", "v1/acme2/b"));
-        assert_eq!(t.prefix(), "v1/acme/");
+    fn log_records_become_scopes_and_malformed_ones_none() {
+        let record = |fields: &[(&str, &str)]| Record {
+            id: "1-0".into(),
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        assert_eq!(
+            Scope::of(&record(&[("op", "key"), ("t", "acme"), ("k", "v1/acme/x")])),
+            Some(key("acme", "x"))
+        );
+        assert_eq!(
+            Scope::of(&record(&[("op", "gen"), ("t", "acme"), ("g", "7")])),
+            Some(generation("acme", 7))
+        );
+        assert_eq!(Scope::of(&record(&[("op", "gen"), ("t", "acme")])), None);
+        assert_eq!(Scope::of(&record(&[("op", "nuke"), ("t", "acme")])), None);
     }
 }

@@ -1,15 +1,23 @@
-//! The write lane: takes offered entries from the shared queue, batches them (by count, bytes
-//! and a linger that grows while the budget waits) and writes them to the Fastly KV API.
-//! Writes purged while queued or in hand are never sent; purges themselves are the other lane's.
+//! The write lane: takes offered writes from the shared log (a crashed replica's too, once
+//! unacknowledged for `claim_idle_ms`), reads the entries they name from Redis as they are
+//! now, writes them to the Fastly KV API in batches, then checks Redis still holds what was
+//! written: a purge or a newer entry that raced the write gets a follow-up (a delete, or the
+//! newer entry), so nothing older or purged stays in the KV store. Purges are the other lane's.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use gateway_common::entry::Entry;
+use gateway_common::key::CacheKey;
+use gateway_common::policy;
+use sha1::{Digest, Sha1};
 
+use super::budget::Lane;
 use super::caller::Caller;
-use super::{Pending, Shared};
+use super::log::{self, Record};
+use super::{Shared, Timing};
 use crate::budget::unix_now;
 use crate::kv_api::{Item, KvApiError, RequestKind, encode_batch};
 use crate::settings::{ReplicationSettings, ms};
@@ -38,45 +46,14 @@ impl From<&ReplicationSettings> for BatchConfig {
 /// A write ready to send: the KV item and what is needed to finish it.
 pub(super) struct Ready {
     pub(super) item: Item,
-    pub(super) tenant: String,
+    /// The entry's key in Redis, checked again after the write.
+    redis_key: String,
+    /// SHA-1 (hex) of the Redis value written, as Redis's `sha1hex` renders it.
+    digest: String,
     /// Unix seconds; the TTL sent is what is left of it at send time.
     expires_unix: u64,
-    offered_at: Instant,
-}
-
-/// Writes gathered for one request, one per KV key (a newer offer replaces an older one).
-#[derive(Default)]
-pub(super) struct Batch {
-    items: Vec<Ready>,
-    index: HashMap<String, usize>,
-    bytes: usize,
-}
-
-impl Batch {
-    pub(super) fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.items.is_empty()
-    }
-
-    /// Adds `ready`; `Some(superseded)` when it replaced an older write of the same key.
-    fn push(&mut self, ready: Ready) -> Option<Ready> {
-        let size = ready.item.line_len_bound();
-        if let Some(&i) = self.index.get(&ready.item.key) {
-            self.bytes = self.bytes - self.items[i].item.line_len_bound() + size;
-            return Some(std::mem::replace(&mut self.items[i], ready));
-        }
-        self.index.insert(ready.item.key.clone(), self.items.len());
-        self.items.push(ready);
-        self.bytes += size;
-        None
-    }
-
-    pub(super) fn into_items(self) -> Vec<Ready> {
-        self.items
-    }
+    /// When it was logged, in unix milliseconds (from its record id).
+    logged_ms: u64,
 }
 
 /// The task that writes entries; the only writer to the KV store.
@@ -84,116 +61,258 @@ pub(super) struct WriteLane {
     pub(super) shared: Arc<Shared>,
     pub(super) caller: Caller,
     pub(super) config: BatchConfig,
+    pub(super) timing: Timing,
     /// Tenant → its stale-if-error window, which extends the KV TTL (`Entry::kv_expiry`).
     pub(super) stale_windows: HashMap<String, u64>,
-    /// A write that did not fit the previous batch.
-    pub(super) carry: Option<Ready>,
     pub(super) batch_refused_until: Option<Instant>,
+}
+
+/// How the sent part of a batch ended.
+#[derive(Default)]
+struct Sent {
+    /// Confirmed by the API: checked against Redis afterwards.
+    written: Vec<Ready>,
+    /// The API failed past the retries: left in the log for a later attempt.
+    deferred: bool,
 }
 
 impl WriteLane {
     pub(super) async fn run(mut self) {
+        let mut next_claim = Instant::now();
         loop {
-            let mut batch = Batch::default();
-            match self.carry.take() {
-                Some(ready) => {
-                    batch.push(ready);
+            // Take no work that would then wait for the budget: records held unacknowledged
+            // that long would look abandoned to the other replicas. Waiting in turn with the
+            // purge lane, so purges cannot take every request while writes wait.
+            let budget = Arc::clone(&self.caller.budget);
+            let turn = budget.ready(Lane::Writes).await;
+            let records = self.gather(&mut next_claim).await;
+            drop(turn);
+            if records.is_empty() {
+                let closed = {
+                    let mut state = self.shared.lock();
+                    state.writes_idle = true;
+                    state.closed
+                };
+                if closed {
+                    return;
                 }
-                None => match self.shared.next_write().await {
-                    None => return,
-                    Some(pending) => self.add(&mut batch, pending),
-                },
+                self.pause(self.timing.poll).await;
+                continue;
             }
-            self.gather(&mut batch).await;
-            // Purges that arrived while the batch was in hand take effect here, under the same
-            // lock that marks the batch as sent (see `Shared::seal`).
-            let items = self.shared.seal(batch, &mut self.carry);
-            if !items.is_empty() {
-                self.write(items).await;
-            }
-            self.shared.sent(self.carry.is_some());
+            self.send(records).await;
         }
     }
 
-    /// Fills `batch` until it is full, or the linger time has passed (at once while the
-    /// replicator flushes) and the budget allows a request; a waiting budget thus makes
-    /// batches larger instead of the queue longer.
-    async fn gather(&mut self, batch: &mut Batch) {
+    /// Sleeps `wait`, or less when woken (a local offer, a flush, the close).
+    async fn pause(&self, wait: Duration) {
+        tokio::select! {
+            () = self.shared.write_ready.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+
+    /// Up to a batch of records: a dead replica's first (when due), then new ones, lingering
+    /// for more unless the replicator flushes. Empty when the log has nothing.
+    async fn gather(&mut self, next_claim: &mut Instant) -> Vec<Record> {
+        let log = &self.shared.log;
+        let max = self.config.max_entries;
+        let mut records = Vec::new();
+        if Instant::now() >= *next_claim {
+            *next_claim = Instant::now() + self.timing.claim_idle / 2;
+            records = log
+                .claim(log::WRITES, self.timing.claim_idle, max)
+                .await
+                .unwrap_or_default();
+        }
         let started = Instant::now();
-        while batch.len() < self.config.max_entries && self.carry.is_none() {
-            if let Some(pending) = self.shared.try_next_write() {
-                self.add(batch, pending);
-                continue;
+        loop {
+            if records.len() < max {
+                records.extend(
+                    log.read(log::WRITES, max - records.len())
+                        .await
+                        .unwrap_or_default(),
+                );
+            }
+            if records.is_empty() || records.len() >= max {
+                return records;
             }
             let linger_end = if self.shared.flushing() {
                 started
             } else {
                 started + self.config.linger
             };
-            let send_at = linger_end.max(self.caller.budget.ready_at());
-            if send_at <= Instant::now() {
-                return;
+            let now = Instant::now();
+            if now >= linger_end {
+                return records;
             }
-            tokio::select! {
-                () = self.shared.write_ready.notified() => {}
-                () = tokio::time::sleep_until(send_at.into()) => return,
-            }
+            self.pause((linger_end - now).min(self.timing.poll)).await;
         }
     }
 
-    /// Encodes `pending` into `batch` (or the carry when the batch is full by bytes).
-    fn add(&mut self, batch: &mut Batch, pending: Pending) {
-        let Some(ready) = self.prepare(pending) else {
+    /// Writes what the records name (as Redis holds it now), checks it afterwards, and
+    /// acknowledges the records unless the API failed them.
+    async fn send(&mut self, records: Vec<Record>) {
+        let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
+        let Some(items) = self.prepare(&records).await else {
+            // Redis did not answer: the records stay in the log and come back.
+            self.pause(self.timing.poll).await;
             return;
         };
-        let size = ready.item.line_len_bound();
-        if !batch.is_empty() && batch.bytes + size > self.config.max_bytes {
-            self.carry = Some(ready);
+        let sent = self.write(items).await;
+        self.check(sent.written).await;
+        if sent.deferred {
+            self.caller.metrics.deferred.inc();
             return;
         }
-        if batch.push(ready).is_some() {
-            // Two offers of one key in one batch: only the newer is sent.
-            self.caller.metrics.deduplicated.inc();
+        let _ = self.shared.log.ack(log::WRITES, &ids).await;
+        if let Ok(depth) = self.shared.log.len(log::WRITES).await {
+            self.caller.metrics.queue_depth.set(depth as i64);
         }
     }
 
-    fn prepare(&self, pending: Pending) -> Option<Ready> {
-        let (value, metadata) = match pending.entry.encode_kv() {
-            Ok(parts) => parts,
-            Err(_) => {
-                self.shared.drop_write(&pending.kv_key, "unencodable");
-                return None;
+    /// The KV items for `records`: each entry read from Redis now, one per key, skipping
+    /// what is gone, purged by a newer tenant generation, or expired. `None` if Redis failed.
+    async fn prepare(&self, records: &[Record]) -> Option<Vec<Ready>> {
+        let mut keys: Vec<(CacheKey, String, u64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for record in records {
+            let parsed = record
+                .fields
+                .get("k")
+                .and_then(|k| parse_redis_key(k).map(|key| (key, k.clone())));
+            match parsed {
+                Some((key, redis_key)) if seen.insert(redis_key.clone()) => {
+                    keys.push((key, redis_key, logged_ms(&record.id)));
+                }
+                Some(_) => self.caller.metrics.deduplicated.inc(),
+                None => self.caller.metrics.count_dropped("invalid", 1),
             }
-        };
-        let tenant = pending.entry.envelope.tenant.clone();
-        let stale = self.stale_windows.get(&tenant).copied().unwrap_or(0);
-        let expires_unix = pending.entry.kv_expiry(stale);
-        if expires_unix <= unix_now() {
-            self.shared.drop_write(&pending.kv_key, "expired");
-            return None;
         }
-        Some(Ready {
-            item: Item {
-                key: pending.kv_key,
-                value,
-                metadata,
-                ttl_secs: 1,
-            },
-            tenant,
-            expires_unix,
-            offered_at: pending.offered_at,
-        })
+        let mut tenants: Vec<String> = keys
+            .iter()
+            .map(|(k, _, _)| k.tenant().to_string())
+            .collect();
+        tenants.sort_unstable();
+        tenants.dedup();
+        let generation_keys: Vec<String> =
+            tenants.iter().map(|t| crate::generation::key(t)).collect();
+        let redis_keys: Vec<String> = keys.iter().map(|(_, k, _)| k.clone()).collect();
+        let (values, generations) = self
+            .shared
+            .log
+            .values(&redis_keys, &generation_keys)
+            .await
+            .ok()?;
+        let generation: HashMap<String, u64> = tenants.into_iter().zip(generations).collect();
+        let now = unix_now();
+        let mut items = Vec::new();
+        for ((key, redis_key, logged_ms), value) in keys.into_iter().zip(values) {
+            let Some(value) = value else {
+                // Purged, expired or evicted since it was offered: nothing to write.
+                self.caller.metrics.count_dropped("gone", 1);
+                continue;
+            };
+            let Ok(entry) = Entry::decode(&value, &key) else {
+                self.caller.metrics.count_dropped("invalid", 1);
+                continue;
+            };
+            let tenant_generation = generation.get(key.tenant()).copied().unwrap_or(0);
+            if policy::purged(entry.envelope.generation, tenant_generation) {
+                self.caller.metrics.count_dropped("purged", 1);
+                continue;
+            }
+            let Ok((body, metadata)) = entry.encode_kv() else {
+                self.caller.metrics.count_dropped("unencodable", 1);
+                continue;
+            };
+            let stale = self.stale_windows.get(key.tenant()).copied().unwrap_or(0);
+            let expires_unix = entry.kv_expiry(stale);
+            if expires_unix <= now {
+                self.caller.metrics.count_dropped("expired", 1);
+                continue;
+            }
+            items.push(Ready {
+                item: Item {
+                    key: key.kv_key(),
+                    value: body,
+                    metadata,
+                    ttl_secs: 1,
+                },
+                redis_key,
+                digest: hex::encode(Sha1::digest(&value)),
+                expires_unix,
+                logged_ms,
+            });
+        }
+        Some(items)
+    }
+
+    /// After the write: Redis must still hold exactly what was written. Where a purge deleted
+    /// it meanwhile, the KV copy is deleted again; where a newer entry replaced it, that one is
+    /// logged to be written. (Whatever changed Redis after this check logs its own record,
+    /// which is sent after this write.)
+    async fn check(&self, written: Vec<Ready>) {
+        if written.is_empty() {
+            return;
+        }
+        let keys: Vec<String> = written.iter().map(|r| r.redis_key.clone()).collect();
+        let Ok(now) = self.shared.log.digests(&keys).await else {
+            // Unknown: the written entries stay until their TTL or the next purge.
+            return;
+        };
+        for (ready, digest) in written.iter().zip(now) {
+            let tenant = ready.item.key.split('/').nth(1).unwrap_or_default();
+            let (kind, stream, fields) = match digest {
+                Some(d) if d == ready.digest => continue,
+                None => (
+                    "delete",
+                    log::PURGES,
+                    vec![("op", "key"), ("t", tenant), ("k", ready.item.key.as_str())],
+                ),
+                Some(_) => (
+                    "rewrite",
+                    log::WRITES,
+                    vec![("k", ready.redis_key.as_str())],
+                ),
+            };
+            if self.shared.log.append(stream, &fields).await.is_ok() {
+                if kind == "delete" {
+                    self.shared.logged_purge();
+                }
+                self.caller
+                    .metrics
+                    .followups
+                    .with_label_values(&[kind])
+                    .inc();
+            }
+        }
     }
 
     /// Sends `items`: batches, split on a refused batch, single-key writes where batches are
     /// not supported or an entry is too large for one.
-    async fn write(&mut self, items: Vec<Ready>) {
-        let mut parts: VecDeque<Vec<Ready>> = VecDeque::from([items]);
+    async fn write(&mut self, items: Vec<Ready>) -> Sent {
+        let mut sent = Sent::default();
+        // Batches of at most `max_bytes` (an entry larger than that goes alone).
+        let mut parts: VecDeque<Vec<Ready>> = VecDeque::new();
+        let mut bytes = 0;
+        for ready in items {
+            let size = ready.item.line_len_bound();
+            match parts.back_mut() {
+                Some(part) if bytes + size <= self.config.max_bytes => part.push(ready),
+                _ => {
+                    bytes = 0;
+                    parts.push_back(vec![ready]);
+                }
+            }
+            bytes += size;
+        }
         while let Some(part) = parts.pop_front() {
             let now_unix = unix_now();
             let (mut part, expired): (Vec<Ready>, Vec<Ready>) =
                 part.into_iter().partition(|r| r.expires_unix > now_unix);
-            self.shared.count_dropped(&expired, "expired", true);
+            self.caller
+                .metrics
+                .count_dropped("expired", expired.len() as u64);
             if part.is_empty() {
                 continue;
             }
@@ -206,7 +325,7 @@ impl WriteLane {
                 .is_some_and(|until| Instant::now() < until);
             if alone || refused {
                 for ready in part {
-                    self.write_one(ready).await;
+                    self.write_one(ready, &mut sent).await;
                 }
                 continue;
             }
@@ -224,7 +343,10 @@ impl WriteLane {
                 })
                 .await;
             match result {
-                Ok(()) => self.count_written(&part),
+                Ok(()) => {
+                    self.count_written(&part);
+                    sent.written.extend(part);
+                }
                 // The API does not say which line it refused: halve until the bad one is alone
                 // (about 2·log2(n) extra requests), so one bad entry does not sink its batch.
                 Err(e) if matches!(e.status(), Some(400 | 413)) && part.len() > 1 => {
@@ -238,15 +360,16 @@ impl WriteLane {
                     }
                     self.batch_refused_until = Some(Instant::now() + BATCH_REFUSED_FOR);
                     for ready in part {
-                        self.write_one(ready).await;
+                        self.write_one(ready, &mut sent).await;
                     }
                 }
-                Err(e) => self.give_up(&part, &e),
+                Err(e) => sent.deferred |= self.give_up(&part, &e),
             }
         }
+        sent
     }
 
-    async fn write_one(&mut self, ready: Ready) {
+    async fn write_one(&mut self, ready: Ready, sent: &mut Sent) {
         self.caller
             .metrics
             .batch_entries
@@ -260,32 +383,67 @@ impl WriteLane {
             })
             .await;
         match result {
-            Ok(()) => self.count_written(std::slice::from_ref(&ready)),
-            Err(e) => self.give_up(std::slice::from_ref(&ready), &e),
+            Ok(()) => {
+                self.count_written(std::slice::from_ref(&ready));
+                sent.written.push(ready);
+            }
+            Err(e) => sent.deferred |= self.give_up(std::slice::from_ref(&ready), &e),
         }
     }
 
     fn count_written(&self, written: &[Ready]) {
         let metrics = &self.caller.metrics;
         metrics.written.inc_by(written.len() as u64);
+        let now_ms = unix_ms();
         for ready in written {
-            metrics
-                .lag
-                .observe(ready.offered_at.elapsed().as_secs_f64());
+            let lag_ms = now_ms.saturating_sub(ready.logged_ms);
+            metrics.lag.observe(lag_ms as f64 / 1000.0);
         }
     }
 
-    fn give_up(&self, items: &[Ready], error: &KvApiError) {
+    /// The API failed `items` for good: `true` when it may succeed later (they stay in the
+    /// log), `false` when it refused them (dropped and counted).
+    fn give_up(&self, items: &[Ready], error: &KvApiError) -> bool {
         let reason = match error.status() {
             Some(401 | 403) => "unauthorized",
-            _ if error.is_retryable() => "retries_exhausted",
+            _ if error.is_retryable() => {
+                if let Some(suppressed) = self.caller.log.admit() {
+                    tracing::warn!(error = %error, entries = items.len(), suppressed, "replication: the Fastly API kept failing; the entries stay in the log for a later attempt");
+                }
+                return true;
+            }
             _ => "rejected",
         };
         if let Some(suppressed) = self.caller.log.admit() {
             tracing::warn!(error = %error, entries = items.len(), reason, suppressed, "replication: entries not written to the edge tier");
         }
-        self.shared.count_dropped(items, reason, true);
+        self.caller
+            .metrics
+            .count_dropped(reason, items.len() as u64);
+        false
     }
+}
+
+/// `gw:v1:<tenant>:<hex>` → the cache key; `None` for anything else.
+fn parse_redis_key(redis_key: &str) -> Option<CacheKey> {
+    let rest = redis_key.strip_prefix("gw:v1:")?;
+    let (tenant, hex) = rest.split_once(':')?;
+    CacheKey::from_hex(tenant, hex)
+}
+
+/// A record id's time part (`<unix ms>-<seq>`).
+fn logged_ms(id: &str) -> u64 {
+    id.split('-')
+        .next()
+        .and_then(|ms| ms.parse().ok())
+        .unwrap_or_else(unix_ms)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -293,27 +451,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_batch_keeps_one_write_per_key_the_newest() {
-        let ready = |key: &str, body: &[u8]| Ready {
-            item: Item {
-                key: key.into(),
-                value: body.to_vec(),
-                metadata: "{}".into(),
-                ttl_secs: 1,
-            },
-            tenant: "acme".into(),
-            expires_unix: 10,
-            offered_at: Instant::now(),
-        };
-        let mut batch = Batch::default();
-        assert!(batch.push(ready("a", b"1")).is_none());
-        assert!(batch.push(ready("b", b"22")).is_none());
-        let bytes = batch.bytes;
-        let old = batch.push(ready("a", b"333333")).unwrap();
-        assert_eq!(old.item.value, b"1");
-        assert_eq!(batch.len(), 2);
-        assert!(batch.bytes > bytes);
-        let items = batch.into_items();
-        assert_eq!(items[0].item.value, b"333333");
+    fn a_redis_key_names_its_cache_key_and_nothing_else_does() {
+        let hex = "ab".repeat(32);
+        let key = parse_redis_key(&format!("gw:v1:acme:{hex}")).unwrap();
+        assert_eq!((key.tenant(), key.hex()), ("acme", hex.as_str()));
+        assert!(parse_redis_key("gw:v1:acme:short").is_none());
+        assert!(parse_redis_key(&format!("gw:v2:acme:{hex}")).is_none());
+        assert_eq!(logged_ms("1700000000123-4"), 1_700_000_000_123);
     }
 }

@@ -66,6 +66,8 @@ pub(super) struct Miss {
     pub(super) plan: Plan,
     /// `Cache-Status` `fwd` of this tier.
     pub(super) fwd: Fwd,
+    /// The tenant's purge generation as the cache read saw it: written into a new entry.
+    pub(super) generation: u64,
     pub(super) edge_miss: bool,
 }
 
@@ -89,6 +91,7 @@ struct Job {
     assemble: bool,
     /// Where to write a cacheable answer; `None` when the plan does not write.
     key: Option<CacheKey>,
+    generation: u64,
     edge_miss: bool,
 }
 
@@ -129,6 +132,7 @@ impl Service {
             } else {
                 None
             },
+            generation: miss.generation,
             edge_miss: miss.edge_miss,
         };
         let status =
@@ -223,7 +227,7 @@ impl Service {
                 self.budget.record_saved(&tenant.id, usage.total_tokens);
             }
             if edge_miss && let Some(entry) = &answer.entry {
-                self.offer(Arc::clone(entry));
+                self.offer(Arc::clone(entry)).await;
             }
         }
         Led::Done(shared)
@@ -324,10 +328,12 @@ impl Service {
         if let Ok(answer) = &shared
             && let (Some(entry), Some(key)) = (&answer.entry, &job.key)
         {
-            if job.edge_miss || joined_from_edge {
-                self.offer(Arc::clone(entry));
-            }
+            // Written before it is offered: the replication log names the Redis entry, which
+            // the sender reads when it writes to the KV store.
             self.write(key, entry).await;
+            if job.edge_miss || joined_from_edge {
+                self.offer(Arc::clone(entry)).await;
+            }
         }
         drop(leader);
     }
@@ -360,6 +366,7 @@ impl Service {
                         model: job.model.clone(),
                         provider: provider.to_string(),
                         usage: usage.clone(),
+                        generation: job.generation,
                     },
                     body: body.to_vec(),
                 }))

@@ -1,9 +1,10 @@
 //! The purge routes' logic: a tenant deletes one of its entries or all of them, an operator
-//! any tenant's. The edge copies are queued for deletion first, whatever Redis says, then
-//! Redis is purged; each tenant's purges are rate-limited, since each costs Fastly API requests.
+//! any tenant's. Redis changes first (a delete; for a whole tenant, one increment of its purge
+//! generation), then the edge purge is logged for the replicas to send, whatever Redis said.
+//! Each tenant's purges are rate-limited, since each costs Fastly API requests.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -11,8 +12,10 @@ use gateway_common::error::ApiError;
 use gateway_common::key::{CacheKey, validate_tenant_id};
 
 use super::{Refusal, Service};
+use crate::generation;
 use crate::replicate::PurgeRefused;
 use crate::settings::PurgeSettings;
+use crate::store::CounterOp;
 
 impl Service {
     /// `DELETE /v1/cache/{key}`: deletes one of the caller's entries. The answer is 200 only
@@ -31,12 +34,11 @@ impl Service {
             ))
         })?;
         self.purge_limiter.admit(&tenant.id)?;
-        self.replicator.purge_key(&key).map_err(refused)?;
-        let deleted = self
-            .store
-            .delete(&key.redis_key())
-            .await
-            .map_err(|_| origin_unavailable())?;
+        // Redis first: a write being sent meanwhile either sees the entry gone when it checks
+        // Redis afterwards, or is sent before this purge's delete (see `replicator`).
+        let deleted = self.store.delete(&key.redis_key()).await;
+        self.replicator.purge_key(&key).await.map_err(refused)?;
+        let deleted = deleted.map_err(|_| origin_unavailable())?;
         Ok(Bytes::from(
             serde_json::json!({"key": key.hex(), "deleted": deleted, "edge": "queued"}).to_string(),
         ))
@@ -50,9 +52,9 @@ impl Service {
     ) -> Result<Bytes, Refusal> {
         let tenant = self.authorize(authorization, edge_secret)?;
         self.purge_limiter.admit(&tenant.id)?;
-        let deleted = self.purge_everywhere(&tenant.id).await?;
+        let generation = self.purge_everywhere(&tenant.id).await?;
         Ok(Bytes::from(
-            serde_json::json!({"deleted": deleted, "edge": "queued"}).to_string(),
+            serde_json::json!({"generation": generation, "edge": "queued"}).to_string(),
         ))
     }
 
@@ -74,21 +76,55 @@ impl Service {
                 Some("tenant"),
             ))
         })?;
-        let deleted = self.purge_everywhere(tenant).await?;
-        tracing::info!(tenant, deleted, "admin purge of a tenant's cache");
+        let generation = self.purge_everywhere(tenant).await?;
+        tracing::info!(tenant, generation, "admin purge of a tenant's cache");
         Ok(Bytes::from(
-            serde_json::json!({"tenant": tenant, "deleted": deleted, "edge": "queued"}).to_string(),
+            serde_json::json!({"tenant": tenant, "generation": generation, "edge": "queued"})
+                .to_string(),
         ))
     }
 
-    /// Queues the edge purge of `tenant` (first: even an unreachable Redis must not leave the
-    /// edge copies in place), then deletes its Redis entries; how many there were.
+    /// Purges every entry of `tenant` in O(1): one increment of its purge generation makes
+    /// every entry written before unservable at the origin at once, and at the edge once its
+    /// tenant record carries the new generation (one Config Store update, logged here). The
+    /// stale entries are then removed from Redis in the background, only to free memory.
+    /// The new generation.
     async fn purge_everywhere(&self, tenant: &str) -> Result<u64, Refusal> {
-        self.replicator.purge_tenant(tenant).map_err(refused)?;
-        self.store
-            .purge(&CacheKey::redis_pattern(tenant))
+        let bump = CounterOp::Incr {
+            key: generation::key(tenant),
+            by: 1,
+            ttl_secs: self.generation_ttl_secs,
+        };
+        let generation = self
+            .store
+            .counters(&[bump])
             .await
-            .map_err(|_| origin_unavailable())
+            .map(|v| v.first().copied());
+        match generation {
+            Ok(Some(generation)) => {
+                self.replicator
+                    .purge_tenant(tenant, Some(generation))
+                    .await
+                    .map_err(refused)?;
+                let store = Arc::clone(&self.store);
+                let pattern = CacheKey::redis_pattern(tenant);
+                tokio::spawn(async move {
+                    if let Err(error) = store.purge(&pattern, generation).await {
+                        tracing::debug!(%error, "purged entries stay in Redis until they expire");
+                    }
+                });
+                Ok(generation)
+            }
+            // No generation recorded: the edge copies are still listed and deleted, but the
+            // origin cannot refuse its old entries once Redis is back: the caller must retry.
+            _ => {
+                self.replicator
+                    .purge_tenant(tenant, None)
+                    .await
+                    .map_err(refused)?;
+                Err(origin_unavailable())
+            }
+        }
     }
 }
 

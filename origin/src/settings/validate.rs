@@ -234,6 +234,16 @@ impl ReplicationSettings {
                 "required: the KV store id, [A-Za-z0-9_-]",
             ));
         }
+        if !self
+            .config_store_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(
+                "replication.config_store_id",
+                "the Config Store id: [A-Za-z0-9_-]",
+            ));
+        }
         match &self.api_token {
             Some(token) if !token.expose().is_empty() => {}
             _ => {
@@ -252,6 +262,8 @@ impl ReplicationSettings {
             ("replication.batch_max_bytes", self.batch_max_bytes as u64),
             ("replication.request_timeout_ms", self.request_timeout_ms),
             ("replication.backoff_base_ms", self.backoff_base_ms),
+            ("replication.claim_idle_ms", self.claim_idle_ms),
+            ("replication.poll_ms", self.poll_ms),
             (
                 "replication.hourly_request_budget",
                 u64::from(self.hourly_request_budget),
