@@ -139,7 +139,7 @@ impl Results {
                 out,
                 "`KvReplicator` with the origin's defaults (batches of up to {} entries, linger \
                  {} ms), request budget lifted, against the in-process fake Fastly KV API; \
-                 {}-byte bodies, distinct keys, offered as fast as the queue takes them.\n",
+                 {}-byte bodies, distinct keys, stored in a real Redis and offered through its replication log as fast as it takes them.\n",
                 r.batch_max_entries,
                 r.linger_ms,
                 crate::viceroy::HIT_BODY.len()
