@@ -45,6 +45,8 @@ pub struct Metrics {
     pub tokens_saved: IntCounterVec,
     /// Requests that waited for another request's provider call instead of making their own.
     pub coalesced_waiters: IntCounter,
+    /// Misses answered by another replica's flight (`service/flight_lock.rs`).
+    pub coalesced_remote: IntCounter,
     /// outcome (offered|dropped) — the dual-write seam.
     pub replication: IntCounterVec,
 }
@@ -154,6 +156,10 @@ impl Metrics {
             coalesced_waiters: single(
                 "coalesced_waiters_total",
                 "Requests answered by another request's provider call",
+            )?,
+            coalesced_remote: single(
+                "coalesced_remote_total",
+                "Misses answered by another replica's provider call (single flight across replicas)",
             )?,
             replication: counter(
                 "replication_total",

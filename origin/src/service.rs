@@ -27,10 +27,12 @@ use crate::store::{CounterOp, Store, ThrottledLog};
 use crate::stream::ClientStream;
 use crate::tenants::Tenants;
 use flight::{Flight, Miss};
+use flight_lock::Holders;
 use purge::PurgeLimiter;
 
 mod access;
 mod flight;
+mod flight_lock;
 mod purge;
 
 /// The name this tier uses in `Cache-Status`.
@@ -162,6 +164,8 @@ pub struct Service {
     purge_limiter: PurgeLimiter,
     /// How long a tenant's purge generation is kept after its last bump (`generation.rs`).
     generation_ttl_secs: u64,
+    /// Names this replica's flight locks (`flight_lock.rs`).
+    holders: Holders,
 }
 
 impl std::fmt::Debug for Service {
@@ -214,6 +218,7 @@ impl Service {
             )),
             purge_limiter: PurgeLimiter::new(&settings.purge),
             generation_ttl_secs,
+            holders: Holders::new(),
         }))
     }
 

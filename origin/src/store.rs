@@ -2,10 +2,9 @@
 //! call bounded, errors counted and logged at a limited rate) and an in-memory one for tests.
 //! A store never calls up into the service, and never decides policy: callers treat errors as misses.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -13,8 +12,12 @@ use futures_util::future::BoxFuture;
 use redis::aio::MultiplexedConnection;
 
 use crate::breaker::Breaker;
+
+mod memory;
+
 use crate::metrics::Metrics;
 use crate::settings::{RedisSettings, ms};
+pub use memory::MemoryStore;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -60,6 +63,27 @@ pub enum CounterOp {
 
 pub type StoreResult<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
+/// What [`Store::claim_flight`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Nobody was fetching the key: the caller holds the flight's lock and must fetch.
+    Lead,
+    /// The entry is there after all (written since the caller's read).
+    Entry(Vec<u8>),
+    /// Another replica (or request) holds the lock.
+    Held,
+}
+
+/// What a follower of another replica's flight sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Watched {
+    pub entry: Option<Vec<u8>>,
+    /// An answer the leader published because it will not be cached (an error, say).
+    pub result: Option<Vec<u8>>,
+    /// The leader still holds the lock.
+    pub held: bool,
+}
+
 /// Bytes in, bytes out. Every method is bounded in time by the implementation.
 pub trait Store: Send + Sync + 'static {
     /// `Ok(None)` is a miss.
@@ -89,6 +113,33 @@ pub trait Store: Send + Sync + 'static {
         .boxed()
     }
     fn ping(&self) -> StoreResult<'_, ()>;
+
+    /// The single flight across replicas, in one round trip: the entry at `entry_key` if it
+    /// landed since the caller's read; else the lock at `lock_key` for `holder` (for
+    /// `ttl_ms`) if nobody holds it.
+    fn claim_flight<'a>(
+        &'a self,
+        entry_key: &'a str,
+        lock_key: &'a str,
+        holder: &'a str,
+        ttl_ms: u64,
+    ) -> StoreResult<'a, Claim>;
+    /// The entry, the published result and whether the lock is held, in one round trip.
+    fn watch_flight<'a>(
+        &'a self,
+        entry_key: &'a str,
+        result_key: &'a str,
+        lock_key: &'a str,
+    ) -> StoreResult<'a, Watched>;
+    /// While `holder` holds the lock: extends it to `ttl_ms` from now, or releases it (`None`).
+    fn keep_flight<'a>(
+        &'a self,
+        lock_key: &'a str,
+        holder: &'a str,
+        ttl_ms: Option<u64>,
+    ) -> StoreResult<'a, ()>;
+    /// `SET key value PX ttl_ms`: a short-lived value (a flight's published result).
+    fn set_px<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_ms: u64) -> StoreResult<'a, ()>;
 }
 
 /// At most one log line per interval for a recurring failure; the rest are only counted.
@@ -384,6 +435,102 @@ impl Store for RedisStore {
         .boxed()
     }
 
+    fn claim_flight<'a>(
+        &'a self,
+        entry_key: &'a str,
+        lock_key: &'a str,
+        holder: &'a str,
+        ttl_ms: u64,
+    ) -> StoreResult<'a, Claim> {
+        async move {
+            // A pipeline, not a script: the entry and the lock need not share a slot.
+            let (entry, locked): (Option<Vec<u8>>, Option<String>) = self
+                .run("flight", move |mut c| async move {
+                    redis::pipe()
+                        .cmd("GET")
+                        .arg(entry_key)
+                        .cmd("SET")
+                        .arg(lock_key)
+                        .arg(holder)
+                        .arg("NX")
+                        .arg("PX")
+                        .arg(ttl_ms.max(1))
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            match (entry, locked.is_some()) {
+                (Some(entry), took) => {
+                    if took {
+                        // Not needed after all: let the next miss lead.
+                        let _ = self.keep_flight(lock_key, holder, None).await;
+                    }
+                    Ok(Claim::Entry(entry))
+                }
+                (None, true) => Ok(Claim::Lead),
+                (None, false) => Ok(Claim::Held),
+            }
+        }
+        .boxed()
+    }
+
+    fn watch_flight<'a>(
+        &'a self,
+        entry_key: &'a str,
+        result_key: &'a str,
+        lock_key: &'a str,
+    ) -> StoreResult<'a, Watched> {
+        self.run("flight", move |mut c| async move {
+            let (entry, result, held): (Option<Vec<u8>>, Option<Vec<u8>>, bool) = redis::pipe()
+                .cmd("GET")
+                .arg(entry_key)
+                .cmd("GET")
+                .arg(result_key)
+                .cmd("EXISTS")
+                .arg(lock_key)
+                .query_async(&mut c)
+                .await?;
+            Ok(Watched {
+                entry,
+                result,
+                held,
+            })
+        })
+        .boxed()
+    }
+
+    fn keep_flight<'a>(
+        &'a self,
+        lock_key: &'a str,
+        holder: &'a str,
+        ttl_ms: Option<u64>,
+    ) -> StoreResult<'a, ()> {
+        self.run("flight", move |mut c| async move {
+            redis::cmd("EVAL")
+                .arg(KEEP_FLIGHT)
+                .arg(1)
+                .arg(lock_key)
+                .arg(holder)
+                .arg(ttl_ms.unwrap_or(0))
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .boxed()
+    }
+
+    fn set_px<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_ms: u64) -> StoreResult<'a, ()> {
+        self.run("set", move |mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg("PX")
+                .arg(ttl_ms.max(1))
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .boxed()
+    }
+
     fn ping(&self) -> StoreResult<'_, ()> {
         self.run("ping", |mut c| async move {
             redis::cmd("PING")
@@ -394,6 +541,16 @@ impl Store for RedisStore {
         .boxed()
     }
 }
+
+/// Extends (ARGV[2] ms > 0) or releases (0) the lock at KEYS[1], only while ARGV[1] holds it.
+const KEEP_FLIGHT: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1";
 
 /// Deletes the entry at KEYS[1] if its envelope's purge generation (absent = 0) is below
 /// ARGV[1]; 1 if it did. An entry is `<envelope JSON>\n<body>` (`common::entry`).
@@ -430,214 +587,9 @@ fn counter_value(reply: Option<String>) -> u64 {
     reply.and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
 
-/// Key → (value, expiry).
-type MemoryMap = HashMap<String, (Vec<u8>, Option<Instant>)>;
-
-/// An in-memory [`Store`] **for tests**: no eviction, a coarse TTL, a switch that makes every
-/// call fail. Not for production (it is per process, so replicas would not share it).
-#[derive(Debug, Default)]
-pub struct MemoryStore {
-    map: Mutex<MemoryMap>,
-    failing: AtomicBool,
-    calls: AtomicU64,
-}
-
-impl MemoryStore {
-    pub fn new() -> MemoryStore {
-        MemoryStore::default()
-    }
-
-    /// While on, every call fails with [`StoreError::Unavailable`].
-    pub fn set_failing(&self, failing: bool) {
-        self.failing.store(failing, Ordering::SeqCst);
-    }
-
-    /// How many calls were made (including failed ones).
-    pub fn calls(&self) -> u64 {
-        self.calls.load(Ordering::SeqCst)
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, MemoryMap> {
-        self.map.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn check(&self) -> Result<(), StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.failing.load(Ordering::SeqCst) {
-            Err(StoreError::Unavailable)
-        } else {
-            Ok(())
-        }
-    }
-
-    fn live(&self, key: &str) -> Option<Vec<u8>> {
-        let mut map = self.lock();
-        match map.get(key) {
-            Some((_, Some(expiry))) if *expiry <= Instant::now() => {
-                map.remove(key);
-                None
-            }
-            Some((value, _)) => Some(value.clone()),
-            None => None,
-        }
-    }
-}
-
-/// `prefix*` patterns only (the only kind the origin uses).
-/// The purge generation in an entry's envelope line (0 when absent or unreadable).
-fn entry_generation(value: &[u8]) -> u64 {
-    let line = value.split(|&b| b == b'\n').next().unwrap_or_default();
-    serde_json::from_slice::<serde_json::Value>(line)
-        .ok()
-        .and_then(|envelope| envelope.get("generation").and_then(|g| g.as_u64()))
-        .unwrap_or(0)
-}
-
-fn pattern_matches(pattern: &str, key: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => key.starts_with(prefix),
-        None => key == pattern,
-    }
-}
-
-impl Store for MemoryStore {
-    fn get<'a>(&'a self, key: &'a str) -> StoreResult<'a, Option<Vec<u8>>> {
-        async move {
-            self.check()?;
-            Ok(self.live(key))
-        }
-        .boxed()
-    }
-
-    fn set_ex<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_secs: u64) -> StoreResult<'a, ()> {
-        async move {
-            self.check()?;
-            let expiry = Instant::now() + Duration::from_secs(ttl_secs.max(1));
-            self.lock().insert(key.to_string(), (value, Some(expiry)));
-            Ok(())
-        }
-        .boxed()
-    }
-
-    fn delete<'a>(&'a self, key: &'a str) -> StoreResult<'a, bool> {
-        async move {
-            self.check()?;
-            Ok(self.lock().remove(key).is_some())
-        }
-        .boxed()
-    }
-
-    fn purge<'a>(&'a self, pattern: &'a str, generation: u64) -> StoreResult<'a, u64> {
-        async move {
-            self.check()?;
-            let mut map = self.lock();
-            let before = map.len();
-            map.retain(|k, (value, _)| {
-                !pattern_matches(pattern, k) || entry_generation(value) >= generation
-            });
-            Ok((before - map.len()) as u64)
-        }
-        .boxed()
-    }
-
-    fn counters<'a>(&'a self, ops: &'a [CounterOp]) -> StoreResult<'a, Vec<u64>> {
-        async move {
-            self.check()?;
-            let mut out = Vec::with_capacity(ops.len());
-            for op in ops {
-                match op {
-                    CounterOp::Incr { key, by, ttl_secs } => {
-                        let current = self
-                            .live(key)
-                            .and_then(|v| String::from_utf8(v).ok())
-                            .and_then(|s| s.parse::<u64>().ok())
-                            .unwrap_or(0);
-                        let next = current.saturating_add(*by);
-                        let expiry = Instant::now() + Duration::from_secs((*ttl_secs).max(1));
-                        self.lock()
-                            .insert(key.clone(), (next.to_string().into_bytes(), Some(expiry)));
-                        out.push(next);
-                    }
-                    CounterOp::Get { key } => out.push(
-                        self.live(key)
-                            .and_then(|v| String::from_utf8(v).ok())
-                            .and_then(|s| s.parse::<u64>().ok())
-                            .unwrap_or(0),
-                    ),
-                }
-            }
-            Ok(out)
-        }
-        .boxed()
-    }
-
-    fn ping(&self) -> StoreResult<'_, ()> {
-        async move { self.check() }.boxed()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[tokio::test]
-    async fn the_memory_store_round_trips_and_purges_by_prefix() {
-        let s = MemoryStore::new();
-        s.set_ex("gw:v1:acme:aa", b"x".to_vec(), 60).await.unwrap();
-        s.set_ex("gw:v1:acme:bb", b"y".to_vec(), 60).await.unwrap();
-        s.set_ex("gw:v1:globex:aa", b"z".to_vec(), 60)
-            .await
-            .unwrap();
-        s.set_ex(
-            "gw:v1:acme:cc",
-            br#"{"generation":2}
-body"#
-                .to_vec(),
-            60,
-        )
-        .await
-        .unwrap();
-        assert_eq!(s.get("gw:v1:acme:aa").await.unwrap(), Some(b"x".to_vec()));
-        assert_eq!(s.purge("gw:v1:acme:*", 2).await.unwrap(), 2);
-        assert_eq!(s.get("gw:v1:acme:bb").await.unwrap(), None);
-        assert!(
-            s.delete("gw:v1:acme:cc").await.unwrap(),
-            "written since: kept"
-        );
-        assert!(s.delete("gw:v1:globex:aa").await.unwrap());
-        assert!(s.is_empty());
-    }
-
-    #[tokio::test]
-    async fn memory_counters_increment_and_read() {
-        let s = MemoryStore::new();
-        let ops = [
-            CounterOp::Incr {
-                key: "a".into(),
-                by: 5,
-                ttl_secs: 10,
-            },
-            CounterOp::Get { key: "b".into() },
-        ];
-        assert_eq!(s.counters(&ops).await.unwrap(), vec![5, 0]);
-        assert_eq!(s.counters(&ops).await.unwrap(), vec![10, 0]);
-    }
-
-    #[tokio::test]
-    async fn a_failing_memory_store_errors() {
-        let s = MemoryStore::new();
-        s.set_failing(true);
-        assert!(s.get("k").await.is_err());
-        assert!(s.ping().await.is_err());
-    }
 
     #[test]
     fn the_throttled_log_admits_one_line_per_interval() {

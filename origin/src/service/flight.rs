@@ -18,6 +18,7 @@ use gateway_common::sse::replay_chat;
 use gateway_common::tenant::Tenant;
 use tokio::sync::oneshot;
 
+use super::flight_lock::{Crossed, refusal_answer};
 use super::{CACHE_NAME, Refusal, Reply, ReplyBody, Service, Trace};
 use crate::budget::unix_now;
 use crate::coalesce::{Joined, Leader, WaitError, Waiter};
@@ -29,14 +30,16 @@ use crate::usage;
 /// A provider's answer, shared between the leader and its coalesced waiters.
 #[derive(Debug)]
 pub(super) struct Answer {
-    status: u16,
-    content_type: String,
-    body: Bytes,
-    provider: Arc<str>,
-    usage: Option<Usage>,
-    upstream_ms: f64,
-    /// Present when the answer is cacheable and will be written.
-    entry: Option<Arc<Entry>>,
+    pub(super) status: u16,
+    pub(super) content_type: String,
+    pub(super) body: Bytes,
+    pub(super) provider: Arc<str>,
+    pub(super) usage: Option<Usage>,
+    pub(super) upstream_ms: f64,
+    /// Answered by another replica's flight (`flight_lock.rs`): not written again here.
+    pub(super) remote: bool,
+    /// Present when the answer is cacheable (and, unless `remote`, will be written here).
+    pub(super) entry: Option<Arc<Entry>>,
 }
 
 pub(super) type Shared = Result<Arc<Answer>, Refusal>;
@@ -158,7 +161,9 @@ impl Service {
         };
         trace.provider = Some(Arc::clone(&answer.provider));
         trace.upstream_ms = Some(answer.upstream_ms);
-        trace.cache_status = status(answer.entry.is_some(), trace.collapsed);
+        trace.collapsed |= answer.remote;
+        let stored = answer.entry.is_some() && !answer.remote;
+        trace.cache_status = status(stored, trace.collapsed);
         Ok(render_answer(&answer, want))
     }
 
@@ -243,6 +248,30 @@ impl Service {
         mut live_tx: Option<oneshot::Sender<Arc<Live>>>,
         done_tx: oneshot::Sender<Shared>,
     ) {
+        // A coalesced flight also coalesces across replicas: another one may be fetching.
+        let crossed = match (&leader, &job.key) {
+            (Some(_), Some(key)) => self.cross(key, job.generation).await,
+            _ => Crossed::Lead(None),
+        };
+        let lock = match crossed {
+            Crossed::Lead(lock) => lock,
+            Crossed::Followed(answer) => {
+                drop(live_tx);
+                if let Some(leader) = &leader {
+                    leader.publish(Flight::Done(Ok(Arc::clone(&answer))));
+                }
+                let _ = done_tx.send(Ok(Arc::clone(&answer)));
+                if let Some(usage) = &answer.usage {
+                    self.budget.record_saved(&job.tenant.id, usage.total_tokens);
+                }
+                if job.edge_miss
+                    && let Some(entry) = &answer.entry
+                {
+                    self.offer(Arc::clone(entry)).await;
+                }
+                return;
+            }
+        };
         let start = Instant::now();
         let sent = self
             .router
@@ -325,6 +354,19 @@ impl Service {
                 );
             }
         }
+        if let (Some(lock), Some(key)) = (&lock, &job.key) {
+            // Followers on other replicas take what is not cached from here.
+            match &shared {
+                Ok(answer) if answer.entry.is_none() => {
+                    lock.publish(key, answer, job.generation).await
+                }
+                Err(refusal) => {
+                    let answer = refusal_answer(refusal, "gateway");
+                    lock.publish(key, &answer, job.generation).await
+                }
+                Ok(_) => {}
+            }
+        }
         if let Ok(answer) = &shared
             && let (Some(entry), Some(key)) = (&answer.entry, &job.key)
         {
@@ -335,6 +377,8 @@ impl Service {
                 self.offer(Arc::clone(entry)).await;
             }
         }
+        // Released once the entry (or the published answer) is there for the followers.
+        drop(lock);
         drop(leader);
     }
 
@@ -386,6 +430,7 @@ impl Service {
             provider,
             usage,
             upstream_ms,
+            remote: false,
             entry,
         })
     }

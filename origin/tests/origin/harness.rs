@@ -110,7 +110,55 @@ pub struct Stack {
     pub replicator: Arc<RecordingReplicator>,
     pub http: reqwest::Client,
     pub settings: Settings,
+    tenants: Tenants,
     handle: ServerHandle,
+}
+
+/// One running origin (the stack's own, or another replica of it). Stopped on drop.
+pub struct Replica {
+    pub url: String,
+    pub service: Arc<Service>,
+    handle: ServerHandle,
+}
+
+/// Builds and runs an origin on port 0: its URL, service and handle.
+fn launch(
+    settings: &Settings,
+    tenants: &Tenants,
+    replicator: &Arc<RecordingReplicator>,
+) -> (String, Arc<Service>, ServerHandle) {
+    {
+        let app = Application::build_with(
+            settings.clone(),
+            Parts {
+                // With replication enabled the origin builds its own KvReplicator.
+                replicator: (!settings.replication.enabled)
+                    .then(|| replicator.clone() as Arc<dyn gateway_origin::replicate::Replicator>),
+                tenants: Some(tenants.clone()),
+                ..Parts::default()
+            },
+        )
+        .expect("origin builds");
+        let url = app.base_url();
+        let service = Arc::clone(app.service());
+        let handle = app.handle();
+        tokio::spawn(app.run());
+        (url, service, handle)
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        stop(&self.handle);
+    }
+}
+
+/// Stops a server from a destructor (when a runtime is still there to run the stop).
+fn stop(handle: &ServerHandle) {
+    let handle = handle.clone();
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move { handle.stop(false).await });
+    }
 }
 
 pub fn tenants_file() -> PathBuf {
@@ -175,21 +223,8 @@ impl Stack {
             })
             .collect();
         let replicator = Arc::new(RecordingReplicator::new());
-        let app = Application::build_with(
-            settings.clone(),
-            Parts {
-                // With replication enabled the origin builds its own KvReplicator.
-                replicator: (!settings.replication.enabled)
-                    .then(|| replicator.clone() as Arc<dyn gateway_origin::replicate::Replicator>),
-                tenants: Some(Tenants::new(tenants)),
-                ..Parts::default()
-            },
-        )
-        .expect("origin builds");
-        let url = app.base_url();
-        let service = Arc::clone(app.service());
-        let handle = app.handle();
-        tokio::spawn(app.run());
+        let tenants = Tenants::new(tenants);
+        let (url, service, handle) = launch(&settings, &tenants, &replicator);
         Stack {
             redis,
             providers,
@@ -201,6 +236,22 @@ impl Stack {
                 .build()
                 .expect("client"),
             settings,
+            tenants,
+            handle,
+        }
+    }
+
+    /// Another origin replica on the same Redis, providers, tenants and settings (and its own
+    /// recording replicator when replication is off).
+    pub fn replica(&self) -> Replica {
+        let (url, service, handle) = launch(
+            &self.settings,
+            &self.tenants,
+            &Arc::new(RecordingReplicator::new()),
+        );
+        Replica {
+            url,
+            service,
             handle,
         }
     }
@@ -285,10 +336,7 @@ impl Stack {
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let handle = self.handle.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { handle.stop(false).await });
-        }
+        stop(&self.handle);
     }
 }
 

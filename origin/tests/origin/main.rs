@@ -11,6 +11,7 @@ mod operations;
 mod policy;
 mod purge;
 mod redis_outage;
+mod replicas;
 mod replication;
 mod shutdown;
 mod stream_usage;
