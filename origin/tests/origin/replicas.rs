@@ -1,5 +1,9 @@
 //! Several origin replicas on one Redis: identical misses spread over them make one provider
 //! call, and without Redis each still answers with its own single flight.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a failed unwrap is a failed test"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
