@@ -65,8 +65,11 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p gateway-compute -p gateway-common --target wasm32-wasip1 -- -D warnings
 
+# (The multi-replica e2e tests run gateway-origin as processes, and `cargo test -p gateway-e2e`
+# alone rebuilds only the library they link: the binary is built first.)
 # Run every test: unit, property, golden (host and wasm under Viceroy), integration, end-to-end.
 test: setup build-edge
+    cargo build -p gateway-origin --bins
     cargo test --workspace --no-fail-fast
     just test-wasm
 
