@@ -90,7 +90,8 @@ serve-edge: build-edge
     mkdir -p bin && cp {{wasm}} bin/main.wasm
     fastly compute serve --skip-build --viceroy-path "$(command -v viceroy)" --addr "127.0.0.1:${EDGE_PORT:-7676}"
 
-# The whole stack on loopback: Redis, mock provider, fake Fastly KV API, origin (:8080), edge (:7676).
+# (ORIGIN_REPLICAS=N runs N origins on :8081.. behind a round-robin proxy on :8080.)
+# The whole stack on loopback: Redis, mock provider, fake Fastly API, origin (:8080), edge (:7676).
 serve: setup build-edge
     cargo build --release -p gateway-origin -p gateway-fixtures --bins
     scripts/serve.sh
