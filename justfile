@@ -65,8 +65,11 @@ lint:
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p gateway-compute -p gateway-common --target wasm32-wasip1 -- -D warnings
 
+# (The multi-replica e2e tests run gateway-origin as processes, and `cargo test -p gateway-e2e`
+# alone rebuilds only the library they link: the binary is built first.)
 # Run every test: unit, property, golden (host and wasm under Viceroy), integration, end-to-end.
 test: setup build-edge
+    cargo build -p gateway-origin --bins
     cargo test --workspace --no-fail-fast
     just test-wasm
 
@@ -87,7 +90,8 @@ serve-edge: build-edge
     mkdir -p bin && cp {{wasm}} bin/main.wasm
     fastly compute serve --skip-build --viceroy-path "$(command -v viceroy)" --addr "127.0.0.1:${EDGE_PORT:-7676}"
 
-# The whole stack on loopback: Redis, mock provider, fake Fastly KV API, origin (:8080), edge (:7676).
+# (ORIGIN_REPLICAS=N runs N origins on :8081.. behind a round-robin proxy on :8080.)
+# The whole stack on loopback: Redis, mock provider, fake Fastly API, origin (:8080), edge (:7676).
 serve: setup build-edge
     cargo build --release -p gateway-origin -p gateway-fixtures --bins
     scripts/serve.sh

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # `just serve`: the whole stack on loopback, in the foreground. Ctrl-C stops everything it
 # started. Ports are overridable: REDIS_PORT, PROVIDER_PORT, FASTLY_API_PORT, ORIGIN_PORT, EDGE_PORT.
+# ORIGIN_REPLICAS=N (default 1) runs N origins on ORIGIN_PORT+1..ORIGIN_PORT+N sharing the one
+# Redis and fake Fastly API, behind a round-robin TCP proxy on ORIGIN_PORT (where the edge goes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,11 +11,20 @@ PROVIDER_PORT=${PROVIDER_PORT:-9100}
 FASTLY_API_PORT=${FASTLY_API_PORT:-9200}
 ORIGIN_PORT=${ORIGIN_PORT:-8080}
 EDGE_PORT=${EDGE_PORT:-7676}
+ORIGIN_REPLICAS=${ORIGIN_REPLICAS:-1}
 FASTLY_API_TOKEN=${FASTLY_API_TOKEN:-dev-fastly-token}
 STATE=.local/serve
 mkdir -p "$STATE/redis"
 
+if ! [[ "$ORIGIN_REPLICAS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "serve: ORIGIN_REPLICAS must be a whole number of at least 1 (got '$ORIGIN_REPLICAS')" >&2
+    exit 1
+fi
+
 pids=()
+# Origins behind the proxy: one may die (or be killed to watch the failover) without stopping
+# the rest of the stack.
+replica_pids=()
 cleanup() {
     trap - INT TERM EXIT
     echo "serve: stopping"
@@ -59,18 +70,41 @@ else
     origin_config=origin/config/dev.toml
 fi
 
-run "kv-api  " 33 target/release/fake-fastly-api --addr "127.0.0.1:$FASTLY_API_PORT" --token "$FASTLY_API_TOKEN"
+# The Config Store starts with the edge's tenants, as the production store would hold them.
+run "kv-api  " 33 target/release/fake-fastly-api --addr "127.0.0.1:$FASTLY_API_PORT" \
+    --token "$FASTLY_API_TOKEN" --config-seed fixtures/edge/tenants.json
 wait_port fake-fastly-api "$FASTLY_API_PORT"
 
-run "origin  " 34 env \
-    GATEWAY__SERVER__LISTEN="127.0.0.1:$ORIGIN_PORT" \
-    GATEWAY__REDIS__URL="redis://127.0.0.1:$REDIS_PORT" \
-    MOCK_PROVIDER_URL="http://127.0.0.1:$PROVIDER_PORT/v1" \
-    MOCK_PROVIDER_API_KEY=mock \
-    FASTLY_API_URL="http://127.0.0.1:$FASTLY_API_PORT" \
-    FASTLY_API_TOKEN="$FASTLY_API_TOKEN" \
-    target/release/gateway-origin --config "$origin_config"
-wait_port origin "$ORIGIN_PORT"
+# start_origin NAME PORT: one origin listening on PORT.
+start_origin() {
+    local name=$1 port=$2
+    run "$name" 34 env \
+        GATEWAY__SERVER__LISTEN="127.0.0.1:$port" \
+        GATEWAY__REDIS__URL="redis://127.0.0.1:$REDIS_PORT" \
+        MOCK_PROVIDER_URL="http://127.0.0.1:$PROVIDER_PORT/v1" \
+        MOCK_PROVIDER_API_KEY=mock \
+        FASTLY_API_URL="http://127.0.0.1:$FASTLY_API_PORT" \
+        FASTLY_API_TOKEN="$FASTLY_API_TOKEN" \
+        target/release/gateway-origin --config "$origin_config"
+    wait_port "$name" "$port"
+}
+
+if [ "$ORIGIN_REPLICAS" -eq 1 ]; then
+    start_origin "origin  " "$ORIGIN_PORT"
+    origins="origin  http://127.0.0.1:$ORIGIN_PORT      (metrics: /metrics)"
+else
+    upstreams=()
+    origins="proxy   http://127.0.0.1:$ORIGIN_PORT      (round robin over $ORIGIN_REPLICAS origins)"
+    for i in $(seq 1 "$ORIGIN_REPLICAS"); do
+        port=$((ORIGIN_PORT + i))
+        start_origin "$(printf 'origin%-2s' "$i")" "$port"
+        replica_pids+=("${pids[-1]}")
+        upstreams+=(--upstream "127.0.0.1:$port")
+        origins+=$'\n'"  origin$i http://127.0.0.1:$port      (metrics: /metrics)"
+    done
+    run "proxy   " 36 target/release/round-robin-proxy --listen "127.0.0.1:$ORIGIN_PORT" "${upstreams[@]}"
+    wait_port round-robin-proxy "$ORIGIN_PORT"
+fi
 
 # The edge's manifest points its origin backend at ORIGIN_PORT.
 sed "s#url = \"http://127.0.0.1:8080\"#url = \"http://127.0.0.1:$ORIGIN_PORT\"#" fastly.toml > "$STATE/fastly.toml"
@@ -80,8 +114,8 @@ wait_port edge "$EDGE_PORT"
 cat <<BANNER
 
   edge    http://127.0.0.1:$EDGE_PORT      (Fastly Compute under Viceroy)
-  origin  http://127.0.0.1:$ORIGIN_PORT      (metrics: /metrics)
-  redis   127.0.0.1:$REDIS_PORT   fake Fastly KV API http://127.0.0.1:$FASTLY_API_PORT
+  $origins
+  redis   127.0.0.1:$REDIS_PORT   fake Fastly API (KV + Config Store) http://127.0.0.1:$FASTLY_API_PORT
 
   curl -si http://127.0.0.1:$EDGE_PORT/v1/chat/completions \\
     -H 'Authorization: Bearer sk-dev-acme' -H 'Content-Type: application/json' \\
@@ -90,6 +124,10 @@ cat <<BANNER
   Ctrl-C stops everything.
 
 BANNER
-wait -n "${pids[@]}"
+essential=()
+for pid in "${pids[@]}"; do
+    [[ " ${replica_pids[*]} " == *" $pid "* ]] || essential+=("$pid")
+done
+wait -n "${essential[@]}"
 echo "serve: a process exited; stopping the rest" >&2
 exit 1

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use gateway_fixtures::{ChildProcess, free_port};
+use gateway_fixtures::{ChildProcess, ViceroyExport, free_port};
 
 use crate::repo_root;
 
@@ -19,6 +19,33 @@ pub struct KvSeed {
     pub key: String,
     pub data: String,
     pub metadata: Option<String>,
+}
+
+impl KvSeed {
+    /// The entries of a fake Fastly API export, to seed a new POP with. Fails on an export that
+    /// had to leave keys out (non-UTF-8 values): a POP seeded from it would silently miss them.
+    pub fn from_export(export: &ViceroyExport) -> anyhow::Result<Vec<KvSeed>> {
+        if !export.skipped.is_empty() {
+            bail!("the export left out non-UTF-8 values: {:?}", export.skipped);
+        }
+        let items = export
+            .json
+            .as_object()
+            .context("a Viceroy KV export is a JSON object")?;
+        items
+            .iter()
+            .map(|(key, item)| {
+                Ok(KvSeed {
+                    key: key.clone(),
+                    data: item["data"]
+                        .as_str()
+                        .with_context(|| format!("{key}: data is a string"))?
+                        .to_owned(),
+                    metadata: item["metadata"].as_str().map(str::to_owned),
+                })
+            })
+            .collect()
+    }
 }
 
 /// What the generated `fastly.toml` says.

@@ -1,9 +1,14 @@
-//! End-to-end test harness: starts the real processes (Redis, mock provider, fake Fastly KV
-//! API, origin, Viceroy) on free ports and stops them afterwards.
+//! End-to-end test harness: starts the real processes (Redis, mock provider, fake Fastly API,
+//! origin in-process or as N replica processes behind a round-robin proxy, Viceroy) on free
+//! ports and stops them afterwards.
 
 pub mod blackhole;
 pub mod edge;
 pub mod entry;
+pub mod origin_binary;
+pub mod origin_config;
+pub mod replica_stack;
+pub mod replicas;
 pub mod sse;
 pub mod stack;
 

@@ -325,7 +325,8 @@ impl Drop for Stack {
     }
 }
 
-async fn post(
+/// POST `body` as JSON with `key` as the bearer token; a transport error panics (a test failure).
+pub(crate) async fn post(
     http: &reqwest::Client,
     base: &str,
     path: &str,

@@ -15,6 +15,7 @@ mod edge_input;
 mod faults;
 mod isolation;
 mod openai_client;
+mod replicas;
 mod streaming;
 mod tenant_policy;
 mod ttl_cap;
