@@ -1,6 +1,8 @@
-//! Tenant budgets in Redis: requests per second (a per-second window counter) and tokens per
-//! calendar month (UTC), plus the ledger of tokens used and tokens saved by the cache.
-//! Fails open: when Redis cannot answer, the request is allowed and usage is kept for later.
+//! Tenant budgets in Redis, shared by every replica: requests per second (a per-second window
+//! counter) and tokens per calendar month (UTC), plus the ledger of tokens used and tokens
+//! saved by the cache. Tokens used are added to Redis as each provider call ends; tokens saved
+//! are batched (they limit nothing). Fails open: when Redis cannot answer, the request is
+//! allowed and usage is kept for the next flush.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -130,9 +132,32 @@ impl Budget {
             .inc();
     }
 
-    /// Tokens a provider call consumed for `tenant`.
+    /// Tokens a provider call consumed for `tenant`, kept here until the next flush.
     pub fn record_used(&self, tenant: &str, tokens: u64) {
         self.record(&self.metrics.tokens_used, tenant, tokens, |p| &mut p.used);
+    }
+
+    /// Tokens a provider call consumed for `tenant`, added to the shared monthly counter in
+    /// Redis at once (one command, off the response path), so every replica's next check
+    /// sees them; kept for the next flush only when Redis does not answer. `now` is unix
+    /// seconds.
+    pub async fn spend(&self, tenant: &str, tokens: u64, now: u64) {
+        if tokens == 0 {
+            return;
+        }
+        let op = CounterOp::Incr {
+            key: usage_key("usage", tenant, now),
+            by: tokens,
+            ttl_secs: secs_until_next_month(now) + 35 * 86_400,
+        };
+        if self.store.counters(&[op]).await.is_ok() {
+            self.metrics
+                .tokens_used
+                .with_label_values(&[tenant])
+                .inc_by(tokens);
+        } else {
+            self.record_used(tenant, tokens);
+        }
     }
 
     /// Tokens a cache hit (or a coalesced wait) saved `tenant`.
@@ -323,6 +348,32 @@ mod tests {
                 retry_after_secs: 43_200
             })
         ));
+    }
+
+    #[tokio::test]
+    async fn spent_tokens_count_at_once_for_every_replica_and_wait_when_redis_is_down() {
+        let store = Arc::new(MemoryStore::new());
+        let (one, two) = (
+            Budget::new(store.clone(), Metrics::new().unwrap()),
+            Budget::new(store.clone(), Metrics::new().unwrap()),
+        );
+        let t = tenant(None, Some(100));
+        one.spend("acme", 100, 1_709_208_000).await;
+        assert!(
+            two.check(&t, 1_709_208_000).await.tokens.is_some(),
+            "another replica sees the spend without a flush"
+        );
+        store.set_failing(true);
+        one.spend("acme", 5, 1_709_208_000).await;
+        store.set_failing(false);
+        one.flush(1_709_208_000).await;
+        let got = store
+            .counters(&[CounterOp::Get {
+                key: usage_key("usage", "acme", 1_709_208_000),
+            }])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![105], "kept, then flushed");
     }
 
     #[tokio::test]

@@ -152,8 +152,9 @@ impl ReplicaStack {
 
     /// The settings every replica starts from: `dev_mode`, the e2e cache key secret, the
     /// shared Redis, the tenants file, the mock provider for the development models, one
-    /// worker, replication to the fake Fastly API with a 50 ms linger, and Redis timeouts
-    /// loose enough for a loaded 2-core machine.
+    /// worker, replication to the fake Fastly API (its KV store, and its Config Store for
+    /// tenant purge generations) with a 50 ms linger and a 1.5 s takeover of a dead replica's
+    /// work, and Redis timeouts loose enough for a loaded 2-core machine.
     pub fn base_config(
         redis: &RedisServer,
         provider: &MockProvider,
@@ -188,7 +189,16 @@ impl ReplicaStack {
             .set_str("replication", "api_base_url", &fastly_api.base_url())
             .set_str("replication", "store_id", fastly_api.store_id())
             .set_str("replication", "api_token_env", FASTLY_TOKEN_ENV)
-            .set("replication", "linger_ms", "50");
+            .set("replication", "linger_ms", "50")
+            // Tenant purges go to the fake API's Config Store as a new purge generation.
+            .set_str(
+                "replication",
+                "config_store_id",
+                fastly_api.config_store_id(),
+            )
+            // A killed replica's records are taken over within seconds, not a minute.
+            .set("replication", "claim_idle_ms", "1500")
+            .set("replication", "poll_ms", "50");
         config
     }
 

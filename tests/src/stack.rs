@@ -326,7 +326,7 @@ impl Drop for Stack {
 }
 
 /// POST `body` as JSON with `key` as the bearer token; a transport error panics (a test failure).
-pub(crate) async fn post(
+pub async fn post(
     http: &reqwest::Client,
     base: &str,
     path: &str,

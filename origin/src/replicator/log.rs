@@ -4,8 +4,8 @@
 //! Fastly API request budget all replicas spend from. Every key carries the `{repl}` hash
 //! tag, so on a Redis Cluster they share one slot. Holds no policy: the lanes decide.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use redis::Value;
@@ -393,6 +393,79 @@ impl Log {
                     .await
             })
             .await
+    }
+}
+
+/// The records a lane has taken and not yet acknowledged, kept looking alive: every
+/// `every` their idle time is reset (`XCLAIM ... JUSTID` to their own consumer), so other
+/// replicas take over only the records of a replica that stopped (crashed, or stuck far
+/// longer than `claim_idle_ms`), never those of one that is lingering or waiting on the API.
+pub(super) struct Held {
+    ids: Arc<Mutex<BTreeSet<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Held {
+    pub(super) fn add<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
+        self.ids().extend(ids.into_iter().cloned());
+    }
+
+    /// No longer held (acknowledged, or left for another attempt by any replica).
+    pub(super) fn remove<'a>(&self, ids: impl IntoIterator<Item = &'a String>) {
+        let mut held = self.ids();
+        for id in ids {
+            held.remove(id);
+        }
+    }
+
+    fn ids(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        // A set of ids: a poisoned lock is still consistent.
+        self.ids.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Log {
+    /// Starts keeping `stream` records alive for this replica; see [`Held`].
+    pub(super) fn hold(self: &Arc<Self>, stream: &'static str, every: Duration) -> Held {
+        let ids: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+        let (log, held) = (Arc::clone(self), Arc::clone(&ids));
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let ids: Vec<String> = held
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .iter()
+                    .cloned()
+                    .collect();
+                if ids.is_empty() {
+                    continue;
+                }
+                let consumer = log.consumer.as_str();
+                let ids = &ids;
+                let _ = log
+                    .redis
+                    .run("repl_touch", move |mut c| async move {
+                        redis::cmd("XCLAIM")
+                            .arg(stream)
+                            .arg(GROUP)
+                            .arg(consumer)
+                            .arg(0)
+                            .arg(ids)
+                            .arg("JUSTID")
+                            .query_async::<Value>(&mut c)
+                            .await
+                    })
+                    .await;
+            }
+        });
+        Held { ids, task }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Instant;
 use gateway_common::key::CacheKey;
 
 use super::caller::Caller;
-use super::log::{self, Record};
+use super::log::{self, Held, Record};
 use super::{Shared, Timing};
 use crate::config_api::ConfigStoreApi;
 use crate::kv_api::{KvApiError, RequestKind};
@@ -183,8 +183,13 @@ enum Done {
 impl PurgeLane {
     pub(super) async fn run(self) {
         let mut next_claim = Instant::now();
+        // Records wait in the queue (merged) and while sent: kept alive all along.
+        let held = self
+            .shared
+            .log
+            .hold(log::PURGES, self.timing.claim_idle / 3);
         loop {
-            let found = self.take_records(&mut next_claim).await;
+            let found = self.take_records(&mut next_claim, &held).await;
             let job = {
                 let mut state = self.shared.lock();
                 let job = state.purges.pop();
@@ -213,12 +218,13 @@ impl PurgeLane {
                 // Left pending: claimed again after `claim_idle` (by this replica or another).
                 Done::Retry => self.caller.metrics.deferred.inc(),
             }
+            held.remove(&ids);
         }
     }
 
     /// Moves purge records from the log (new ones, and a dead replica's) into the queue;
     /// whether there were any.
-    async fn take_records(&self, next_claim: &mut Instant) -> bool {
+    async fn take_records(&self, next_claim: &mut Instant, held: &Held) -> bool {
         let mut records = Vec::new();
         if Instant::now() >= *next_claim {
             *next_claim = Instant::now() + self.timing.claim_idle / 2;
@@ -248,6 +254,7 @@ impl PurgeLane {
         if records.is_empty() {
             return false;
         }
+        held.add(records.iter().map(|r| &r.id));
         let mut malformed = Vec::new();
         let mut merged = 0;
         {
@@ -264,6 +271,7 @@ impl PurgeLane {
         }
         self.caller.metrics.purges_merged.inc_by(merged);
         let _ = self.shared.log.ack(log::PURGES, &malformed).await;
+        held.remove(&malformed);
         true
     }
 

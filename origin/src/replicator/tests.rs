@@ -488,3 +488,30 @@ async fn replicas_share_one_request_budget_in_redis() {
     a.hold(20 * SEC).await;
     assert!(b.ready_in().await > 15 * SEC);
 }
+
+#[tokio::test]
+async fn records_a_live_replica_holds_are_not_taken_over_however_long_it_lingers() {
+    // Another replica may take over records unacknowledged for 300 ms; these linger 2 s.
+    let rig = Rig::start(|s| {
+        s.claim_idle_ms = 300;
+        s.linger_ms = 2_000;
+    })
+    .await;
+    let replicas: Vec<_> = (0..2).map(|_| rig.replica()).collect();
+    // The first takes them all and lingers; the second, idle, looks for abandoned records.
+    for i in 0..6 {
+        let e = entry("acme", i, "{}");
+        rig.put(&e).await;
+        assert!(replicas[0].1.offer(e).await);
+    }
+    until("six entries", || rig.api.entries().len() == 6).await;
+    for (_, replicator) in &replicas {
+        assert_eq!(replicator.drain(10 * SEC).await, Drained::default());
+    }
+    assert_eq!(
+        rig.api.stats().entries_written,
+        6,
+        "each entry written once: {:?}",
+        rig.api.stats()
+    );
+}

@@ -16,7 +16,7 @@ use sha1::{Digest, Sha1};
 
 use super::budget::Lane;
 use super::caller::Caller;
-use super::log::{self, Record};
+use super::log::{self, Held, Record};
 use super::{Shared, Timing};
 use crate::budget::unix_now;
 use crate::kv_api::{Item, KvApiError, RequestKind, encode_batch};
@@ -79,13 +79,17 @@ struct Sent {
 impl WriteLane {
     pub(super) async fn run(mut self) {
         let mut next_claim = Instant::now();
+        let held = self
+            .shared
+            .log
+            .hold(log::WRITES, self.timing.claim_idle / 3);
         loop {
             // Take no work that would then wait for the budget: records held unacknowledged
             // that long would look abandoned to the other replicas. Waiting in turn with the
             // purge lane, so purges cannot take every request while writes wait.
             let budget = Arc::clone(&self.caller.budget);
             let turn = budget.ready(Lane::Writes).await;
-            let records = self.gather(&mut next_claim).await;
+            let records = self.gather(&mut next_claim, &held).await;
             drop(turn);
             if records.is_empty() {
                 let closed = {
@@ -99,7 +103,9 @@ impl WriteLane {
                 self.pause(self.timing.poll).await;
                 continue;
             }
+            let ids: Vec<String> = records.iter().map(|r| r.id.clone()).collect();
             self.send(records).await;
+            held.remove(&ids);
         }
     }
 
@@ -113,7 +119,7 @@ impl WriteLane {
 
     /// Up to a batch of records: a dead replica's first (when due), then new ones, lingering
     /// for more unless the replicator flushes. Empty when the log has nothing.
-    async fn gather(&mut self, next_claim: &mut Instant) -> Vec<Record> {
+    async fn gather(&mut self, next_claim: &mut Instant, held: &Held) -> Vec<Record> {
         let log = &self.shared.log;
         let max = self.config.max_entries;
         let mut records = Vec::new();
@@ -123,15 +129,17 @@ impl WriteLane {
                 .claim(log::WRITES, self.timing.claim_idle, max)
                 .await
                 .unwrap_or_default();
+            held.add(records.iter().map(|r| &r.id));
         }
         let started = Instant::now();
         loop {
             if records.len() < max {
-                records.extend(
-                    log.read(log::WRITES, max - records.len())
-                        .await
-                        .unwrap_or_default(),
-                );
+                let read = log
+                    .read(log::WRITES, max - records.len())
+                    .await
+                    .unwrap_or_default();
+                held.add(read.iter().map(|r| &r.id));
+                records.extend(read);
             }
             if records.is_empty() || records.len() >= max {
                 return records;

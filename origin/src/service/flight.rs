@@ -346,7 +346,9 @@ impl Service {
 
         let (joined, joined_from_edge) = sharers;
         if let Some(usage) = &used {
-            self.budget.record_used(&job.tenant.id, usage.total_tokens);
+            self.budget
+                .spend(&job.tenant.id, usage.total_tokens, unix_now())
+                .await;
             if joined > 0 {
                 self.budget.record_saved(
                     &job.tenant.id,

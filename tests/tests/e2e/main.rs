@@ -8,6 +8,7 @@
 )]
 
 mod config;
+mod cross_replica;
 mod distance;
 mod dual_write;
 mod edge;
@@ -16,7 +17,9 @@ mod faults;
 mod isolation;
 mod openai_client;
 mod replicas;
+mod shared_state;
 mod streaming;
 mod tenant_policy;
+mod tenant_purge;
 mod ttl_cap;
 mod walk;
