@@ -9,7 +9,7 @@ use reqwest::header::HeaderValue;
 use reqwest::{Method, Url};
 use serde::Serialize;
 
-use crate::kv_api::{Answered, KvApiError, KvApiSetupError, send};
+use crate::kv_api::{Answered, KvApiError, KvApiSetupError, api_client, send};
 use crate::settings::Secret;
 
 /// The largest item value the Config Store takes.
@@ -52,21 +52,12 @@ impl ConfigStoreApi {
         token: &Secret,
         timeout: Duration,
     ) -> Result<ConfigStoreApi, KvApiSetupError> {
-        let mut items_url =
-            Url::parse(base_url).map_err(|e| KvApiSetupError::BaseUrl(e.to_string()))?;
-        items_url
-            .path_segments_mut()
-            .map_err(|()| KvApiSetupError::BaseUrl("cannot be a base URL".into()))?
-            .pop_if_empty()
-            .extend(["resources", "stores", "config", store_id, "items"]);
-        let mut token =
-            HeaderValue::from_str(token.expose()).map_err(|_| KvApiSetupError::Token)?;
-        token.set_sensitive(true);
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .build()
-            .map_err(|e| KvApiSetupError::Client(e.to_string()))?;
+        let (http, items_url, token) = api_client(
+            base_url,
+            &["resources", "stores", "config", store_id, "items"],
+            token,
+            timeout,
+        )?;
         Ok(ConfigStoreApi {
             http,
             items_url,

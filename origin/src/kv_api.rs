@@ -237,22 +237,12 @@ impl KvApi {
         token: &Secret,
         timeout: Duration,
     ) -> Result<KvApi, KvApiSetupError> {
-        let mut store_url =
-            Url::parse(base_url).map_err(|e| KvApiSetupError::BaseUrl(e.to_string()))?;
-        store_url
-            .path_segments_mut()
-            .map_err(|()| KvApiSetupError::BaseUrl("cannot be a base URL".into()))?
-            .pop_if_empty()
-            .extend(["resources", "stores", "kv", store_id]);
-        let mut token =
-            HeaderValue::from_str(token.expose()).map_err(|_| KvApiSetupError::Token)?;
-        token.set_sensitive(true);
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| KvApiSetupError::Client(e.to_string()))?;
+        let (http, store_url, token) = api_client(
+            base_url,
+            &["resources", "stores", "kv", store_id],
+            token,
+            timeout,
+        )?;
         Ok(KvApi {
             http,
             store_url,
@@ -361,6 +351,30 @@ impl KvApi {
             .header("fastly-key", self.token.clone())
             .header(reqwest::header::ACCEPT, "application/json")
     }
+}
+
+/// What every Fastly API client here needs: an HTTP client whose requests give up after
+/// `timeout`, the URL of `base_url` plus `segments`, and the token as a sensitive header value.
+pub(crate) fn api_client(
+    base_url: &str,
+    segments: &[&str],
+    token: &Secret,
+    timeout: Duration,
+) -> Result<(reqwest::Client, Url, HeaderValue), KvApiSetupError> {
+    let mut url = Url::parse(base_url).map_err(|e| KvApiSetupError::BaseUrl(e.to_string()))?;
+    url.path_segments_mut()
+        .map_err(|()| KvApiSetupError::BaseUrl("cannot be a base URL".into()))?
+        .pop_if_empty()
+        .extend(segments);
+    let mut token = HeaderValue::from_str(token.expose()).map_err(|_| KvApiSetupError::Token)?;
+    token.set_sensitive(true);
+    let http = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(5)))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()
+        .map_err(|e| KvApiSetupError::Client(e.to_string()))?;
+    Ok((http, url, token))
 }
 
 /// Sends one request; any non-2xx is an error carrying the status and rate-limit headers.

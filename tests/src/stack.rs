@@ -11,7 +11,7 @@ use actix_web::dev::ServerHandle;
 use anyhow::Context;
 use gateway_common::key::{CacheKey, api_key_digest};
 use gateway_common::route::Route;
-use gateway_common::tenant::Tenant;
+use gateway_common::tenant::{Tenant, TenantsFile};
 use gateway_fixtures::{
     DelayProxy, FakeFastlyApi, FastlyApiConfig, MockProvider, ProviderConfig, RedisServer,
 };
@@ -124,6 +124,25 @@ pub fn origin_settings(redis: &RedisServer, providers: &[&MockProvider]) -> Sett
         })
         .collect();
     settings
+}
+
+/// The tenants of `fixtures/tenants.json` (`ACME`, `GLOBEX`), each changed by `adjust`.
+/// Panics if the fixture does not parse (a broken checkout).
+#[allow(
+    clippy::expect_used,
+    reason = "test harness: a broken fixture is a failed test"
+)]
+pub fn fixture_tenants(adjust: impl Fn(&mut Tenant)) -> Vec<Tenant> {
+    let file = std::fs::read(tenants_file()).expect("fixtures/tenants.json");
+    TenantsFile::parse(&file)
+        .expect("the fixture tenants parse")
+        .tenants
+        .into_iter()
+        .map(|mut tenant| {
+            adjust(&mut tenant);
+            tenant
+        })
+        .collect()
 }
 
 /// `count` tenants `t00`, `t01`, ... with API keys `sk-t00`, ... allowed the development models.

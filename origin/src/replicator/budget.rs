@@ -178,35 +178,14 @@ impl SharedBudget {
     /// Waits until `lane` may make one request, and spends it. Returns how long that took.
     pub(super) async fn take(&self, lane: Lane) -> Duration {
         let started = Instant::now();
-        let _waiting = Waiting::new(self, lane);
-        loop {
-            let changed = self.changed.notified();
-            tokio::pin!(changed);
-            changed.as_mut().enable();
-            let my_turn = {
-                let turns = self.turns();
-                !turns.waiting[lane.other() as usize] || turns.next == lane
-            };
-            if !my_turn {
-                // The other lane's turn: it takes the next request, then wakes us.
-                changed.await;
-                continue;
-            }
-            match self.try_take(true).await {
-                None => {
-                    let mut turns = self.turns();
-                    turns.next = lane.other();
-                    turns.waiting[lane as usize] = false;
-                    drop(turns);
-                    self.changed.notify_waiters();
-                    return started.elapsed();
-                }
-                Some(wait) => tokio::select! {
-                    () = changed => {}
-                    () = tokio::time::sleep(wait) => {}
-                },
-            }
+        let waiting = Waiting::new(self, lane);
+        self.wait_turn(lane, true).await;
+        {
+            let mut turns = self.turns();
+            turns.next = lane.other();
         }
+        drop(waiting);
+        started.elapsed()
     }
 
     /// How long until a request could be made (zero if one could now), spending nothing.
@@ -220,6 +199,13 @@ impl SharedBudget {
     /// take that request meanwhile. The write lane waits here before it takes work.
     pub(super) async fn ready(&self, lane: Lane) -> Waiting<'_> {
         let waiting = Waiting::new(self, lane);
+        self.wait_turn(lane, false).await;
+        waiting
+    }
+
+    /// Waits for `lane`'s turn (the other lane goes first when it waits and it is its turn)
+    /// and for the budget to allow a request, spending it when `spend`.
+    async fn wait_turn(&self, lane: Lane, spend: bool) {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -229,11 +215,12 @@ impl SharedBudget {
                 !turns.waiting[lane.other() as usize] || turns.next == lane
             };
             if !my_turn {
+                // The other lane's turn: it takes the next request, then wakes us.
                 changed.await;
                 continue;
             }
-            match self.try_take(false).await {
-                None => return waiting,
+            match self.try_take(spend).await {
+                None => return,
                 Some(wait) => tokio::select! {
                     () = changed => {}
                     () = tokio::time::sleep(wait) => {}

@@ -25,14 +25,19 @@ async fn uncached(stack: &Stack, path: &str, body: &Value) -> String {
     text
 }
 
-/// What the tokens-used counter grew by while `f` ran (the budget flushes every 100 ms, but
-/// the metric counts at once).
+/// What the tokens-used counter grew by for the request `f` makes. The provider call's tokens
+/// are added (to Redis, then the metric) as the call ends, after the answer went out: wait for
+/// that one step, at most 5 s (0 if it never comes).
 async fn tokens_used_by<F: std::future::Future<Output = String>>(
     stack: &Stack,
     f: F,
 ) -> (f64, String) {
     let before = stack.metric(USED);
     let text = f.await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while stack.metric(USED) == before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     (stack.metric(USED) - before, text)
 }
 

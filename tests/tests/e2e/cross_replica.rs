@@ -6,25 +6,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use gateway_common::tenant::{Tenant, TenantsFile};
+use gateway_common::tenant::Tenant;
 use gateway_e2e::replica_stack::{ReplicaStack, ReplicaStackOptions};
-use gateway_e2e::stack::ACME;
+use gateway_e2e::stack::{ACME, fixture_tenants};
 use gateway_fixtures::ProviderConfig;
 use serde_json::Value;
 
+/// The fixture tenants without a rate limit, with a monthly token `budget`.
 fn tenants(budget: Option<u64>) -> Vec<Tenant> {
-    let file = std::fs::read(gateway_e2e::repo_root().join("fixtures/tenants.json"))
-        .expect("fixtures/tenants.json");
-    TenantsFile::parse(&file)
-        .expect("the fixture tenants parse")
-        .tenants
-        .into_iter()
-        .map(|mut t| {
-            t.requests_per_second = None;
-            t.monthly_token_budget = budget;
-            t
-        })
-        .collect()
+    fixture_tenants(|t| {
+        t.requests_per_second = None;
+        t.monthly_token_budget = budget;
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

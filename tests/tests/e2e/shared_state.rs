@@ -12,7 +12,7 @@ use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
 use gateway_e2e::replica_stack::{ReplicaStack, ReplicaStackOptions};
 use gateway_e2e::replicas::SettingsHook;
-use gateway_e2e::stack::{ACME, chat_body, header, key_for};
+use gateway_e2e::stack::{ACME, chat_body, fixture_tenants, header, key_for};
 use gateway_fixtures::fastly_api::Fault;
 use serde_json::Value;
 
@@ -20,18 +20,10 @@ const EDGE_MISS: (&str, &str) = ("x-gateway-edge-miss", "1");
 
 /// The fixture tenants without request-rate or token limits (these tests send thousands).
 fn unlimited_tenants() -> Vec<Tenant> {
-    let file = std::fs::read(gateway_e2e::repo_root().join("fixtures/tenants.json"))
-        .expect("fixtures/tenants.json");
-    gateway_common::tenant::TenantsFile::parse(&file)
-        .expect("the fixture tenants parse")
-        .tenants
-        .into_iter()
-        .map(|mut t| {
-            t.requests_per_second = None;
-            t.monthly_token_budget = None;
-            t
-        })
-        .collect()
+    fixture_tenants(|t| {
+        t.requests_per_second = None;
+        t.monthly_token_budget = None;
+    })
 }
 
 fn settings(

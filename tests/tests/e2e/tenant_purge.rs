@@ -8,26 +8,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
-use gateway_common::tenant::{Tenant, TenantsFile};
+use gateway_common::tenant::Tenant;
 use gateway_e2e::replica_stack::{ReplicaStack, ReplicaStackOptions};
-use gateway_e2e::stack::{ACME, chat_body, header, post};
+use gateway_e2e::stack::{ACME, chat_body, fixture_tenants, header, post};
 use serde_json::Value;
 
 const N: usize = 5_000;
 
 fn unlimited_tenants() -> Vec<Tenant> {
-    let file = std::fs::read(gateway_e2e::repo_root().join("fixtures/tenants.json"))
-        .expect("fixtures/tenants.json");
-    TenantsFile::parse(&file)
-        .expect("the fixture tenants parse")
-        .tenants
-        .into_iter()
-        .map(|mut t| {
-            t.requests_per_second = None;
-            t.monthly_token_budget = None;
-            t
-        })
-        .collect()
+    fixture_tenants(|t| {
+        t.requests_per_second = None;
+        t.monthly_token_budget = None;
+    })
 }
 
 /// Sends `prompt(i)` for every i < N to `base` (16 at a time), with `headers`: each answer's
