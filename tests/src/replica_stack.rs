@@ -180,6 +180,8 @@ impl ReplicaStack {
             .set_str("redis", "url", &redis.url())
             .set("redis", "response_timeout_ms", "250")
             .set("redis", "pool_wait_timeout_ms", "250")
+            // A replica opens its pool's connections cold, many at once, on a busy machine.
+            .set("redis", "connect_timeout_ms", "1000")
             .set_str("cache", "key_secret", SECRET)
             .set_str("tenants", "file", &tenants_file.to_string_lossy())
             .set("router", "breaker_cooldown_ms", "500")
