@@ -1,5 +1,5 @@
 //! The contract both tiers share: canonical requests, cache keys, entries, policy, SSE, headers,
-//! errors and tenants. Pure: no I/O, no clock, no threads, no async runtime; builds for the host
+//! errors, tenants and usage records. Pure: no I/O, no clock, no threads, no async runtime; builds for the host
 //! and for wasm32-wasip1 so the edge and the origin agree byte for byte.
 
 pub mod canonical;
@@ -11,6 +11,7 @@ pub mod policy;
 pub mod route;
 pub mod sse;
 pub mod tenant;
+pub mod usage;
 
 pub use canonical::{
     DEFAULT_MAX_BODY_BYTES, DROPPED_FIELDS, ParsedRequest, RequestError, canonicalize,
@@ -26,3 +27,4 @@ pub use policy::{Bypass, Freshness, Plan, RequestDirectives};
 pub use route::Route;
 pub use sse::{ChatAssembler, SseError, replay_chat};
 pub use tenant::{Tenant, TenantsFile};
+pub use usage::{Outcome, Tier, UsageRecord};

@@ -4,6 +4,7 @@
 
 mod auth;
 mod kv;
+mod log;
 mod origin;
 mod respond;
 mod settings;
@@ -18,7 +19,7 @@ use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
     CACHE_STATUS, CacheOutcome, CacheStatusMember, Fwd, SERVER_TIMING, ServerTiming, X_CACHE,
-    X_CACHE_KEY, X_CACHE_LAYER, X_UPSTREAM_PROVIDER, append_cache_status,
+    X_CACHE_KEY, X_UPSTREAM_PROVIDER, append_cache_status,
 };
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{
@@ -29,6 +30,7 @@ use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
 
 use crate::auth::AuthError;
+use crate::log::LogLine;
 use crate::origin::{Forward, OriginFailure};
 use crate::respond::{CACHE_NAME, Served};
 use crate::settings::EdgeSettings;
@@ -56,6 +58,7 @@ fn main() {
         }
     }
     log.emit();
+    log.emit_usage(unix_now());
 }
 
 /// What to do with the answer.
@@ -94,6 +97,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     record(&mut timing, log, "auth", auth_started);
     log.tenant = Some(tenant.id.clone());
     let settings = EdgeSettings::load();
+    log.usage_log = settings.usage_log;
 
     let route = Route::from_path(&path).filter(|_| req.get_method() == Method::POST);
     let Some(route) = route else {
@@ -153,6 +157,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                 );
                 match fresh {
                     Freshness::Fresh { age, remaining } => {
+                        log.served_from(&entry);
                         let served = Served {
                             entry,
                             key,
@@ -165,6 +170,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                         if let Some(resp) = respond::from_entry(served, &timing) {
                             return Reply::Send(resp);
                         }
+                        log.not_served();
                         KvRead::Unservable
                     }
                     // A client that bounded the age it accepts gets nothing older, even on error.
@@ -187,13 +193,19 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     let origin_started = Instant::now();
     let answered = origin::send(req, &settings, forward);
     record(&mut timing, log, "origin", origin_started);
+    log.from_origin = answered.is_ok();
 
     let resp = match answered {
         Ok(resp) if !resp.get_status().is_server_error() => resp,
         failed => {
+            if let Some(stale) = &stale {
+                log.served_from(stale);
+            }
             if let Some(reply) = serve_stale(stale.take(), key.as_ref(), &parsed, now, &timing) {
+                log.from_origin = false;
                 return reply;
             }
+            log.not_served();
             match failed {
                 Ok(resp) => clean_server_error(resp),
                 Err(failure) => return fail(&origin_error(failure)),
@@ -356,6 +368,7 @@ fn pass_through(
     let started = Instant::now();
     let answered = origin::send(req, settings, Forward { edge_miss: false });
     record(&mut timing, log, "origin", started);
+    log.from_origin = answered.is_ok();
     match answered {
         Ok(mut resp) => {
             let server_timing = timing.append_to(header_resp(&resp, SERVER_TIMING));
@@ -383,7 +396,7 @@ fn origin_error(failure: OriginFailure) -> ApiError {
 
 /// What the KV read found, when the edge read it (the log line's `kv` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KvRead {
+pub(crate) enum KvRead {
     Miss(kv::Miss),
     /// Fresh, but cannot answer this request (a stream request for a non-chat entry).
     Unservable,
@@ -396,7 +409,7 @@ enum KvRead {
 }
 
 impl KvRead {
-    fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             KvRead::Miss(miss) => miss.as_str(),
             KvRead::Unservable => "unservable",
@@ -464,12 +477,8 @@ fn record(timing: &mut ServerTiming, log: &mut LogLine, step: &'static str, star
     log.steps.push((step, took));
 }
 
-fn ms(since: Instant) -> f64 {
+pub(crate) fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1000.0
-}
-
-fn round2(ms: f64) -> f64 {
-    (ms * 100.0).round() / 100.0
 }
 
 fn unix_now() -> u64 {
@@ -477,70 +486,6 @@ fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// One line per request, with the header vocabulary's field names. Never credentials,
-/// prompts or completions.
-struct LogLine {
-    method: String,
-    path: String,
-    tenant: Option<String>,
-    key: Option<String>,
-    kv: Option<KvRead>,
-    status: u16,
-    cache: String,
-    layer: String,
-    /// `auth`, `kv`, `origin` durations (ms), as in `Server-Timing`.
-    steps: Vec<(&'static str, f64)>,
-    total_ms: f64,
-}
-
-impl LogLine {
-    fn new(req: &Request) -> LogLine {
-        LogLine {
-            method: req.get_method_str().to_owned(),
-            path: req.get_path().to_owned(),
-            tenant: None,
-            key: None,
-            kv: None,
-            status: 0,
-            cache: String::new(),
-            layer: String::new(),
-            steps: Vec::new(),
-            total_ms: 0.0,
-        }
-    }
-
-    fn finish(&mut self, resp: &Response, started: Instant) {
-        self.status = resp.get_status().as_u16();
-        self.cache = header_resp(resp, X_CACHE).unwrap_or("-").to_owned();
-        self.layer = header_resp(resp, X_CACHE_LAYER).unwrap_or("-").to_owned();
-        self.total_ms = ms(started);
-    }
-
-    fn emit(&self) {
-        let route: &str = match Route::from_path(&self.path) {
-            Some(route) => route.as_str(),
-            None => &self.path,
-        };
-        let mut line = serde_json::json!({
-            "tier": "edge",
-            "pop": std::env::var("FASTLY_POP").unwrap_or_default(),
-            "method": self.method,
-            "route": route,
-            "status": self.status,
-            "cache": self.cache,
-            "layer": self.layer,
-            "kv": self.kv.map(KvRead::as_str),
-            "tenant": self.tenant,
-            "key": self.key,
-            "total_ms": round2(self.total_ms),
-        });
-        for (step, took) in &self.steps {
-            line[format!("{step}_ms")] = serde_json::json!(round2(*took));
-        }
-        println!("{line}");
-    }
 }
 
 #[cfg(test)]

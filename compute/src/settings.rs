@@ -15,7 +15,7 @@ pub const SECRET_STORE: &str = "gateway_secrets";
 const DEFAULT_TTL_CAP_SECS: u64 = 86_400;
 
 /// Settings for one request (a Compute instance serves one request). What a KV hit needs is
-/// read up front (three lookups); the five that only a fallback to the origin needs are read
+/// read up front (four lookups); the five that only a fallback to the origin needs are read
 /// on first use, so a hit never pays for them. Deliberately not `Debug`: it holds secrets.
 pub struct EdgeSettings {
     /// Largest request body accepted. Default `common::canonical::DEFAULT_MAX_BODY_BYTES`.
@@ -26,6 +26,10 @@ pub struct EdgeSettings {
     /// The HMAC key for cache keys; `None` when the secret is missing, in which case the edge
     /// keys nothing and forwards every request (slower, never wrong).
     pub cache_key_secret: Option<Vec<u8>>,
+    /// Write one usage record per authenticated request to the `usage` log endpoint, which
+    /// Fastly batches to the origin's ingest route (`[setup.log_endpoints.usage]`). Default
+    /// true; off only to measure what it costs.
+    pub usage_log: bool,
     config: Option<ConfigStore>,
     secrets: Option<SecretStore>,
     fallback: OnceCell<Fallback>,
@@ -79,6 +83,7 @@ impl EdgeSettings {
             cache_key_secret: secrets
                 .as_ref()
                 .and_then(|store| secret(store, "cache_key_secret")),
+            usage_log: true,
             config,
             secrets,
             fallback: OnceCell::new(),
@@ -87,6 +92,7 @@ impl EdgeSettings {
         // Read on every request, hits included (one Config Store read): a hit must judge the
         // entry's freshness against the cap, since the origin's replicas carry its own TTL.
         s.ttl_cap_secs = s.setting("ttl_cap_secs", parse_number, s.ttl_cap_secs);
+        s.usage_log = s.setting("usage_log", parse_bool, s.usage_log);
         if s.cache_key_secret.is_none() {
             eprintln!(
                 "edge: no cache_key_secret; caching at the edge is off, every request goes to the origin"
