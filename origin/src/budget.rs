@@ -93,6 +93,19 @@ impl Budget {
         ops
     }
 
+    /// Counts `requests` the edge answered for `tenant` in the current rate window (`now`,
+    /// unix seconds), so the origin's next check includes them: they arrive batched, so they
+    /// land in the window of their arrival, at most the delivery delay after they were made.
+    /// `None` for a tenant without a rate limit.
+    pub fn edge_requests_op(&self, tenant: &Tenant, requests: u64, now: u64) -> Option<CounterOp> {
+        tenant.requests_per_second?;
+        Some(CounterOp::Incr {
+            key: format!("gw:rate:{}:{now}", tenant.id),
+            by: requests,
+            ttl_secs: 2,
+        })
+    }
+
     /// The tenant's standing from the values of [`Budget::counter_ops`], in order; `None`
     /// (Redis did not answer) allows the request: budgets fail open.
     pub fn standing(&self, tenant: &Tenant, now: u64, values: Option<Vec<u64>>) -> Standing {
@@ -134,7 +147,9 @@ impl Budget {
 
     /// Tokens a provider call consumed for `tenant`, kept here until the next flush.
     pub fn record_used(&self, tenant: &str, tokens: u64) {
-        self.record(&self.metrics.tokens_used, tenant, tokens, |p| &mut p.used);
+        self.record(Some(&self.metrics.tokens_used), tenant, tokens, |p| {
+            &mut p.used
+        });
     }
 
     /// Tokens a provider call consumed for `tenant`, added to the shared monthly counter in
@@ -160,16 +175,17 @@ impl Budget {
         }
     }
 
-    /// Tokens a cache hit (or a coalesced wait) saved `tenant`.
+    /// Tokens a cache hit (or a coalesced wait) saved `tenant`, for the monthly saved ledger in
+    /// Redis (the metrics by tier are `Meter::saved`'s).
     pub fn record_saved(&self, tenant: &str, tokens: u64) {
-        self.record(&self.metrics.tokens_saved, tenant, tokens, |p| &mut p.saved);
+        self.record(None, tenant, tokens, |p| &mut p.saved);
     }
 
     /// Counts `tokens` in `counter` and in the tenant's pending `field`. Runs once or twice
     /// per request, so the tenant id is copied only the first time a flush period sees it.
     fn record(
         &self,
-        counter: &IntCounterVec,
+        counter: Option<&IntCounterVec>,
         tenant: &str,
         tokens: u64,
         field: fn(&mut Pending) -> &mut u64,
@@ -177,7 +193,9 @@ impl Budget {
         if tokens == 0 {
             return;
         }
-        counter.with_label_values(&[tenant]).inc_by(tokens);
+        if let Some(counter) = counter {
+            counter.with_label_values(&[tenant]).inc_by(tokens);
+        }
         let mut pending = self.lock();
         // Provider-supplied counts: a hostile or broken provider must not overflow them.
         let slot = match pending.get_mut(tenant) {

@@ -6,10 +6,12 @@ pub mod breaker;
 pub mod budget;
 pub mod coalesce;
 pub mod config_api;
+pub mod dashboard;
 pub mod error;
 pub mod fanout;
 pub mod generation;
 pub mod kv_api;
+pub mod meter;
 pub mod metrics;
 pub mod replicate;
 pub mod replicator;
@@ -20,6 +22,7 @@ pub mod settings;
 pub mod store;
 pub mod stream;
 pub mod tenants;
+pub mod traffic;
 pub mod usage;
 
 use std::net::{SocketAddr, TcpListener};
@@ -126,6 +129,10 @@ impl Application {
         service
             .budget()
             .spawn_flusher(ms(settings.cache.usage_flush_ms));
+        service
+            .meter()
+            .traffic()
+            .spawn_flusher(ms(settings.cache.usage_flush_ms));
 
         let addr = settings.listen_addr()?;
         let bind_error = |source| StartError::Bind {
@@ -179,6 +186,7 @@ impl Application {
     pub async fn run(self) -> std::io::Result<()> {
         let result = self.server.await;
         self.service.budget().flush(budget::unix_now()).await;
+        self.service.meter().traffic().flush().await;
         let left = self.replicator.drain(self.shutdown_timeout).await;
         if left == replicate::Drained::default() {
             tracing::info!("replication drained; stopped");

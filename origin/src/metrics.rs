@@ -2,8 +2,8 @@
 //! counter an operator or a test needs. Owns no logic beyond counting.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Histogram buckets in seconds, from 100 µs (a Redis hit) to 60 s (a long completion).
@@ -41,8 +41,22 @@ pub struct Metrics {
     pub budget_rejections: IntCounterVec,
     /// tenant
     pub tokens_used: IntCounterVec,
-    /// tenant
+    /// tenant, tier (edge|origin|upstream: the tier whose cache answer or coalesced call
+    /// saved them)
     pub tokens_saved: IntCounterVec,
+    /// tenant, tier: estimated dollars saved, from `[pricing]` (`meter.rs`)
+    pub cost_saved: CounterVec,
+    /// tenant, tier (edge|origin|upstream), outcome (`usage::Outcome`): every answer, by the
+    /// tier that produced it; the edge's own arrive through the usage ingest
+    pub answers: IntCounterVec,
+    /// tier: request-to-response-head time at the edge, by the tier that answered
+    pub edge_duration: HistogramVec,
+    /// outcome (accepted|rejected): usage ingest lines
+    pub usage_lines: IntCounterVec,
+    /// outcome (accepted|partial|refused|unauthorized|too_large): usage ingest batches
+    pub usage_batches: IntCounterVec,
+    /// How late an edge usage record arrived (ingest time − the edge's answer time).
+    pub usage_delay: Histogram,
     /// Requests that waited for another request's provider call instead of making their own.
     pub coalesced_waiters: IntCounter,
     /// Misses answered by another replica's flight (`service/flight_lock.rs`).
@@ -150,9 +164,51 @@ impl Metrics {
             )?,
             tokens_saved: counter(
                 "tokens_saved_total",
-                "Provider tokens saved by cache hits and coalescing per tenant",
-                &["tenant"],
+                "Provider tokens saved by cache hits and coalescing, by tenant and the tier that saved them",
+                &["tenant", "tier"],
             )?,
+            cost_saved: {
+                let c = CounterVec::new(
+                    Opts::new(
+                        "cost_saved_dollars_total",
+                        "Estimated provider cost saved (US dollars, from [pricing]) by tenant and tier",
+                    ),
+                    &["tenant", "tier"],
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
+            answers: counter(
+                "answers_total",
+                "Answers by tenant, the tier that produced them (edge, origin, upstream) and outcome",
+                &["tenant", "tier", "outcome"],
+            )?,
+            edge_duration: histogram(
+                "edge_duration_seconds",
+                "Time at the edge to the response head, by the tier that answered (from usage records)",
+                &["tier"],
+            )?,
+            usage_lines: counter(
+                "usage_lines_total",
+                "Edge usage record lines received by the ingest route, by outcome",
+                &["outcome"],
+            )?,
+            usage_batches: counter(
+                "usage_batches_total",
+                "Edge usage batches received by the ingest route, by outcome",
+                &["outcome"],
+            )?,
+            usage_delay: {
+                let h = Histogram::with_opts(
+                    HistogramOpts::new(
+                        "usage_delay_seconds",
+                        "How late an edge usage record reached the origin (batching and delivery)",
+                    )
+                    .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
+                )?;
+                registry.register(Box::new(h.clone()))?;
+                h
+            },
             coalesced_waiters: single(
                 "coalesced_waiters_total",
                 "Requests answered by another request's provider call",

@@ -16,7 +16,9 @@ use gateway_common::headers::{
     X_EDGE_SECRET, X_UPSTREAM_PROVIDER,
 };
 use gateway_common::route::Route;
+use gateway_common::usage::{Outcome as UsageOutcome, Tier};
 
+use crate::budget::unix_now;
 use crate::error::{error_response, method_not_allowed, not_found};
 use crate::service::{ApiRequest, Outcome, Refusal, ReplyBody, Service, Trace};
 
@@ -51,6 +53,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(only("/healthz", web::get().to(healthz)))
         .service(only("/readyz", web::get().to(readyz)))
         .service(only("/metrics", web::get().to(metrics)))
+        .service(only("/ingest/edge-usage", web::post().to(ingest_usage)))
+        .service(only("/dashboard", web::get().to(dashboard)))
+        .service(only("/dashboard.json", web::get().to(dashboard_json)))
+        .service(only(
+            "/.well-known/fastly/logging/challenge",
+            web::get().to(logging_challenge),
+        ))
         .default_service(web::to(not_found));
 }
 
@@ -232,6 +241,17 @@ fn record(service: &Service, route: &'static str, status: u16, trace: &Trace, to
             .with_label_values(&[layer.as_str(), &cache.as_str().to_ascii_lowercase()])
             .inc();
     }
+    if let Some(tenant) = &trace.tenant {
+        // The origin's answers; the edge's own arrive through the usage ingest.
+        let tier = trace
+            .layer
+            .and_then(|l| Tier::from_layer(l.as_str()))
+            .unwrap_or(Tier::Origin);
+        let outcome = UsageOutcome::classify(status, trace.cache.map(|c| c.as_str()));
+        service
+            .meter()
+            .answer(tenant, tier, outcome, unix_now(), total_ms);
+    }
     tracing::info!(
         target: "gateway_origin::request",
         route,
@@ -332,6 +352,96 @@ async fn admin_purge(request: HttpRequest, service: web::Data<Service>) -> HttpR
         .await
         .map(json);
     plain(&service, "admin", start, result)
+}
+
+/// `POST /ingest/edge-usage`: the token first (nothing read without it), then the batch
+/// within `usage.max_batch_bytes`.
+async fn ingest_usage(
+    request: HttpRequest,
+    payload: web::Payload,
+    service: web::Data<Service>,
+) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
+    let headers = request.headers();
+    if let Err(refusal) = service.authorize_ingest(header(headers, "authorization")) {
+        return plain(&service, "ingest", start, Err(refusal));
+    }
+    let batch = match read_body(headers, payload, service.usage_max_batch_bytes()).await {
+        Ok(batch) => batch,
+        Err(refusal) => {
+            if refusal.error.status == 413 {
+                service
+                    .metrics()
+                    .usage_batches
+                    .with_label_values(&["too_large"])
+                    .inc();
+            }
+            return plain(&service, "ingest", start, Err(refusal));
+        }
+    };
+    let (status, report) = match service.ingest_usage(&batch).await {
+        Ok(report) => (StatusCode::OK, report),
+        Err((_, report)) => (StatusCode::BAD_REQUEST, report),
+    };
+    let body = serde_json::to_vec(&report).unwrap_or_default();
+    let response = HttpResponse::build(status)
+        .content_type("application/json")
+        .body(body);
+    plain(&service, "ingest", start, Ok(response))
+}
+
+/// The `tenant` query parameter of the dashboard routes.
+#[derive(Debug, serde::Deserialize)]
+struct DashboardQuery {
+    tenant: Option<String>,
+}
+
+/// `GET /dashboard`: the admin token as a bearer token or as HTTP Basic credentials (any user
+/// name), so an operator's browser can open it; a 401 asks the browser for them.
+async fn dashboard(
+    request: HttpRequest,
+    query: web::Query<DashboardQuery>,
+    service: web::Data<Service>,
+) -> HttpResponse {
+    if let Err(refusal) = service.authorize_dashboard(header(request.headers(), "authorization")) {
+        let mut response = error_response(&refusal);
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"gateway admin\", charset=\"UTF-8\""),
+        );
+        return response;
+    }
+    let data = service.dashboard(query.tenant.as_deref()).await;
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(crate::dashboard::render(&data, 15))
+}
+
+/// `GET /dashboard.json`: the dashboard's data, for scripts.
+async fn dashboard_json(
+    request: HttpRequest,
+    query: web::Query<DashboardQuery>,
+    service: web::Data<Service>,
+) -> HttpResponse {
+    if let Err(refusal) = service.authorize_dashboard(header(request.headers(), "authorization")) {
+        return error_response(&refusal);
+    }
+    let data = service.dashboard(query.tenant.as_deref()).await;
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header((header::CACHE_CONTROL, "no-store"))
+        .body(serde_json::to_vec(&data).unwrap_or_default())
+}
+
+async fn logging_challenge(service: web::Data<Service>) -> HttpResponse {
+    match service.logging_challenge() {
+        Some(body) => HttpResponse::Ok().content_type("text/plain").body(body),
+        None => {
+            error_response(&ApiError::not_found("/.well-known/fastly/logging/challenge").into())
+        }
+    }
 }
 
 async fn healthz() -> HttpResponse {

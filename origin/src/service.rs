@@ -15,10 +15,13 @@ use gateway_common::policy::{self, Freshness};
 use gateway_common::route::Route;
 use gateway_common::sse::replay_chat;
 use gateway_common::tenant::Tenant;
+use gateway_common::usage::Tier;
+use sha2::{Digest, Sha256};
 
 use crate::budget::{Budget, Rejection, unix_now};
 use crate::coalesce::Coalescer;
 use crate::generation;
+use crate::meter::{Meter, Saving};
 use crate::metrics::Metrics;
 use crate::replicate::Replicator;
 use crate::router::Router;
@@ -26,13 +29,18 @@ use crate::settings::{Secret, Settings, ms};
 use crate::store::{CounterOp, Store, ThrottledLog};
 use crate::stream::ClientStream;
 use crate::tenants::Tenants;
+use crate::traffic::Traffic;
+pub use dashboard::{Dashboard, Minute, Replication, TenantRow, TierLatency};
 use flight::{Flight, Miss};
 use flight_lock::Holders;
+pub use ingest::{IngestReport, RejectedLine};
 use purge::PurgeLimiter;
 
 mod access;
+mod dashboard;
 mod flight;
 mod flight_lock;
+mod ingest;
 mod purge;
 
 /// The name this tier uses in `Cache-Status`.
@@ -150,6 +158,7 @@ pub struct Service {
     router: Router,
     coalescer: Arc<Coalescer<Flight>>,
     budget: Arc<Budget>,
+    meter: Arc<Meter>,
     replicator: Arc<dyn Replicator>,
     metrics: Metrics,
     key_secret: Vec<u8>,
@@ -160,6 +169,11 @@ pub struct Service {
     wait_limit: Duration,
     edge_secret: Option<Secret>,
     admin_token: Option<Secret>,
+    /// `usage.ingest_token`: the edge usage ingest's credential.
+    usage_ingest_token: Option<Secret>,
+    /// sha256 hex of each `usage.fastly_service_ids` (Fastly's logging challenge).
+    logging_challenge: Vec<String>,
+    usage_max_batch_bytes: usize,
     decode_log: ThrottledLog,
     purge_limiter: PurgeLimiter,
     /// How long a tenant's purge generation is kept after its last bump (`generation.rs`).
@@ -191,6 +205,12 @@ impl Service {
             metrics.clone(),
         )?;
         let budget = Arc::new(Budget::new(Arc::clone(&store), metrics.clone()));
+        let meter = Arc::new(Meter::new(
+            metrics.clone(),
+            settings.pricing.clone(),
+            Arc::clone(&budget),
+            Arc::new(Traffic::new(Arc::clone(&store))),
+        ));
         let longest_stale = tenants.iter().map(|t| t.stale_if_error_secs).max();
         let generation_ttl_secs =
             generation::ttl_secs(settings.cache.ttl_cap_secs, longest_stale.unwrap_or(0));
@@ -200,6 +220,7 @@ impl Service {
             router,
             coalescer: Coalescer::new(),
             budget,
+            meter,
             replicator,
             metrics,
             key_secret: settings.cache_key_secret(),
@@ -213,6 +234,14 @@ impl Service {
                 .then(|| settings.security.edge_secret.clone())
                 .flatten(),
             admin_token: settings.security.admin_token.clone(),
+            usage_ingest_token: settings.usage.ingest_token.clone(),
+            logging_challenge: settings
+                .usage
+                .fastly_service_ids
+                .iter()
+                .map(|id| hex::encode(Sha256::digest(id.as_bytes())))
+                .collect(),
+            usage_max_batch_bytes: settings.usage.max_batch_bytes,
             decode_log: ThrottledLog::new(Duration::from_secs(
                 settings.redis.error_log_interval_secs,
             )),
@@ -224,6 +253,10 @@ impl Service {
 
     pub fn budget(&self) -> &Arc<Budget> {
         &self.budget
+    }
+
+    pub fn meter(&self) -> &Arc<Meter> {
+        &self.meter
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -238,6 +271,11 @@ impl Service {
 
     pub fn max_body_bytes(&self) -> usize {
         self.max_body_bytes
+    }
+
+    /// Largest usage batch the ingest route reads.
+    pub fn usage_max_batch_bytes(&self) -> usize {
+        self.usage_max_batch_bytes
     }
 
     /// Serves one authorized API request; never panics on bad input, every failure is a
@@ -346,7 +384,11 @@ impl Service {
                 // into the reply uncopied.
                 let offered = request.edge_miss.then(|| Arc::new(entry.clone()));
                 let provider = Arc::from(entry.envelope.provider.as_str());
-                let saved = entry.envelope.usage.as_ref().map(|u| u.total_tokens);
+                let saved = entry
+                    .envelope
+                    .usage
+                    .clone()
+                    .map(|usage| (entry.envelope.model.clone(), usage));
                 if let Some(reply) =
                     render_entry(entry, request.route, parsed.stream, parsed.include_usage)
                 {
@@ -356,8 +398,14 @@ impl Service {
                     trace.provider = Some(provider);
                     trace.cache_status =
                         Some(CacheStatusMember::hit(CACHE_NAME, remaining).render());
-                    if let Some(tokens) = saved {
-                        self.budget.record_saved(&tenant.id, tokens);
+                    if let Some((model, usage)) = &saved {
+                        let saving = Saving {
+                            model,
+                            usage,
+                            times: 1,
+                        };
+                        self.meter
+                            .saved(&tenant.id, Tier::Origin, unix_now(), saving);
                     }
                     if let Some(entry) = offered {
                         self.offer(entry).await;

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod usage;
 mod validate;
+
+pub use usage::{ModelPrice, Pricing, UsageSettings};
 
 use validate::decode_key_secret;
 
@@ -79,6 +82,9 @@ purge_queue_capacity = 1024
 config_store_id = ""
 claim_idle_ms = 60000
 poll_ms = 200
+
+[usage]
+max_batch_bytes = 16777216
 "#;
 
 /// The tenants file loaded in `dev_mode` when `tenants.file` is not set. Its keys are in the
@@ -143,6 +149,10 @@ pub struct Settings {
     pub providers: Vec<ProviderSettings>,
     pub log: LogSettings,
     pub replication: ReplicationSettings,
+    pub usage: UsageSettings,
+    /// Estimated provider prices, for the cost the cache saved.
+    #[serde(default)]
+    pub pricing: Pricing,
 }
 
 #[derive(Debug, Clone, Deserialize)]

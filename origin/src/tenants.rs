@@ -63,6 +63,12 @@ impl Tenants {
         self.by_digest.get(&api_key_digest(api_key)).cloned()
     }
 
+    /// The tenant with id `id` (a linear scan: tenant tables are small, and this runs per
+    /// ingested usage line, never per API request).
+    pub fn get(&self, id: &str) -> Option<&Arc<Tenant>> {
+        self.all.iter().find(|t| t.id == id)
+    }
+
     pub fn len(&self) -> usize {
         self.all.len()
     }

@@ -92,6 +92,6 @@ impl Service {
     }
 }
 
-fn constant_time_eq(given: &str, expected: &str) -> bool {
+pub(super) fn constant_time_eq(given: &str, expected: &str) -> bool {
     given.as_bytes().ct_eq(expected.as_bytes()).into()
 }

@@ -16,6 +16,7 @@ use gateway_common::policy::{self, Bypass, Plan};
 use gateway_common::route::Route;
 use gateway_common::sse::replay_chat;
 use gateway_common::tenant::Tenant;
+use gateway_common::usage::Tier;
 use tokio::sync::oneshot;
 
 use super::flight_lock::{Crossed, refusal_answer};
@@ -23,6 +24,7 @@ use super::{CACHE_NAME, Refusal, Reply, ReplyBody, Service, Trace};
 use crate::budget::unix_now;
 use crate::coalesce::{Joined, Leader, WaitError, Waiter};
 use crate::fanout::Fanout;
+use crate::meter::Saving;
 use crate::router::{AttemptError, RouterError, Upstream, UpstreamBody};
 use crate::stream::{self, Forwarding};
 use crate::usage;
@@ -195,6 +197,17 @@ impl Service {
         })
     }
 
+    /// Tokens `times` coalesced waiters did not spend: another request's provider call
+    /// answered them (the `upstream` tier saved them).
+    fn save(&self, tenant: &str, model: &str, usage: &Usage, times: u64) {
+        let saving = Saving {
+            model,
+            usage,
+            times,
+        };
+        self.meter.saved(tenant, Tier::Upstream, unix_now(), saving);
+    }
+
     /// A coalesced request: a stream joins the leader's live stream (from its first event,
     /// then live); anything else waits for the whole answer.
     async fn follow(
@@ -229,7 +242,11 @@ impl Service {
         };
         if let Ok(answer) = &shared {
             if let Some(usage) = &answer.usage {
-                self.budget.record_saved(&tenant.id, usage.total_tokens);
+                let model = answer
+                    .entry
+                    .as_ref()
+                    .map_or("", |e| e.envelope.model.as_str());
+                self.save(&tenant.id, model, usage, 1);
             }
             if edge_miss && let Some(entry) = &answer.entry {
                 self.offer(Arc::clone(entry)).await;
@@ -262,7 +279,7 @@ impl Service {
                 }
                 let _ = done_tx.send(Ok(Arc::clone(&answer)));
                 if let Some(usage) = &answer.usage {
-                    self.budget.record_saved(&job.tenant.id, usage.total_tokens);
+                    self.save(&job.tenant.id, &job.model, usage, 1);
                 }
                 if job.edge_miss
                     && let Some(entry) = &answer.entry
@@ -350,10 +367,7 @@ impl Service {
                 .spend(&job.tenant.id, usage.total_tokens, unix_now())
                 .await;
             if joined > 0 {
-                self.budget.record_saved(
-                    &job.tenant.id,
-                    usage.total_tokens.saturating_mul(joined as u64),
-                );
+                self.save(&job.tenant.id, &job.model, usage, joined as u64);
             }
         }
         if let (Some(lock), Some(key)) = (&lock, &job.key) {

@@ -83,6 +83,8 @@ impl Settings {
                 "required when security.require_edge_secret = true",
             ));
         }
+        self.usage.validate(self.dev_mode)?;
+        super::usage::validate_pricing(&self.pricing)?;
         if !self.dev_mode {
             self.check_production()?;
         }
@@ -190,7 +192,7 @@ impl Settings {
 /// A bearer-style secret: never empty (an empty token would match an empty header), a valid
 /// header value (the edge sends it in a header, an admin as a bearer token), and outside
 /// `dev_mode` at least 16 bytes.
-fn check_token(key: &str, secret: &Secret, dev_mode: bool) -> Result<(), SettingsError> {
+pub(super) fn check_token(key: &str, secret: &Secret, dev_mode: bool) -> Result<(), SettingsError> {
     let value = secret.expose();
     if value.is_empty() {
         return Err(invalid(key, "must not be empty"));

@@ -16,3 +16,4 @@ mod replication;
 mod shutdown;
 mod stream_usage;
 mod streaming;
+mod usage_ingest;

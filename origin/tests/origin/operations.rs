@@ -68,7 +68,9 @@ async fn metrics_expose_requests_cache_results_redis_providers_and_tokens() {
         r#"gateway_provider_requests_total{outcome="ok",provider="mock"} 1"#,
         r#"gateway_provider_breaker_state{provider="mock"} 0"#,
         r#"gateway_tokens_used_total{tenant="acme"}"#,
-        r#"gateway_tokens_saved_total{tenant="acme"}"#,
+        r#"gateway_tokens_saved_total{tenant="acme",tier="origin"}"#,
+        r#"gateway_answers_total{outcome="hit",tenant="acme",tier="origin"} 1"#,
+        r#"gateway_answers_total{outcome="miss",tenant="acme",tier="upstream"} 1"#,
         r#"gateway_cache_writes_total{outcome="stored"} 1"#,
     ] {
         assert!(page.contains(needle), "missing {needle} in\n{page}");
@@ -76,7 +78,7 @@ async fn metrics_expose_requests_cache_results_redis_providers_and_tokens() {
     let used = stack.metric(r#"gateway_tokens_used_total{tenant="acme"}"#);
     assert!(used > 0.0);
     assert_eq!(
-        stack.metric(r#"gateway_tokens_saved_total{tenant="acme"}"#),
+        stack.metric(r#"gateway_tokens_saved_total{tenant="acme",tier="origin"}"#),
         used
     );
     // The monthly counters reached Redis.
