@@ -3,6 +3,8 @@
 # started. Ports are overridable: REDIS_PORT, PROVIDER_PORT, FASTLY_API_PORT, ORIGIN_PORT, EDGE_PORT.
 # ORIGIN_REPLICAS=N (default 1) runs N origins on ORIGIN_PORT+1..ORIGIN_PORT+N sharing the one
 # Redis and fake Fastly API, behind a round-robin TCP proxy on ORIGIN_PORT (where the edge goes).
+# USAGE_INGEST_TOKEN (default dev-usage-ingest-token, the origin's dev `usage.ingest_token`)
+# authenticates the edge's usage records on their way to the origin's ingest route.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +15,7 @@ ORIGIN_PORT=${ORIGIN_PORT:-8080}
 EDGE_PORT=${EDGE_PORT:-7676}
 ORIGIN_REPLICAS=${ORIGIN_REPLICAS:-1}
 FASTLY_API_TOKEN=${FASTLY_API_TOKEN:-dev-fastly-token}
+USAGE_INGEST_TOKEN=${USAGE_INGEST_TOKEN:-dev-usage-ingest-token}
 STATE=.local/serve
 mkdir -p "$STATE/redis"
 
@@ -108,7 +111,15 @@ fi
 
 # The edge's manifest points its origin backend at ORIGIN_PORT.
 sed "s#url = \"http://127.0.0.1:8080\"#url = \"http://127.0.0.1:$ORIGIN_PORT\"#" fastly.toml > "$STATE/fastly.toml"
-run "edge    " 35 viceroy -C "$STATE/fastly.toml" --addr "127.0.0.1:$EDGE_PORT" target/wasm32-wasip1/release/gateway-compute.wasm
+# Viceroy writes the edge's `usage` log endpoint to its stdout (`usage :: <record>`). The
+# usage-forwarder stands in for Fastly's log delivery: it echoes every line on, and POSTs those
+# records in batches to the origin's ingest route. `exec` keeps the pid `run` tracks Viceroy's
+# own, so stopping it closes the pipe, and the forwarder sends what waits and exits. The token
+# goes through the environment, not the command line, so `ps` does not show it.
+run "edge    " 35 env USAGE_INGEST_TOKEN="$USAGE_INGEST_TOKEN" bash -c \
+    'ingest=$1; shift; exec "$@" > >(exec target/release/usage-forwarder --ingest-url "$ingest") 2>&1' \
+    edge "http://127.0.0.1:$ORIGIN_PORT/ingest/edge-usage" \
+    viceroy -C "$STATE/fastly.toml" --addr "127.0.0.1:$EDGE_PORT" target/wasm32-wasip1/release/gateway-compute.wasm
 wait_port edge "$EDGE_PORT"
 
 cat <<BANNER
@@ -116,6 +127,7 @@ cat <<BANNER
   edge    http://127.0.0.1:$EDGE_PORT      (Fastly Compute under Viceroy)
   $origins
   redis   127.0.0.1:$REDIS_PORT   fake Fastly API (KV + Config Store) http://127.0.0.1:$FASTLY_API_PORT
+  usage   the edge's "usage" log lines → POST http://127.0.0.1:$ORIGIN_PORT/ingest/edge-usage
 
   curl -si http://127.0.0.1:$EDGE_PORT/v1/chat/completions \\
     -H 'Authorization: Bearer sk-dev-acme' -H 'Content-Type: application/json' \\
