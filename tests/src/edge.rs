@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use gateway_fixtures::{ChildProcess, ViceroyExport, free_port};
+use gateway_fixtures::{
+    ChildProcess, LogForwarder, LogForwarderConfig, LogSource, ViceroyExport, free_port,
+};
 
 use crate::repo_root;
 
@@ -65,6 +67,11 @@ pub struct EdgeConfig {
     /// The Config Store `tenants` contents (as `edge_tenants_json` renders them), written
     /// into this edge's scratch directory; `fixtures/edge/tenants.json` when `None`.
     pub tenants_store: Option<String>,
+    /// Forward the edge's `usage :: <line>` output in batches to this ingest URL with this
+    /// token, as Fastly's HTTPS log endpoint would; `None` leaves the lines in the log.
+    pub usage_ingest: Option<(String, String)>,
+    /// `edge_config.usage_log` (default true, as in production).
+    pub usage_log: bool,
 }
 
 impl EdgeConfig {
@@ -79,6 +86,8 @@ impl EdgeConfig {
             origin_first_byte_timeout_ms: 30_000,
             ttl_cap_secs: 86_400,
             tenants_store: None,
+            usage_ingest: None,
+            usage_log: true,
         }
     }
 }
@@ -87,6 +96,7 @@ impl EdgeConfig {
 pub struct Edge {
     port: u16,
     process: ChildProcess,
+    forwarder: Option<LogForwarder>,
 }
 
 /// The release wasm `just build-edge` produces.
@@ -102,8 +112,30 @@ pub fn edge_wasm() -> anyhow::Result<PathBuf> {
 }
 
 impl Edge {
+    /// Must run inside a Tokio runtime when `usage_ingest` is set (the forwarder runs on it).
     pub fn start(config: &EdgeConfig) -> anyhow::Result<Edge> {
-        Edge::start_wasm(&edge_wasm()?, "gw-edge", |dir| manifest_toml(config, dir))
+        let mut edge =
+            Edge::start_wasm(&edge_wasm()?, "gw-edge", |dir| manifest_toml(config, dir))?;
+        if let Some((url, token)) = &config.usage_ingest {
+            let mut forward = LogForwarderConfig::new(url.clone(), token.clone());
+            // Short batches, so a test sees its records within a second.
+            forward.linger = Duration::from_millis(200);
+            let source = LogSource::file(edge.process.log_path());
+            edge.forwarder = Some(LogForwarder::start(forward, source)?);
+        }
+        Ok(edge)
+    }
+
+    /// The usage forwarder, when the edge was started with `usage_ingest`.
+    pub fn forwarder(&self) -> Option<&LogForwarder> {
+        self.forwarder.as_ref()
+    }
+
+    /// Stops the usage forwarder (as if Fastly's log delivery stopped); the edge runs on.
+    pub async fn stop_forwarder(&mut self) {
+        if let Some(forwarder) = self.forwarder.take() {
+            forwarder.stop().await;
+        }
     }
 
     /// Any Compute wasm under Viceroy on a free port, with the manifest `manifest` writes
@@ -131,7 +163,11 @@ impl Edge {
         process
             .wait_for_port(port, Duration::from_secs(60))
             .context("viceroy did not start")?;
-        Ok(Edge { port, process })
+        Ok(Edge {
+            port,
+            process,
+            forwarder: None,
+        })
     }
 
     /// `http://127.0.0.1:<port>`.
@@ -246,6 +282,7 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
         "origin_first_byte_timeout_ms = \"{}\"",
         config.origin_first_byte_timeout_ms
     )?;
+    writeln!(t, "usage_log = \"{}\"", config.usage_log)?;
     writeln!(t, "ttl_cap_secs = \"{}\"\n", config.ttl_cap_secs)?;
     writeln!(
         t,

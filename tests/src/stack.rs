@@ -49,7 +49,15 @@ pub struct StackOptions {
     pub origin_settings: Option<AdjustSettings>,
     /// Run the fake Fastly KV API and have the origin dual-write to it.
     pub replicate: bool,
+    /// Forward the edge's usage records to the origin's ingest route ([`USAGE_TOKEN`]) and
+    /// protect `/metrics` and `/dashboard` with [`ADMIN_TOKEN`].
+    pub usage: bool,
 }
+
+/// The origin's `usage.ingest_token` in stacks with `usage`.
+pub const USAGE_TOKEN: &str = "e2e-usage-ingest-token";
+/// The origin's admin token in stacks with `usage`.
+pub const ADMIN_TOKEN: &str = "e2e-admin-token-0123456789";
 
 impl Default for StackOptions {
     fn default() -> StackOptions {
@@ -61,6 +69,7 @@ impl Default for StackOptions {
             tenants: None,
             origin_settings: None,
             replicate: false,
+            usage: false,
         }
     }
 }
@@ -189,6 +198,17 @@ impl Stack {
         } else {
             None
         };
+        if options.usage {
+            settings.usage.ingest_token = Some(Secret::new(USAGE_TOKEN));
+            settings.security.admin_token = Some(Secret::new(ADMIN_TOKEN));
+            settings.pricing.insert(
+                "gpt-4o-mini".into(),
+                gateway_origin::settings::ModelPrice {
+                    prompt_per_million: 0.15,
+                    completion_per_million: 0.6,
+                },
+            );
+        }
         if let Some(adjust) = options.origin_settings {
             adjust(&mut settings);
         }
@@ -209,6 +229,12 @@ impl Stack {
         config.populate_on_fallback = options.populate_on_fallback;
         config.kv = options.kv;
         config.tenants_store = edge_tenants;
+        if options.usage {
+            config.usage_ingest = Some((
+                format!("{origin_url}/ingest/edge-usage"),
+                USAGE_TOKEN.to_owned(),
+            ));
+        }
         let edge = tokio::task::spawn_blocking(move || Edge::start(&config)).await??;
         // Viceroy probes each backend once at start-up; wait for it so counts start clean.
         tokio::time::sleep(Duration::from_millis(200)).await;

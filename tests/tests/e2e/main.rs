@@ -22,4 +22,5 @@ mod streaming;
 mod tenant_policy;
 mod tenant_purge;
 mod ttl_cap;
+mod usage;
 mod walk;
