@@ -4,6 +4,7 @@
 
 mod auth;
 mod kv;
+mod limit;
 mod log;
 mod origin;
 mod respond;
@@ -98,6 +99,14 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     log.tenant = Some(tenant.id.clone());
     let settings = EdgeSettings::load();
     log.usage_log = settings.usage_log;
+    // Before any body read, KV read or origin request: edge hits count against the limit too.
+    if let limit::Decision::Limited {
+        retry_after_secs, ..
+    } = limit::check(&tenant, &settings)
+    {
+        let err = ApiError::rate_limited("Rate limit reached for requests per second.");
+        return Reply::Send(respond::error_retry_after(&err, retry_after_secs));
+    }
 
     let route = Route::from_path(&path).filter(|_| req.get_method() == Method::POST);
     let Some(route) = route else {

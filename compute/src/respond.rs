@@ -24,6 +24,11 @@ pub fn error(err: &ApiError) -> Response {
     .with_body(err.to_json())
 }
 
+/// An OpenAI-shaped error with `Retry-After` (seconds), for a 429.
+pub fn error_retry_after(err: &ApiError, retry_after_secs: u64) -> Response {
+    error(err).with_header("retry-after", retry_after_secs.to_string())
+}
+
 /// How a cached entry is to be presented. Owns the entry so the body moves into the
 /// response instead of being copied.
 pub struct Served<'a> {

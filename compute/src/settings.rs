@@ -14,9 +14,16 @@ pub const SECRET_STORE: &str = "gateway_secrets";
 /// `ttl_cap_secs` when `edge_config` does not set it: one day.
 const DEFAULT_TTL_CAP_SECS: u64 = 86_400;
 
+/// The shortest and longest penalty box TTL Edge Rate Limiting accepts, in seconds (fastly
+/// crate, `erl.rs`: "Valid ttl span is 1m to 1h and TTL value is truncated to the nearest
+/// minute").
+const PENALTY_SECS_MIN: u64 = 60;
+const PENALTY_SECS_MAX: u64 = 3600;
+
 /// Settings for one request (a Compute instance serves one request). What a KV hit needs is
 /// read up front (four lookups); the five that only a fallback to the origin needs are read
-/// on first use, so a hit never pays for them. Deliberately not `Debug`: it holds secrets.
+/// on first use, so a hit never pays for them, and the two of the edge rate limit only for a
+/// tenant that has a limit. Deliberately not `Debug`: it holds secrets.
 pub struct EdgeSettings {
     /// Largest request body accepted. Default `common::canonical::DEFAULT_MAX_BODY_BYTES`.
     pub max_body_bytes: usize,
@@ -33,6 +40,7 @@ pub struct EdgeSettings {
     config: Option<ConfigStore>,
     secrets: Option<SecretStore>,
     fallback: OnceCell<Fallback>,
+    rate_limit: OnceCell<RateLimit>,
 }
 
 /// What the edge needs only when it goes to the origin. Not `Debug`: it holds a secret.
@@ -63,6 +71,27 @@ impl Default for Fallback {
     }
 }
 
+/// How the edge enforces a tenant's `requests_per_second` (see `limit.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    /// `edge_rate_limit`: count and refuse at the edge with Edge Rate Limiting. Off, only the
+    /// origin enforces the limit, so edge hits are not limited. Default: true.
+    pub enabled: bool,
+    /// `rate_limit_penalty_secs`: how long a tenant far over its limit is refused outright.
+    /// Whole minutes from 60 to 3600 (what a penalty box accepts); a value outside is clamped
+    /// and one that is not a whole minute rounded down, both logged. Default 60 s.
+    pub penalty: Duration,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        RateLimit {
+            enabled: true,
+            penalty: Duration::from_secs(PENALTY_SECS_MIN),
+        }
+    }
+}
+
 impl EdgeSettings {
     /// Open both stores and read what every request needs. Never fails: a missing store or
     /// value keeps the default (logged).
@@ -87,6 +116,7 @@ impl EdgeSettings {
             config,
             secrets,
             fallback: OnceCell::new(),
+            rate_limit: OnceCell::new(),
         };
         s.max_body_bytes = s.setting("max_body_bytes", parse_number, s.max_body_bytes);
         // Read on every request, hits included (one Config Store read): a hit must judge the
@@ -130,6 +160,26 @@ impl EdgeSettings {
                     .secrets
                     .as_ref()
                     .and_then(|store| secret(store, "edge_shared_secret")),
+            }
+        })
+    }
+
+    /// The edge rate limit settings, read on first use (only for a tenant that has a limit).
+    pub fn rate_limit(&self) -> RateLimit {
+        *self.rate_limit.get_or_init(|| {
+            let d = RateLimit::default();
+            let requested =
+                self.setting("rate_limit_penalty_secs", parse_number, d.penalty.as_secs());
+            let secs = penalty_secs(requested);
+            if secs != requested {
+                eprintln!(
+                    "edge: config rate_limit_penalty_secs={requested} is not a whole minute from \
+                     {PENALTY_SECS_MIN} to {PENALTY_SECS_MAX}; using {secs}"
+                );
+            }
+            RateLimit {
+                enabled: self.setting("edge_rate_limit", parse_bool, d.enabled),
+                penalty: Duration::from_secs(secs),
             }
         })
     }
@@ -189,6 +239,14 @@ fn parse_ms(v: &str) -> Option<Duration> {
         .map(Duration::from_millis)
 }
 
+/// A penalty box TTL the host will keep as given: clamped to 60..=3600 s and rounded down to
+/// the minute, as the host would truncate it anyway, so the `Retry-After` we send matches the
+/// box the tenant is really in.
+fn penalty_secs(requested: u64) -> u64 {
+    let clamped = requested.clamp(PENALTY_SECS_MIN, PENALTY_SECS_MAX);
+    clamped - clamped % 60
+}
+
 fn parse_bool(v: &str) -> Option<bool> {
     match v.to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Some(true),
@@ -206,5 +264,23 @@ mod tests {
         assert_eq!(parse_bool("TRUE"), Some(true));
         assert_eq!(parse_bool("off"), Some(false));
         assert_eq!(parse_bool("maybe"), None);
+    }
+
+    #[test]
+    fn a_penalty_outside_what_a_penalty_box_accepts_is_clamped_to_whole_minutes() {
+        assert_eq!(penalty_secs(0), 60);
+        assert_eq!(penalty_secs(59), 60);
+        assert_eq!(penalty_secs(60), 60);
+        assert_eq!(penalty_secs(119), 60);
+        assert_eq!(penalty_secs(300), 300);
+        assert_eq!(penalty_secs(3600), 3600);
+        assert_eq!(penalty_secs(u64::MAX), 3600);
+    }
+
+    #[test]
+    fn the_edge_rate_limit_is_on_by_default_with_a_one_minute_penalty() {
+        let d = RateLimit::default();
+        assert!(d.enabled);
+        assert_eq!(d.penalty, Duration::from_secs(60));
     }
 }
