@@ -34,6 +34,16 @@ setup:
     if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
         systemctl stop redis-server || true
     fi
+    # The dashboard's browser test (tests/tests/e2e/dashboard.rs) runs Debian's headless Chromium.
+    if ! command -v chromium >/dev/null; then
+        if [ "$(id -u)" = 0 ]; then
+            echo "setup: installing chromium (the dashboard's browser test)"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        else
+            echo "setup: chromium is missing; install it (apt-get install chromium) and re-run" >&2
+            exit 1
+        fi
+    fi
     if ! command -v fastly >/dev/null; then
         echo "setup: installing the Fastly CLI {{fastly_cli_version}} from npm"
         npm install -g --silent @fastly/cli@{{fastly_cli_version}}

@@ -9,6 +9,7 @@
 
 mod config;
 mod cross_replica;
+mod dashboard;
 mod distance;
 mod dual_write;
 mod edge;
