@@ -1,6 +1,8 @@
 //! The edge's KV-hit path under Viceroy against the bare Compute service under Viceroy, both
 //! answering the bytes of `hit.json`: the bench seeds the edge's KV store with an entry whose
-//! body is exactly those bytes. Starts and stops both Viceroys.
+//! body is exactly those bytes. The edge runs twice: as deployed (one usage record per request
+//! to the `usage` log endpoint, which Viceroy writes to its output) and with `usage_log` off,
+//! so the report shows what metering costs a hit in the same run. Starts and stops the Viceroys.
 
 use std::path::Path;
 
@@ -40,17 +42,25 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
     let mut config = EdgeConfig::new(format!("http://127.0.0.1:{}", free_port()?), SECRET);
     config.kv = vec![kv_seed(&entry)];
     config.populate_on_fallback = false;
-    let (edge, bare) = tokio::task::spawn_blocking(move || {
+    let mut quiet = config.clone();
+    quiet.usage_log = false;
+    let (edge, unlogged, bare) = tokio::task::spawn_blocking(move || {
         let edge = Edge::start(&config)?;
+        let unlogged = Edge::start(&quiet)?;
         let bare = start_bare()?;
-        anyhow::Ok((edge, bare))
+        anyhow::Ok((edge, unlogged, bare))
     })
     .await??;
     let edge_url = format!("{}/v1/chat/completions", edge.url());
+    let unlogged_url = format!("{}/v1/chat/completions", unlogged.url());
     let bare_url = format!("{}/v1/chat/completions", bare.url());
 
     let http = reqwest::Client::new();
-    for (name, url) in [("edge", &edge_url), ("bare service", &bare_url)] {
+    for (name, url) in [
+        ("edge", &edge_url),
+        ("edge", &unlogged_url),
+        ("bare service", &bare_url),
+    ] {
         let resp = http
             .post(url)
             .bearer_auth(API_KEY)
@@ -79,12 +89,22 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
     let body = scratch.join("hit-request.json");
     std::fs::write(&body, HIT_REQUEST)?;
     let floor = json_target("bare Compute (Viceroy)", bare_url, Some(API_KEY), &body);
+    // The first subject is the one the report judges: the edge as deployed, usage log on.
     let subject = json_target("edge KV hit (Viceroy)", edge_url, Some(API_KEY), &body);
+    let without = json_target(
+        "edge KV hit, usage log off (Viceroy)",
+        unlogged_url,
+        Some(API_KEY),
+        &body,
+    );
     let settings = settings.clone();
     let comparison = tokio::task::spawn_blocking(move || {
-        compare::compare(&settings, "edge hit", &floor, &[subject])
+        compare::compare(&settings, "edge hit", &floor, &[subject, without])
     })
     .await??;
-    drop((edge, bare));
+    if !edge.log().contains("usage :: ") {
+        bail!("the edge under test wrote no usage records");
+    }
+    drop((edge, unlogged, bare));
     Ok(comparison)
 }
