@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The registry's prefix: every family is exposed as `gateway_<name>`.
@@ -59,6 +59,21 @@ pub struct Metrics {
     pub coalesced_remote: IntCounter,
     /// outcome (offered|dropped) — the dual-write seam.
     pub replication: IntCounterVec,
+
+    // Registered for the usage-ingest work, which counts them; nothing increments them yet.
+    /// tenant, tier (edge|origin|upstream: the tier that produced the answer), outcome
+    /// (hit|stale|miss|bypass|limited|refused|error)
+    pub answers: IntCounterVec,
+    /// tenant, tier (edge|origin); estimated provider cost saved by cache hits, in dollars
+    pub cost_saved: CounterVec,
+    /// tier; latency seen at the edge, by the tier that answered
+    pub edge_duration: HistogramVec,
+    /// outcome (accepted|rejected): lines of the edge's usage log batches
+    pub usage_lines: IntCounterVec,
+    /// outcome (accepted|partial|refused|unauthorized): the edge's usage log batches
+    pub usage_batches: IntCounterVec,
+    /// How late an edge usage record arrived at the origin.
+    pub usage_delay: Histogram,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -104,6 +119,22 @@ impl Metrics {
             &["provider"],
         )?;
         register(Box::new(breaker_state.clone()))?;
+        let cost_saved = CounterVec::new(
+            Opts::new(
+                "cost_saved_dollars_total",
+                "Estimated provider cost saved by cache hits, in dollars, by tenant and tier",
+            ),
+            &["tenant", "tier"],
+        )?;
+        register(Box::new(cost_saved.clone()))?;
+        let usage_delay = Histogram::with_opts(
+            HistogramOpts::new(
+                "usage_delay_seconds",
+                "How late an edge usage record arrived at the origin",
+            )
+            .buckets(BUCKETS.to_vec()),
+        )?;
+        register(Box::new(usage_delay.clone()))?;
         Ok(Metrics {
             requests: counter(
                 "requests_total",
@@ -178,6 +209,28 @@ impl Metrics {
                 "Entries offered to the edge replicator by outcome",
                 &["outcome"],
             )?,
+            answers: counter(
+                "answers_total",
+                "Every answer, by tenant, the tier that produced it and its outcome",
+                &["tenant", "tier", "outcome"],
+            )?,
+            cost_saved,
+            edge_duration: histogram(
+                "edge_duration_seconds",
+                "Latency seen at the edge, by the tier that answered",
+                &["tier"],
+            )?,
+            usage_lines: counter(
+                "usage_lines_total",
+                "Lines of the edge's usage log batches, by outcome",
+                &["outcome"],
+            )?,
+            usage_batches: counter(
+                "usage_batches_total",
+                "Usage log batches from the edge, by outcome",
+                &["outcome"],
+            )?,
+            usage_delay,
             registry,
             families,
         })
