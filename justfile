@@ -12,7 +12,7 @@ wasm := "target/wasm32-wasip1/release/gateway-compute.wasm"
 default:
     @just --list
 
-# Install what is missing: the wasm target, Viceroy, Redis, the Fastly CLI. Idempotent.
+# Install what is missing: the wasm target, Viceroy, Redis, promtool, the Fastly CLI. Idempotent.
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -44,12 +44,26 @@ setup:
             exit 1
         fi
     fi
+    if ! command -v promtool >/dev/null; then
+        if [ "$(id -u)" = 0 ]; then
+            echo "setup: installing promtool (Debian's prometheus package)"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+            # The package also starts a Prometheus server where init allows it; only promtool
+            # is wanted (a server someone already ran is left alone: this is the install branch).
+            if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+                systemctl disable --now prometheus >/dev/null 2>&1 || true
+            fi
+        else
+            echo "setup: promtool is missing; install it (apt-get install prometheus) and re-run" >&2
+            exit 1
+        fi
+    fi
     if ! command -v fastly >/dev/null; then
         echo "setup: installing the Fastly CLI {{fastly_cli_version}} from npm"
         npm install -g --silent @fastly/cli@{{fastly_cli_version}}
     fi
     just python-venv
-    echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
+    echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2), promtool $(promtool --version 2>&1 | head -1 | awk '{print $3}'), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
 
 # The official `openai` Python client in .local/venv (gitignored), for the real-client e2e test.
 python-venv:
@@ -69,11 +83,24 @@ build-edge:
     cargo build -p gateway-compute --release --target wasm32-wasip1
     @ls -l {{wasm}} | awk '{print "build-edge: " $9 " " $5 " bytes"}'
 
-# fmt check and clippy -D warnings on the host crates and on compute for wasm32-wasip1.
+# fmt check, the ops files (check-ops), clippy -D warnings on the host crates and on compute for wasm32-wasip1.
 lint:
     cargo fmt --all -- --check
+    just check-ops
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy -p gateway-compute -p gateway-common --target wasm32-wasip1 -- -D warnings
+
+# The alert rules (promtool check, then their unit tests) and the Grafana dashboard (JSON, layout, PromQL).
+check-ops:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v promtool >/dev/null; then
+        echo "check-ops: promtool is missing; run just setup (apt-get install prometheus)" >&2
+        exit 1
+    fi
+    promtool check rules ops/prometheus/alerts.yml
+    promtool test rules ops/prometheus/alerts.test.yml
+    python3 ops/grafana/check.py ops/grafana/gateway.json
 
 # (The multi-replica e2e tests run gateway-origin as processes, and `cargo test -p gateway-e2e`
 # alone rebuilds only the library they link: the binary is built first.)

@@ -1,10 +1,17 @@
 //! Prometheus metrics: one registry per running app (so tests in one process never mix), every
 //! counter an operator or a test needs. Owns no logic beyond counting.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prometheus::core::Collector;
 use prometheus::{
     CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// The registry's prefix: every family is exposed as `gateway_<name>`.
+const PREFIX: &str = "gateway";
 
 /// Histogram buckets in seconds, from 100 µs (a Redis hit) to 60 s (a long completion).
 const BUCKETS: &[f64] = &[
@@ -15,6 +22,9 @@ const BUCKETS: &[f64] = &[
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
+    /// The exposed name of every family registered so far, whether or not it has a sample yet
+    /// (`Registry::gather` leaves out labelled families with no children).
+    families: Arc<Mutex<BTreeSet<String>>>,
     /// route, status
     pub requests: IntCounterVec,
     /// route
@@ -77,11 +87,13 @@ pub struct MetricsError(#[from] prometheus::Error);
 
 impl Metrics {
     pub fn new() -> Result<Metrics, MetricsError> {
-        let registry = Registry::new_custom(Some("gateway".into()), None)?;
+        let registry = Registry::new_custom(Some(PREFIX.into()), None)?;
+        let families = Arc::new(Mutex::new(BTreeSet::new()));
+        let register = |c: Box<dyn Collector>| register(&registry, &families, c);
         let counter =
             |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
                 let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
+                register(Box::new(c.clone()))?;
                 Ok(c)
             };
         let histogram =
@@ -90,12 +102,12 @@ impl Metrics {
                     HistogramOpts::new(name, help).buckets(BUCKETS.to_vec()),
                     labels,
                 )?;
-                registry.register(Box::new(h.clone()))?;
+                register(Box::new(h.clone()))?;
                 Ok(h)
             };
         let single = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
             let c = IntCounter::new(name, help)?;
-            registry.register(Box::new(c.clone()))?;
+            register(Box::new(c.clone()))?;
             Ok(c)
         };
         let breaker_state = IntGaugeVec::new(
@@ -105,7 +117,7 @@ impl Metrics {
             ),
             &["provider"],
         )?;
-        registry.register(Box::new(breaker_state.clone()))?;
+        register(Box::new(breaker_state.clone()))?;
         Ok(Metrics {
             requests: counter(
                 "requests_total",
@@ -175,7 +187,7 @@ impl Metrics {
                     ),
                     &["tenant", "tier"],
                 )?;
-                registry.register(Box::new(c.clone()))?;
+                register(Box::new(c.clone()))?;
                 c
             },
             answers: counter(
@@ -206,7 +218,7 @@ impl Metrics {
                     )
                     .buckets(vec![0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0]),
                 )?;
-                registry.register(Box::new(h.clone()))?;
+                register(Box::new(h.clone()))?;
                 h
             },
             coalesced_waiters: single(
@@ -223,12 +235,31 @@ impl Metrics {
                 &["outcome"],
             )?,
             registry,
+            families,
         })
     }
 
-    /// The registry, for parts that register their own metrics (the replicator).
+    /// The registry, to read every family back (the dashboard's replication figures).
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Registers a collector of another part (the replicator) in this registry, and returns it.
+    pub fn register<C: Collector + Clone + 'static>(&self, c: C) -> Result<C, prometheus::Error> {
+        register(&self.registry, &self.families, Box::new(c.clone()))?;
+        Ok(c)
+    }
+
+    /// The exposed name (`gateway_…`) of every family registered so far, sorted, including
+    /// labelled families that have no sample yet. Histograms are named without their
+    /// `_bucket`/`_sum`/`_count` suffixes.
+    pub fn family_names(&self) -> Vec<String> {
+        self.families
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// The Prometheus text exposition of every metric.
@@ -239,6 +270,25 @@ impl Metrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
     }
+}
+
+/// Registers `c` and remembers the exposed names of its families.
+fn register(
+    registry: &Registry,
+    families: &Mutex<BTreeSet<String>>,
+    c: Box<dyn Collector>,
+) -> Result<(), prometheus::Error> {
+    let names: Vec<String> = c
+        .desc()
+        .iter()
+        .map(|d| format!("{PREFIX}_{}", d.fq_name))
+        .collect();
+    registry.register(c)?;
+    families
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extend(names);
+    Ok(())
 }
 
 #[cfg(test)]
@@ -256,5 +306,21 @@ mod tests {
             text.contains("gateway_requests_total{route=\"chat.completions\",status=\"200\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn family_names_include_labelled_families_without_samples() {
+        let m = Metrics::new().unwrap();
+        let names = m.family_names();
+        // No request has been counted: `render` leaves these out, `family_names` does not.
+        for name in ["gateway_requests_total", "gateway_request_duration_seconds"] {
+            assert!(names.iter().any(|n| n == name), "{name} not in {names:?}");
+            assert!(!String::from_utf8(m.render()).unwrap().contains(name));
+        }
+        let extra = m
+            .register(IntCounter::new("probe_total", "a probe").unwrap())
+            .unwrap();
+        extra.inc();
+        assert!(m.family_names().iter().any(|n| n == "gateway_probe_total"));
     }
 }

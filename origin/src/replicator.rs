@@ -146,7 +146,7 @@ impl KvReplicator {
                 timeout,
             )?),
         };
-        let metrics = ReplicationMetrics::register(metrics.registry())?;
+        let metrics = ReplicationMetrics::register(metrics)?;
         let log = Arc::new(Log::new(requests, lanes, consumer_name()));
         let shared = Arc::new(Shared {
             log: Arc::clone(&log),

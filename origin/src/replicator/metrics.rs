@@ -4,6 +4,8 @@ use prometheus::{
     Counter, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
 };
 
+use crate::metrics::Metrics;
+
 /// The replicator's metrics, registered in the origin's registry (prefix `gateway_`).
 #[derive(Clone)]
 pub(super) struct ReplicationMetrics {
@@ -43,15 +45,13 @@ impl ReplicationMetrics {
         self.dropped.with_label_values(&[reason]).inc_by(n);
     }
 
-    pub(super) fn register(
-        registry: &prometheus::Registry,
-    ) -> Result<ReplicationMetrics, prometheus::Error> {
+    /// Registers every replication metric through `registry`, which remembers their names.
+    pub(super) fn register(registry: &Metrics) -> Result<ReplicationMetrics, prometheus::Error> {
         fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            registry: &prometheus::Registry,
+            registry: &Metrics,
             c: C,
         ) -> Result<C, prometheus::Error> {
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
+            registry.register(c)
         }
         Ok(ReplicationMetrics {
             queued: reg(

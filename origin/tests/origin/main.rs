@@ -8,6 +8,7 @@ mod failover;
 mod fanout;
 mod harness;
 mod operations;
+mod ops_files;
 mod policy;
 mod purge;
 mod redis_outage;
