@@ -88,13 +88,14 @@ start_origin() {
         MOCK_PROVIDER_API_KEY=mock \
         FASTLY_API_URL="http://127.0.0.1:$FASTLY_API_PORT" \
         FASTLY_API_TOKEN="$FASTLY_API_TOKEN" \
+        GATEWAY__USAGE__INGEST_TOKEN="$USAGE_INGEST_TOKEN" \
         target/release/gateway-origin --config "$origin_config"
     wait_port "$name" "$port"
 }
 
 if [ "$ORIGIN_REPLICAS" -eq 1 ]; then
     start_origin "origin  " "$ORIGIN_PORT"
-    origins="origin  http://127.0.0.1:$ORIGIN_PORT      (metrics: /metrics)"
+    origins="origin  http://127.0.0.1:$ORIGIN_PORT      (/metrics, /dashboard)"
 else
     upstreams=()
     origins="proxy   http://127.0.0.1:$ORIGIN_PORT      (round robin over $ORIGIN_REPLICAS origins)"
@@ -103,7 +104,7 @@ else
         start_origin "$(printf 'origin%-2s' "$i")" "$port"
         replica_pids+=("${pids[-1]}")
         upstreams+=(--upstream "127.0.0.1:$port")
-        origins+=$'\n'"  origin$i http://127.0.0.1:$port      (metrics: /metrics)"
+        origins+=$'\n'"  origin$i http://127.0.0.1:$port      (/metrics, /dashboard)"
     done
     run "proxy   " 36 target/release/round-robin-proxy --listen "127.0.0.1:$ORIGIN_PORT" "${upstreams[@]}"
     wait_port round-robin-proxy "$ORIGIN_PORT"

@@ -125,6 +125,11 @@ impl Application {
             }
             None => Arc::new(NoopReplicator),
         };
+        if settings.usage.ingest_token.is_none() {
+            tracing::warn!(
+                "usage.ingest_token is not set: the edge's usage records are refused, so edge hits go unmetered"
+            );
+        }
         let service = Service::new(&settings, tenants, store, Arc::clone(&replicator), metrics)?;
         service
             .budget()
