@@ -248,6 +248,9 @@ mod tests {
         );
     }
 
+    // Host calls exist only in the wasm build (run by `just test-wasm` under Viceroy);
+    // `cargo test --workspace` also builds this crate's tests for the host.
+    #[cfg(target_arch = "wasm32")]
     #[test]
     fn the_host_calls_answer_under_viceroy_without_limiting() {
         // Viceroy 0.22's ERL host calls are stubs (never boxed, rate 0): this is what runs
