@@ -404,8 +404,10 @@ async fn dashboard(
     query: web::Query<DashboardQuery>,
     service: web::Data<Service>,
 ) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
     if let Err(refusal) = service.authorize_dashboard(header(request.headers(), "authorization")) {
-        let mut response = error_response(&refusal);
+        let mut response = plain(&service, "dashboard", start, Err(refusal));
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Basic realm=\"gateway admin\", charset=\"UTF-8\""),
@@ -413,10 +415,11 @@ async fn dashboard(
         return response;
     }
     let data = service.dashboard(query.tenant.as_deref()).await;
-    HttpResponse::Ok()
+    let response = HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .insert_header((header::CACHE_CONTROL, "no-store"))
-        .body(crate::dashboard::render(&data, 15))
+        .body(crate::dashboard::render(&data, 15));
+    plain(&service, "dashboard", start, Ok(response))
 }
 
 /// `GET /dashboard.json`: the dashboard's data, for scripts.
@@ -425,14 +428,19 @@ async fn dashboard_json(
     query: web::Query<DashboardQuery>,
     service: web::Data<Service>,
 ) -> HttpResponse {
-    if let Err(refusal) = service.authorize_dashboard(header(request.headers(), "authorization")) {
-        return error_response(&refusal);
-    }
-    let data = service.dashboard(query.tenant.as_deref()).await;
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .insert_header((header::CACHE_CONTROL, "no-store"))
-        .body(serde_json::to_vec(&data).unwrap_or_default())
+    let start = Instant::now();
+    let service = service.into_inner();
+    let result = match service.authorize_dashboard(header(request.headers(), "authorization")) {
+        Ok(()) => {
+            let data = service.dashboard(query.tenant.as_deref()).await;
+            Ok(HttpResponse::Ok()
+                .content_type("application/json")
+                .insert_header((header::CACHE_CONTROL, "no-store"))
+                .body(serde_json::to_vec(&data).unwrap_or_default()))
+        }
+        Err(refusal) => Err(refusal),
+    };
+    plain(&service, "dashboard", start, result)
 }
 
 async fn logging_challenge(service: web::Data<Service>) -> HttpResponse {
