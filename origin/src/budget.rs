@@ -237,15 +237,8 @@ impl Budget {
 
     /// Flushes every `interval` until the budget is dropped everywhere else.
     pub fn spawn_flusher(self: &Arc<Self>, interval: Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(budget) = weak.upgrade() else { return };
-                budget.flush(unix_now()).await;
-            }
+        crate::periodic::every(self, interval, |budget| async move {
+            budget.flush(unix_now()).await
         });
     }
 

@@ -13,6 +13,7 @@ pub mod generation;
 pub mod kv_api;
 pub mod meter;
 pub mod metrics;
+pub mod periodic;
 pub mod replicate;
 pub mod replicator;
 pub mod router;

@@ -212,18 +212,11 @@ impl Traffic {
 
     /// Flushes every `interval` until the traffic is dropped everywhere else.
     pub fn spawn_flusher(self: &Arc<Self>, interval: Duration) {
-        let weak = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(interval);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(traffic) = weak.upgrade() else {
-                    return;
-                };
-                traffic.flush().await;
-            }
-        });
+        crate::periodic::every(
+            self,
+            interval,
+            |traffic| async move { traffic.flush().await },
+        );
     }
 
     /// The last [`WINDOW_MINUTES`] minutes up to the one holding unix second `now`, oldest

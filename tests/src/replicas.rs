@@ -272,8 +272,22 @@ impl Replicas {
 /// The sum of every sample of metric `name` (all label sets) on a Prometheus page; 0 when the
 /// page has none (a counter never incremented is often not printed at all).
 pub fn metric_total(page: &str, name: &str) -> f64 {
+    metric_where(page, name, &[])
+}
+
+/// The sum of the samples of metric `name` whose labels include every `labels` pair, each
+/// written as on the page (`tenant="acme"`); 0 when none matches.
+pub fn metric_where(page: &str, name: &str, labels: &[&str]) -> f64 {
     page.lines()
         .filter(|line| !line.starts_with('#'))
+        .filter(|line| {
+            let set = line
+                .split_once('{')
+                .and_then(|(_, rest)| rest.split_once('}'));
+            labels
+                .iter()
+                .all(|label| set.is_some_and(|(set, _)| set.split(',').any(|pair| pair == *label)))
+        })
         .filter_map(|line| {
             let rest = line.strip_prefix(name)?;
             // `name{labels} value` or `name value`, not a longer name sharing the prefix.
@@ -292,6 +306,21 @@ pub fn metric_total(page: &str, name: &str) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metric_where_sums_only_the_label_sets_holding_every_pair() {
+        let page = "gateway_answers_total{outcome=\"hit\",tenant=\"acme\",tier=\"edge\"} 4\n\
+            gateway_answers_total{outcome=\"miss\",tenant=\"acme\",tier=\"upstream\"} 1\n\
+            gateway_answers_total{outcome=\"hit\",tenant=\"acme-2\",tier=\"edge\"} 7\n";
+        let acme = ["tenant=\"acme\""];
+        assert_eq!(metric_where(page, "gateway_answers_total", &acme), 5.0);
+        let edge = ["tenant=\"acme\"", "tier=\"edge\""];
+        assert_eq!(metric_where(page, "gateway_answers_total", &edge), 4.0);
+        assert_eq!(
+            metric_where(page, "gateway_answers_total", &["tier=\"origin\""]),
+            0.0
+        );
+    }
 
     #[test]
     fn metric_total_sums_every_label_set_of_exactly_that_name() {

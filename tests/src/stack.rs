@@ -339,6 +339,13 @@ impl Stack {
         self.edge_requests.fetch_add(n, Ordering::SeqCst);
     }
 
+    /// The sum of the origin's samples of metric `name` whose labels include every `labels`
+    /// pair (`tenant="acme"`); 0 when none (see [`crate::replicas::metric_where`]).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> f64 {
+        let page = String::from_utf8_lossy(&self.service.metrics().render()).into_owned();
+        crate::replicas::metric_where(&page, name, labels)
+    }
+
     /// POST a JSON body to the edge.
     pub async fn edge_post(
         &self,

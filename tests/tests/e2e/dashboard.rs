@@ -9,14 +9,6 @@ use std::time::{Duration, Instant};
 use gateway_e2e::repo_root;
 use gateway_e2e::stack::{ACME, ADMIN_TOKEN, Stack, StackOptions, header};
 
-fn metric_sum(stack: &Stack, prefix: &str) -> f64 {
-    let page = String::from_utf8(stack.service.metrics().render()).expect("utf-8");
-    page.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
-}
-
 /// Chromium, headless, with `args` and `url`; its stdout. Fails loudly when it is missing.
 fn chromium(args: &[&str], url: &str) -> String {
     let out = Command::new("chromium")
@@ -76,9 +68,9 @@ async fn the_dashboard_in_a_browser_shows_what_the_metrics_count() {
         assert_eq!(header(&hit, "x-cache-layer"), "edge");
     }
     stack.settle().await;
-    let edge = r#"gateway_answers_total{outcome="hit",tenant="acme",tier="edge"}"#;
+    let edge = ["outcome=\"hit\"", "tenant=\"acme\"", "tier=\"edge\""];
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric_sum(&stack, edge) < 12.0 {
+    while stack.metric("gateway_answers_total", &edge) < 12.0 {
         assert!(Instant::now() < deadline, "edge usage did not arrive");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -98,17 +90,8 @@ async fn the_dashboard_in_a_browser_shows_what_the_metrics_count() {
         let shown: f64 = cell(&dom, row, &format!(r#"data-field="answers_{tier}""#))
             .parse()
             .unwrap();
-        let per_tier: f64 = {
-            let page = String::from_utf8(stack.service.metrics().render()).unwrap();
-            page.lines()
-                .filter(|l| {
-                    l.starts_with("gateway_answers_total{")
-                        && l.contains(r#"tenant="acme""#)
-                        && l.contains(&format!(r#"tier="{tier}""#))
-                })
-                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-                .sum()
-        };
+        let tier_label = format!("tier=\"{tier}\"");
+        let per_tier = stack.metric("gateway_answers_total", &["tenant=\"acme\"", &tier_label]);
         assert_eq!(shown, per_tier, "answers by {tier}: page vs /metrics");
     }
     let saved: f64 = cell(&dom, row, r#"data-field="saved_tokens""#)
@@ -116,7 +99,7 @@ async fn the_dashboard_in_a_browser_shows_what_the_metrics_count() {
         .unwrap();
     assert_eq!(
         saved,
-        metric_sum(&stack, r#"gateway_tokens_saved_total{tenant="acme""#),
+        stack.metric("gateway_tokens_saved_total", &["tenant=\"acme\""]),
         "tokens saved: page vs /metrics"
     );
     assert!(saved > 0.0);

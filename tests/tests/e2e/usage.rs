@@ -11,11 +11,15 @@ use gateway_e2e::stack::{ACME, Stack, StackOptions, USAGE_TOKEN, chat_body, head
 /// machine. The measured delay is printed.
 const DELIVERY_BOUND: Duration = Duration::from_secs(10);
 
+/// One sample, e.g. `gateway_answers_total{outcome="hit",tenant="acme",tier="edge"}`.
 fn metric(stack: &Stack, sample: &str) -> f64 {
-    let page = String::from_utf8(stack.service.metrics().render()).expect("utf-8");
-    page.lines()
-        .find_map(|l| l.strip_prefix(sample).and_then(|r| r.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().expect("a number"))
+    let (name, labels) = sample.split_once('{').unwrap_or((sample, "}"));
+    let labels: Vec<&str> = labels
+        .trim_end_matches('}')
+        .split(',')
+        .filter(|l| !l.is_empty())
+        .collect();
+    stack.metric(name, &labels)
 }
 
 /// Two requests through the edge make the prompt an edge hit (MISS, then origin HIT, which
