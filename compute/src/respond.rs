@@ -86,3 +86,27 @@ pub fn from_entry(served: Served<'_>, timing: &ServerTiming) -> Option<Response>
     }
     Some(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limit_refusal_is_a_429_with_retry_after_and_an_openai_body() {
+        let err = ApiError::rate_limited("Rate limit reached for requests per second.");
+        let mut resp = error_retry_after(&err, 60);
+        assert_eq!(resp.get_status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            resp.get_header_str("retry-after"),
+            Some("60"),
+            "Retry-After in seconds"
+        );
+        assert_eq!(
+            resp.get_header_str("content-type"),
+            Some("application/json")
+        );
+        let body: serde_json::Value = serde_json::from_slice(&resp.take_body_bytes()).unwrap();
+        assert_eq!(body["error"]["type"], "rate_limit_error");
+        assert_eq!(body["error"]["code"], "rate_limit_exceeded");
+    }
+}
