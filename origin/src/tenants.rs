@@ -23,6 +23,7 @@ pub enum TenantsError {
 #[derive(Debug, Clone, Default)]
 pub struct Tenants {
     by_digest: Arc<HashMap<String, Arc<Tenant>>>,
+    by_id: Arc<HashMap<String, Arc<Tenant>>>,
     all: Arc<Vec<Arc<Tenant>>>,
 }
 
@@ -48,8 +49,10 @@ impl Tenants {
                 by_digest.insert(digest.to_ascii_lowercase(), Arc::clone(tenant));
             }
         }
+        let by_id = all.iter().map(|t| (t.id.clone(), Arc::clone(t))).collect();
         Tenants {
             by_digest: Arc::new(by_digest),
+            by_id: Arc::new(by_id),
             all: Arc::new(all),
         }
     }
@@ -63,10 +66,9 @@ impl Tenants {
         self.by_digest.get(&api_key_digest(api_key)).cloned()
     }
 
-    /// The tenant with id `id` (a linear scan: tenant tables are small, and this runs per
-    /// ingested usage line, never per API request).
+    /// The tenant with id `id` (the usage ingest names tenants by id).
     pub fn get(&self, id: &str) -> Option<&Arc<Tenant>> {
-        self.all.iter().find(|t| t.id == id)
+        self.by_id.get(id)
     }
 
     pub fn len(&self) -> usize {
@@ -109,5 +111,13 @@ mod tests {
         assert_eq!(tenants.authenticate("sk-g").unwrap().id, "globex");
         assert!(tenants.authenticate("sk-x").is_none());
         assert!(tenants.authenticate("").is_none());
+    }
+
+    #[test]
+    fn a_tenant_is_found_by_its_id_and_never_by_a_key() {
+        let tenants = Tenants::new(vec![tenant("acme", "sk-a"), tenant("globex", "sk-g")]);
+        assert_eq!(tenants.get("globex").unwrap().id, "globex");
+        assert!(tenants.get("sk-a").is_none());
+        assert!(tenants.get("*").is_none());
     }
 }
