@@ -289,6 +289,26 @@ impl RedisStore {
         result
     }
 
+    /// `SET key value <unit> ttl` (`EX` seconds or `PX` milliseconds; at least 1).
+    async fn set_expiring(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        unit: &'static str,
+        ttl: u64,
+    ) -> Result<(), StoreError> {
+        self.run("set", move |mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(value)
+                .arg(unit)
+                .arg(ttl.max(1))
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
     async fn attempt<T, F, Fut>(&self, call: F) -> Result<T, StoreError>
     where
         F: FnOnce(MultiplexedConnection) -> Fut,
@@ -331,16 +351,7 @@ impl Store for RedisStore {
     }
 
     fn set_ex<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_secs: u64) -> StoreResult<'a, ()> {
-        self.run("set", move |mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("EX")
-                .arg(ttl_secs.max(1))
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .boxed()
+        self.set_expiring(key, value, "EX", ttl_secs).boxed()
     }
 
     fn delete<'a>(&'a self, key: &'a str) -> StoreResult<'a, bool> {
@@ -519,16 +530,7 @@ impl Store for RedisStore {
     }
 
     fn set_px<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_ms: u64) -> StoreResult<'a, ()> {
-        self.run("set", move |mut c| async move {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(ttl_ms.max(1))
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .boxed()
+        self.set_expiring(key, value, "PX", ttl_ms).boxed()
     }
 
     fn ping(&self) -> StoreResult<'_, ()> {

@@ -81,8 +81,9 @@ async fn delete(stack: &ReplicaStack, index: usize, path: &str) -> reqwest::Resp
         .expect("the replica answers")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_purge_through_one_replica_wins_over_a_write_another_replica_was_holding() {
+/// Two replicas (no local populate) whose fake Fastly API holds its next request (the write of
+/// the first entry) for 1.5 s.
+async fn two_replicas_holding_the_next_write() -> ReplicaStack {
     let stack = ReplicaStack::start_with(ReplicaStackOptions {
         replicas: 2,
         populate_on_fallback: false,
@@ -90,12 +91,17 @@ async fn a_purge_through_one_replica_wins_over_a_write_another_replica_was_holdi
     })
     .await
     .expect("the stack starts");
-    let prompt = "purged while its write was held";
-    let key = key_for("acme", Route::ChatCompletions, &chat_body(prompt));
-    // Hold the next API request (the write of E) for 1.5 s.
     stack
         .fastly_api
         .set_fault(Fault::Latency { ms: 1_500 }, Some(1));
+    stack
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_purge_through_one_replica_wins_over_a_write_another_replica_was_holding() {
+    let stack = two_replicas_holding_the_next_write().await;
+    let prompt = "purged while its write was held";
+    let key = key_for("acme", Route::ChatCompletions, &chat_body(prompt));
     edge_miss(&stack, 0, prompt, &[]).await;
     let before = stack.fastly_api.stats();
     eventually("the write in flight", Duration::from_secs(10), || {
@@ -135,18 +141,9 @@ async fn a_purge_through_one_replica_wins_over_a_write_another_replica_was_holdi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_refresh_through_one_replica_wins_over_an_older_write_another_was_holding() {
-    let stack = ReplicaStack::start_with(ReplicaStackOptions {
-        replicas: 2,
-        populate_on_fallback: false,
-        ..ReplicaStackOptions::default()
-    })
-    .await
-    .expect("the stack starts");
+    let stack = two_replicas_holding_the_next_write().await;
     let prompt = "refreshed while the older write was held";
     let key = key_for("acme", Route::ChatCompletions, &chat_body(prompt));
-    stack
-        .fastly_api
-        .set_fault(Fault::Latency { ms: 1_500 }, Some(1));
     let older = edge_miss(&stack, 0, prompt, &[]).await;
     eventually("the older write in flight", Duration::from_secs(10), || {
         stack.fastly_api.stats().batch > 0
