@@ -13,6 +13,12 @@ pub const X_CACHE_KEY: &str = "x-cache-key";
 pub const SERVER_TIMING: &str = "server-timing";
 /// The provider that answered a miss.
 pub const X_UPSTREAM_PROVIDER: &str = "x-upstream-provider";
+/// Edge: the origin region that answered (`none` when every region failed).
+pub const X_UPSTREAM_REGION: &str = "x-upstream-region";
+/// Edge: every region tried, in order, with how each ended (`us=unreachable, eu=200`).
+pub const X_UPSTREAM_TRIED: &str = "x-upstream-tried";
+/// Origin: the region this origin belongs to (its `region.name`).
+pub const X_ORIGIN_REGION: &str = "x-origin-region";
 /// Edge -> origin: "1" when the edge looked and missed (the origin should replicate).
 pub const X_EDGE_MISS: &str = "x-gateway-edge-miss";
 /// Edge -> origin shared secret.
@@ -120,6 +126,18 @@ impl CacheStatusMember {
     /// Adds RFC 9211 `detail=<token>` (why a cache bypassed or forwarded, e.g. `sampled`).
     pub fn with_detail(mut self, detail: &str) -> Self {
         self.params.push(format!("detail={detail}"));
+        self
+    }
+
+    /// Adds `<name>=<value>` when the value is an RFC 8941 token (e.g. `region=eu`); a
+    /// value that is not one is rendered as a string.
+    pub fn with_param(mut self, name: &str, value: &str) -> Self {
+        let value = if is_sf_token(value) {
+            value.to_owned()
+        } else {
+            sf_string(value)
+        };
+        self.params.push(format!("{name}={value}"));
         self
     }
 
@@ -247,6 +265,17 @@ impl ServerTiming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_parameter_is_a_token_when_it_can_be_and_a_string_otherwise() {
+        let member = CacheStatusMember::fwd("gateway-edge", Fwd::Miss, false)
+            .with_param("region", "eu")
+            .with_param("region", "1 bad");
+        assert_eq!(
+            member.render(),
+            "gateway-edge; fwd=miss; region=eu; region=\"1 bad\""
+        );
+    }
 
     #[test]
     fn outcomes_and_layers_have_their_header_values() {

@@ -33,6 +33,10 @@ pub struct LogLine {
     status: u16,
     cache: String,
     layer: String,
+    /// The origin region that answered (`none` when none did), once the origin was asked.
+    pub region: Option<String>,
+    /// Every region tried, with how it ended (`x-upstream-tried`).
+    pub tried: Option<String>,
     /// `auth`, `kv`, `origin` durations (ms), as in `Server-Timing`.
     pub steps: Vec<(&'static str, f64)>,
     total_ms: f64,
@@ -53,6 +57,8 @@ impl LogLine {
             status: 0,
             cache: String::new(),
             layer: String::new(),
+            region: None,
+            tried: None,
             steps: Vec::new(),
             total_ms: 0.0,
         }
@@ -107,6 +113,8 @@ impl LogLine {
             "kv": self.kv.map(KvRead::as_str),
             "tenant": self.tenant,
             "key": self.key,
+            "region": self.region,
+            "tried": self.tried,
             "total_ms": round2(self.total_ms),
         });
         for (step, took) in &self.steps {

@@ -7,6 +7,7 @@ mod kv;
 mod limit;
 mod log;
 mod origin;
+mod region;
 mod respond;
 mod settings;
 
@@ -20,7 +21,7 @@ use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
     CACHE_STATUS, CacheOutcome, CacheStatusMember, Fwd, SERVER_TIMING, ServerTiming, X_CACHE,
-    X_CACHE_KEY, X_UPSTREAM_PROVIDER, append_cache_status,
+    X_CACHE_KEY, X_UPSTREAM_PROVIDER, X_UPSTREAM_REGION, X_UPSTREAM_TRIED, append_cache_status,
 };
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{
@@ -200,24 +201,26 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         edge_miss: plan.write && key.is_some(),
     };
     let origin_started = Instant::now();
-    let answered = origin::send(req, &settings, forward);
+    let routed = origin::send(req, &settings, forward);
     record(&mut timing, log, "origin", origin_started);
-    log.from_origin = answered.is_ok();
+    log.from_origin = routed.result.is_ok();
+    let upstream = Upstream::of(&routed, log);
 
-    let resp = match answered {
+    let resp = match routed.result {
         Ok(resp) if !resp.get_status().is_server_error() => resp,
         failed => {
             if let Some(stale) = &stale {
                 log.served_from(stale);
             }
+            // Every region failed (the last one's answer is this 5xx, or no answer came).
             if let Some(reply) = serve_stale(stale.take(), key.as_ref(), &parsed, now, &timing) {
                 log.from_origin = false;
-                return reply;
+                return upstream.tag(reply);
             }
             log.not_served();
             match failed {
                 Ok(resp) => clean_server_error(resp),
-                Err(failure) => return fail(&origin_error(failure)),
+                Err(failure) => return upstream.tag(fail(&origin_error(failure))),
             }
         }
     };
@@ -228,7 +231,8 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
         _ if matches!(log.kv, Some(KvRead::Stale | KvRead::Expired)) => Fwd::Stale,
         _ => Fwd::Miss,
     };
-    finish_from_origin(
+    let region = upstream.region.clone();
+    upstream.tag(finish_from_origin(
         resp,
         Decorate {
             key,
@@ -239,8 +243,51 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
             parsed: &parsed,
             settings: &settings,
             now,
+            region: &region,
         },
-    )
+    ))
+}
+
+/// Which origin region answered and which were tried: `x-upstream-region` and
+/// `x-upstream-tried` on every answer that involved the origin, errors and stale answers
+/// included.
+struct Upstream {
+    region: String,
+    tried: String,
+}
+
+impl Upstream {
+    fn of(routed: &origin::Routed, log: &mut LogLine) -> Upstream {
+        let upstream = Upstream {
+            region: routed.region_header().to_owned(),
+            tried: region::render_tried(&routed.tried),
+        };
+        log.region = Some(upstream.region.clone());
+        log.tried = Some(upstream.tried.clone());
+        upstream
+    }
+
+    fn tag(&self, reply: Reply) -> Reply {
+        let tag = |mut resp: Response| {
+            resp.set_header(X_UPSTREAM_REGION, &self.region);
+            resp.set_header(X_UPSTREAM_TRIED, &self.tried);
+            resp
+        };
+        match reply {
+            Reply::Send(resp) => Reply::Send(tag(resp)),
+            Reply::SendThenPopulate {
+                resp,
+                key,
+                entry,
+                kv_ttl_secs,
+            } => Reply::SendThenPopulate {
+                resp: tag(resp),
+                key,
+                entry,
+                kv_ttl_secs,
+            },
+        }
+    }
 }
 
 struct Decorate<'a> {
@@ -252,6 +299,8 @@ struct Decorate<'a> {
     parsed: &'a ParsedRequest,
     settings: &'a EdgeSettings,
     now: u64,
+    /// The origin region that answered.
+    region: &'a str,
 }
 
 /// Add the edge's headers to the origin's answer and decide whether to populate the KV store.
@@ -268,7 +317,8 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         && header_resp(&resp, X_CACHE) == Some(CacheOutcome::Hit.as_str())
         && header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json"));
 
-    let mut member = CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate);
+    let mut member =
+        CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate).with_param("region", d.region);
     if let Some(reason) = d.plan.bypass {
         member = member.with_detail(reason.as_str());
     }
@@ -369,16 +419,23 @@ fn clean_server_error(resp: Response) -> Response {
 }
 
 fn pass_through(
-    req: Request,
+    mut req: Request,
     settings: &EdgeSettings,
     mut timing: ServerTiming,
     log: &mut LogLine,
 ) -> Reply {
+    // Into memory (bounded), so another region can be tried with the same body.
+    let body = match read_body(&mut req, settings.max_body_bytes) {
+        Ok(body) => body,
+        Err(e) => return fail(&e.to_api_error()),
+    };
+    req.set_body(body);
     let started = Instant::now();
-    let answered = origin::send(req, settings, Forward { edge_miss: false });
+    let routed = origin::send(req, settings, Forward { edge_miss: false });
     record(&mut timing, log, "origin", started);
-    log.from_origin = answered.is_ok();
-    match answered {
+    log.from_origin = routed.result.is_ok();
+    let upstream = Upstream::of(&routed, log);
+    let reply = match routed.result {
         Ok(mut resp) => {
             let server_timing = timing.append_to(header_resp(&resp, SERVER_TIMING));
             resp.set_header(SERVER_TIMING, server_timing);
@@ -389,7 +446,8 @@ fn pass_through(
             })
         }
         Err(failure) => fail(&origin_error(failure)),
-    }
+    };
+    upstream.tag(reply)
 }
 
 /// The client's error when the origin gave no answer.

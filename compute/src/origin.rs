@@ -1,19 +1,20 @@
-//! The only file that talks to the origin backend: forwards a request with pass, explicit
-//! timeouts and the edge's headers, and classifies what went wrong.
+//! The only file that talks to the origin backends: forwards a request with pass, explicit
+//! timeouts and the edge's headers to each region in turn until one answers, and classifies
+//! what went wrong. Which region comes next is `region.rs`'s decision.
 
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::time::Instant;
 
 use fastly::backend::{Backend, BackendCreationError};
+use fastly::experimental::{BackendExt, BackendHealth};
 use fastly::http::HeaderValue;
 use fastly::http::request::SendErrorCause;
 use fastly::{Request, Response};
 use gateway_common::headers::{X_EDGE_MISS, X_EDGE_SECRET};
 
+use crate::region::{self, Attempt, Health, Region};
 use crate::settings::EdgeSettings;
-
-/// The static backend the service declares (`[local_server.backends]` / `[setup.backends]`).
-pub const BACKEND: &str = "origin";
 
 /// How a forward failed before an answer came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -27,6 +28,17 @@ pub enum OriginFailure {
     Broken,
 }
 
+impl OriginFailure {
+    /// For `x-upstream-tried` and the log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OriginFailure::Unreachable => "unreachable",
+            OriginFailure::Timeout => "timeout",
+            OriginFailure::Broken => "broken",
+        }
+    }
+}
+
 /// What the edge tells the origin about this request.
 #[derive(Debug, Clone, Copy)]
 pub struct Forward {
@@ -35,13 +47,30 @@ pub struct Forward {
     pub edge_miss: bool,
 }
 
-/// Send `req` (already carrying its body) to the origin. Client-supplied copies of the
-/// edge's own headers are removed first, so a client cannot claim to be the edge.
-pub fn send(
-    mut req: Request,
-    settings: &EdgeSettings,
-    forward: Forward,
-) -> Result<Response, OriginFailure> {
+/// The outcome of a forward over the regions.
+pub struct Routed {
+    /// The answer to pass on (a 5xx only when it came from the last region tried), or how
+    /// the last region failed.
+    pub result: Result<Response, OriginFailure>,
+    /// The region whose answer `result` is; `None` when no region answered.
+    pub region: Option<String>,
+    /// Every region tried, in order, with how it ended.
+    pub tried: Vec<(String, Attempt)>,
+}
+
+impl Routed {
+    /// `x-upstream-region`: the region that answered, or `none`.
+    pub fn region_header(&self) -> &str {
+        self.region.as_deref().unwrap_or("none")
+    }
+}
+
+/// Send `req` (already carrying its body, in memory) to the origin regions of this POP in
+/// order, moving on to the next on no answer or a 5xx; what the client gets is only decided
+/// once a region's status is known, so a failover is never visible to it. Client-supplied
+/// copies of the edge's own headers are removed first, so a client cannot claim to be the
+/// edge.
+pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Routed {
     req.remove_header(X_EDGE_MISS);
     req.remove_header(X_EDGE_SECRET);
     if forward.edge_miss {
@@ -54,21 +83,87 @@ pub fn send(
             Err(_) => eprintln!("edge: edge_shared_secret is not a valid header value; not sent"),
         }
     }
+    let regions = region::arrange(settings.fallback().regions.clone(), health);
+    let mut tried = Vec::with_capacity(regions.len());
+    let mut last_failure = OriginFailure::Unreachable;
+    let mut pending = Some(req);
+    for (index, region) in regions.iter().enumerate() {
+        let more = index + 1 < regions.len();
+        let attempt = match pending.as_mut() {
+            // The body is in memory: a copy per attempt but the last, which takes the original.
+            Some(req) if more => req.clone_with_body(),
+            Some(_) => match pending.take() {
+                Some(req) => req,
+                None => break,
+            },
+            None => break,
+        };
+        let Some(backend) = backend(&region.backend, settings) else {
+            tried.push((region.name.clone(), Attempt::Undeclared));
+            continue;
+        };
+        match send_to(attempt, &backend, &region.name, settings) {
+            Ok(resp) => {
+                let status = Attempt::Answered(resp.get_status().as_u16());
+                tried.push((region.name.clone(), status));
+                if more && region::fail_over(status) {
+                    eprintln!(
+                        "edge: region {} answered {}; trying the next region",
+                        region.name,
+                        status.describe()
+                    );
+                    last_failure = OriginFailure::Broken;
+                    continue;
+                }
+                return Routed {
+                    result: Ok(resp),
+                    region: Some(region.name.clone()),
+                    tried,
+                };
+            }
+            Err(failure) => {
+                tried.push((region.name.clone(), Attempt::Failed(failure.as_str())));
+                last_failure = failure;
+            }
+        }
+    }
+    Routed {
+        result: Err(last_failure),
+        region: None,
+        tried,
+    }
+}
+
+fn send_to(
+    req: Request,
+    backend: &Backend,
+    region: &str,
+    settings: &EdgeSettings,
+) -> Result<Response, OriginFailure> {
     let started = Instant::now();
-    let result = match backend(settings) {
-        Some(timed) => req.with_pass(true).send(timed),
-        None => req.with_pass(true).send(BACKEND),
-    };
-    result.map_err(|e| {
+    req.with_pass(true).send(backend).map_err(|e| {
         let waited = started.elapsed() >= settings.fallback().origin_connect_timeout;
         let failure = classify(e.root_cause(), waited);
         eprintln!(
-            "edge: origin request failed ({:?}: {})",
+            "edge: origin region {region} failed ({:?}: {})",
             failure,
             e.root_cause()
         );
         failure
     })
+}
+
+/// What the region's health check says. Under Viceroy, and for a backend without a health
+/// check, always `Unknown`.
+fn health(region: &Region) -> Health {
+    let Ok(backend) = Backend::from_name(&region.backend) else {
+        return Health::Unknown;
+    };
+    match backend.is_healthy() {
+        Ok(BackendHealth::Healthy) => Health::Healthy,
+        Ok(BackendHealth::Unhealthy) => Health::Unhealthy,
+        _ => Health::Unknown,
+    }
 }
 
 /// `waited`: the send failed no sooner than the connect timeout. A failure the host does not
@@ -95,28 +190,36 @@ fn classify(cause: &SendErrorCause, waited: bool) -> OriginFailure {
     }
 }
 
-/// The static `origin` backend with the timeouts from settings made explicit: a dynamic
-/// backend to the same host. Static backends take their timeouts from the service's
-/// configuration (default first-byte timeout 15 s, shorter than a long completion), so we do
-/// not rely on them. Where dynamic backends are not allowed, the static backend is used and
-/// this is logged once per instance.
-fn backend(settings: &EdgeSettings) -> Option<Backend> {
-    static CHOSEN: OnceLock<Option<Backend>> = OnceLock::new();
-    CHOSEN.get_or_init(|| timed_backend(settings)).clone()
+thread_local! {
+    /// Each region's timed backend, made once per instance (`None`: not declared).
+    static BACKENDS: RefCell<HashMap<String, Option<Backend>>> = RefCell::new(HashMap::new());
 }
 
-fn timed_backend(settings: &EdgeSettings) -> Option<Backend> {
-    let Ok(base) = Backend::from_name(BACKEND) else {
-        eprintln!("edge: backend {BACKEND} is not declared");
+/// The region's static backend (`[local_server.backends]` / `[setup.backends]`) with the
+/// timeouts from settings made explicit: a dynamic backend to the same host. Static backends
+/// take their timeouts from the service's configuration (default first-byte timeout 15 s,
+/// shorter than a long completion), so we do not rely on them. Where dynamic backends are not
+/// allowed, the static backend is used (logged). `None` when the region's backend is not
+/// declared.
+fn backend(name: &str, settings: &EdgeSettings) -> Option<Backend> {
+    BACKENDS.with(|made| {
+        made.borrow_mut()
+            .entry(name.to_owned())
+            .or_insert_with(|| timed_backend(name, settings))
+            .clone()
+    })
+}
+
+fn timed_backend(name: &str, settings: &EdgeSettings) -> Option<Backend> {
+    let Ok(base) = Backend::from_name(name) else {
+        eprintln!("edge: backend {name} is not declared");
         return None;
     };
-    let mut builder = Backend::builder(
-        "origin-timed",
-        format!("{}:{}", base.get_host(), base.get_port()),
-    )
-    .connect_timeout(settings.fallback().origin_connect_timeout)
-    .first_byte_timeout(settings.fallback().origin_first_byte_timeout)
-    .between_bytes_timeout(settings.fallback().origin_between_bytes_timeout);
+    let timed = format!("{name}-timed");
+    let mut builder = Backend::builder(&timed, format!("{}:{}", base.get_host(), base.get_port()))
+        .connect_timeout(settings.fallback().origin_connect_timeout)
+        .first_byte_timeout(settings.fallback().origin_first_byte_timeout)
+        .between_bytes_timeout(settings.fallback().origin_between_bytes_timeout);
     if let Some(host) = base
         .get_host_override()
         .and_then(|h| h.to_str().ok().map(str::to_owned))
@@ -132,12 +235,10 @@ fn timed_backend(settings: &EdgeSettings) -> Option<Backend> {
     }
     match builder.finish() {
         Ok(timed) => Some(timed),
-        Err(BackendCreationError::NameInUse) => {
-            Some(Backend::from_name("origin-timed").unwrap_or(base))
-        }
+        Err(BackendCreationError::NameInUse) => Some(Backend::from_name(&timed).unwrap_or(base)),
         Err(e) => {
             eprintln!(
-                "edge: dynamic backend unavailable ({e}); using {BACKEND} with its configured timeouts"
+                "edge: dynamic backend unavailable ({e}); using {name} with its configured timeouts"
             );
             Some(base)
         }

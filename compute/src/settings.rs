@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use fastly::{ConfigStore, SecretStore};
 
+use crate::region::{Region, RegionMap};
+
 /// Config Store holding the edge's tunables (string values).
 pub const EDGE_CONFIG_STORE: &str = "edge_config";
 /// Secret Store holding the cache key secret and the origin's shared secret.
@@ -57,6 +59,10 @@ pub struct Fallback {
     pub origin_between_bytes_timeout: Duration,
     /// Sent to the origin in `x-gateway-edge-secret` when set.
     pub edge_shared_secret: Option<Vec<u8>>,
+    /// The origin regions to try for this POP, nearest first: `regions` (JSON, see
+    /// `region.rs`) for the POP named by `pop`, else by `FASTLY_POP`. Default: the one
+    /// region `default` on backend `origin`; so is a bad `regions` value (logged).
+    pub regions: Vec<Region>,
 }
 
 impl Default for Fallback {
@@ -67,6 +73,7 @@ impl Default for Fallback {
             origin_first_byte_timeout: Duration::from_secs(300),
             origin_between_bytes_timeout: Duration::from_secs(120),
             edge_shared_secret: None,
+            regions: RegionMap::single().order(None),
         }
     }
 }
@@ -160,8 +167,17 @@ impl EdgeSettings {
                     .secrets
                     .as_ref()
                     .and_then(|store| secret(store, "edge_shared_secret")),
+                regions: self.regions(),
             }
         })
+    }
+
+    /// The regions for this POP. The POP is `edge_config.pop` when set (a local run, whose
+    /// Viceroy calls every POP `XXX`), else the `FASTLY_POP` the host sets.
+    fn regions(&self) -> Vec<Region> {
+        let map = self.setting("regions", parse_regions, RegionMap::single());
+        let pop = self.get("pop").or_else(|| std::env::var("FASTLY_POP").ok());
+        map.order(pop.as_deref())
     }
 
     /// The edge rate limit settings, read on first use (only for a tenant that has a limit).
@@ -225,6 +241,13 @@ fn secret(store: &SecretStore, name: &str) -> Option<Vec<u8>> {
             None
         }
     }
+}
+
+/// `regions`: a bad value is logged with its reason (then the default applies).
+fn parse_regions(v: &str) -> Option<RegionMap> {
+    RegionMap::parse(v)
+        .map_err(|e| eprintln!("edge: config regions: {e}"))
+        .ok()
 }
 
 fn parse_number<T: std::str::FromStr>(v: &str) -> Option<T> {
