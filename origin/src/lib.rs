@@ -13,6 +13,7 @@ pub mod generation;
 pub mod kv_api;
 pub mod meter;
 pub mod metrics;
+pub mod peers;
 pub mod periodic;
 pub mod replicate;
 pub mod replicator;
@@ -31,12 +32,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::DefaultHeaders;
 use actix_web::{App, HttpServer, web};
+use gateway_common::headers::X_ORIGIN_REGION;
 
 use crate::metrics::Metrics;
+use crate::peers::{PeerMetrics, Peers};
 use crate::replicate::{NoopReplicator, Replicator};
 use crate::replicator::KvReplicator;
-use crate::service::Service;
+use crate::service::{RegionParts, Service};
 use crate::settings::{Settings, ms};
 use crate::store::{RedisStore, Store};
 use crate::tenants::Tenants;
@@ -56,6 +60,10 @@ pub enum StartError {
     Metrics(#[from] metrics::MetricsError),
     #[error(transparent)]
     Replicator(#[from] replicator::ReplicatorError),
+    #[error(transparent)]
+    Peers(#[from] peers::PeersError),
+    #[error("metrics: {0}")]
+    RegionMetrics(#[from] prometheus::Error),
     #[error("server.listen {addr}: {source}")]
     Bind {
         addr: String,
@@ -106,6 +114,23 @@ impl Application {
         };
         // The cache's pool; the replication log shares it for what the request path logs.
         let redis = Arc::new(RedisStore::new(&settings.redis, metrics.clone())?);
+        let region_metrics = PeerMetrics::register(&metrics, &settings.region.name)?;
+        // The outboxes live in this region's Redis, whatever store the cache uses.
+        let peers = Peers::start(
+            &settings.region,
+            Arc::clone(&redis),
+            Arc::new(RedisStore::new(
+                &settings.redis.for_replication(),
+                metrics.clone(),
+            )?),
+            region_metrics.clone(),
+        )?
+        .map(Arc::new);
+        tracing::info!(
+            region = %settings.region.name,
+            peers = settings.region.peers.len(),
+            "region"
+        );
         let store: Arc<dyn Store> = match parts.store {
             Some(store) => store,
             None => Arc::clone(&redis) as Arc<dyn Store>,
@@ -131,7 +156,17 @@ impl Application {
                 "usage.ingest_token is not set: the edge's usage records are refused, so edge hits go unmetered"
             );
         }
-        let service = Service::new(&settings, tenants, store, Arc::clone(&replicator), metrics)?;
+        let service = Service::new(
+            &settings,
+            tenants,
+            store,
+            Arc::clone(&replicator),
+            metrics,
+            RegionParts {
+                peers,
+                metrics: region_metrics,
+            },
+        )?;
         service
             .budget()
             .spawn_flusher(ms(settings.cache.usage_flush_ms));
@@ -148,9 +183,12 @@ impl Application {
         let listener = TcpListener::bind(addr).map_err(bind_error)?;
         let addr = listener.local_addr().map_err(bind_error)?;
         let data = web::Data::from(Arc::clone(&service));
+        let region = settings.region.name.clone();
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
+                // Every answer says which region produced it.
+                .wrap(DefaultHeaders::new().add((X_ORIGIN_REGION, region.clone())))
                 .configure(routes::configure)
         })
         .shutdown_timeout(settings.server.shutdown_timeout_secs)

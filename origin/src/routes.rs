@@ -20,6 +20,7 @@ use gateway_common::usage::{Outcome as UsageOutcome, Tier};
 
 use crate::budget::unix_now;
 use crate::error::{error_response, method_not_allowed, not_found};
+use crate::peers::PURGE_ROUTE;
 use crate::service::{ApiRequest, Outcome, Refusal, ReplyBody, Service, Trace};
 
 /// Registers every route; unknown paths get 404 and wrong methods 405, both OpenAI-shaped.
@@ -54,6 +55,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(only("/readyz", web::get().to(readyz)))
         .service(only("/metrics", web::get().to(metrics)))
         .service(only("/ingest/edge-usage", web::post().to(ingest_usage)))
+        .service(only(PURGE_ROUTE, web::post().to(peer_purge)))
         .service(only("/dashboard", web::get().to(dashboard)))
         .service(only("/dashboard.json", web::get().to(dashboard_json)))
         .service(only(
@@ -265,6 +267,7 @@ fn record(service: &Service, route: &'static str, status: u16, trace: &Trace, to
         redis_ms = round_ms(trace.redis_ms.unwrap_or(0.0)),
         upstream_ms = round_ms(trace.upstream_ms.unwrap_or(0.0)),
         total_ms = round_ms(total_ms),
+        region = service.region(),
         "request"
     );
 }
@@ -389,6 +392,28 @@ async fn ingest_usage(
         .content_type("application/json")
         .body(body);
     plain(&service, "ingest", start, Ok(response))
+}
+
+/// The largest forwarded purge a peer region sends (a key purge is ~150 bytes).
+const MAX_PEER_PURGE_BYTES: usize = 4096;
+
+/// `POST /internal/region/purge`: a peer region's purge, applied here (`service/peer_purge.rs`).
+async fn peer_purge(
+    request: HttpRequest,
+    payload: web::Payload,
+    service: web::Data<Service>,
+) -> HttpResponse {
+    let start = Instant::now();
+    let service = service.into_inner();
+    let headers = request.headers();
+    let result = match read_body(headers, payload, MAX_PEER_PURGE_BYTES).await {
+        Ok(body) => service
+            .apply_peer_purge(header(headers, "authorization"), &body)
+            .await
+            .map(json),
+        Err(refusal) => Err(refusal),
+    };
+    plain(&service, "region_purge", start, result)
 }
 
 /// The `tenant` query parameter of the dashboard routes.

@@ -23,6 +23,7 @@ use crate::coalesce::Coalescer;
 use crate::generation;
 use crate::meter::{Meter, Saving};
 use crate::metrics::Metrics;
+use crate::peers::{PeerMetrics, Peers};
 use crate::replicate::Replicator;
 use crate::router::Router;
 use crate::settings::{Secret, Settings, ms};
@@ -41,6 +42,7 @@ mod dashboard;
 mod flight;
 mod flight_lock;
 mod ingest;
+mod peer_purge;
 mod purge;
 
 /// The name this tier uses in `Cache-Status`.
@@ -180,6 +182,19 @@ pub struct Service {
     generation_ttl_secs: u64,
     /// Names this replica's flight locks (`flight_lock.rs`).
     holders: Holders,
+    /// `region.name`.
+    region: String,
+    /// `region.peer_token`: what a peer region must present on the internal purge route.
+    peer_token: Option<Secret>,
+    /// The outboxes toward the peer regions; `None` for a region without peers.
+    peers: Option<Arc<Peers>>,
+    peer_metrics: PeerMetrics,
+}
+
+/// This origin's region, for the service: its peers' outboxes and its metrics.
+pub struct RegionParts {
+    pub peers: Option<Arc<Peers>>,
+    pub metrics: PeerMetrics,
 }
 
 impl std::fmt::Debug for Service {
@@ -197,6 +212,7 @@ impl Service {
         store: Arc<dyn Store>,
         replicator: Arc<dyn Replicator>,
         metrics: Metrics,
+        region: RegionParts,
     ) -> Result<Arc<Service>, ServiceError> {
         let router = Router::new(
             &settings.providers,
@@ -248,6 +264,10 @@ impl Service {
             purge_limiter: PurgeLimiter::new(&settings.purge),
             generation_ttl_secs,
             holders: Holders::new(),
+            region: settings.region.name.clone(),
+            peer_token: settings.region.peer_token.clone(),
+            peers: region.peers,
+            peer_metrics: region.metrics,
         }))
     }
 
@@ -261,6 +281,11 @@ impl Service {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// `region.name`.
+    pub fn region(&self) -> &str {
+        &self.region
     }
 
     /// Keys whose provider call (or the cache write after it) is still running. Tests wait

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+mod region;
 mod usage;
 mod validate;
 
+pub use region::{PeerSettings, RegionSettings, valid_region_name};
 pub use usage::{ModelPrice, Pricing, UsageSettings};
 
 use validate::decode_key_secret;
@@ -85,6 +87,13 @@ poll_ms = 200
 
 [usage]
 max_batch_bytes = 16777216
+
+[region]
+name = "default"
+peers = []
+peer_timeout_ms = 2000
+peer_retry_ms = 1000
+peer_outbox_capacity = 100000
 "#;
 
 /// The tenants file loaded in `dev_mode` when `tenants.file` is not set. Its keys are in the
@@ -150,6 +159,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub replication: ReplicationSettings,
     pub usage: UsageSettings,
+    /// This origin's region and its peers (`[region]`).
+    pub region: RegionSettings,
     /// Estimated provider prices, for the cost the cache saved.
     #[serde(default)]
     pub pricing: Pricing,
@@ -345,8 +356,10 @@ pub struct ReplicationSettings {
     pub max_retries: u32,
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
-    /// API requests this replica may make per hour (writes, lists and deletes together). The
-    /// Fastly limit (~1000/h) is per user, so split it between replicas sharing a token.
+    /// API requests this region's replicas may make per hour together (writes, lists and
+    /// deletes; a token bucket in this region's Redis). The Fastly limit (~1000/h) is per
+    /// user: regions sharing a token each get a static share here, and the shares must sum to
+    /// at most the limit (README, "Regions").
     pub hourly_request_budget: u32,
     /// Purges waiting for the API (a tenant purge counts once, a key purge once per key;
     /// pending purges of a tenant merge). Past it a purge is refused with 503, never dropped

@@ -1,7 +1,8 @@
 //! The purge routes' logic: a tenant deletes one of its entries or all of them, an operator
 //! any tenant's. Redis changes first (a delete; for a whole tenant, one increment of its purge
 //! generation), then the edge purge is logged for the replicas to send, whatever Redis said.
-//! Each tenant's purges are rate-limited, since each costs Fastly API requests.
+//! Each tenant's purges are rate-limited, since each costs Fastly API requests. Every accepted
+//! purge is also forwarded to the peer regions (`peers.rs`), which apply it to their Redis.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use gateway_common::key::{CacheKey, validate_tenant_id};
 
 use super::{Refusal, Service};
 use crate::generation;
+use crate::peers::PeerPurge;
 use crate::replicate::PurgeRefused;
 use crate::settings::PurgeSettings;
 use crate::store::CounterOp;
@@ -38,6 +40,8 @@ impl Service {
         // Redis afterwards, or is sent before this purge's delete (see `replicator`).
         let deleted = self.store.delete(&key.redis_key()).await;
         self.replicator.purge_key(&key).await.map_err(refused)?;
+        self.forward_to_peers(|region| PeerPurge::key(region, &tenant.id, key.hex()))
+            .await?;
         let deleted = deleted.map_err(|_| origin_unavailable())?;
         Ok(Bytes::from(
             serde_json::json!({"key": key.hex(), "deleted": deleted, "edge": "queued"}).to_string(),
@@ -106,6 +110,9 @@ impl Service {
                     .purge_tenant(tenant, Some(generation))
                     .await
                     .map_err(refused)?;
+                // Every other region raises its own generation to this one (and sweeps).
+                self.forward_to_peers(|region| PeerPurge::generation(region, tenant, generation))
+                    .await?;
                 let store = Arc::clone(&self.store);
                 let pattern = CacheKey::redis_pattern(tenant);
                 tokio::spawn(async move {

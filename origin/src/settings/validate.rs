@@ -113,6 +113,7 @@ impl Settings {
         tracing_subscriber::EnvFilter::try_new(&self.log.filter)
             .map_err(|e| invalid("log.filter", e.to_string()))?;
         self.replication.validate()?;
+        self.region.validate(self.dev_mode)?;
         if self.providers.is_empty() {
             return Err(invalid("providers", "at least one provider is required"));
         }
