@@ -9,6 +9,7 @@ mod message;
 mod outbox;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
@@ -88,6 +89,17 @@ pub struct Peers {
     outbox: Arc<Outbox>,
     ready: Vec<Arc<Notify>>,
     metrics: PeerMetrics,
+    /// Set when the last handle goes: the lanes stop (what waits stays in the outbox).
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for wake in &self.ready {
+            wake.notify_one();
+        }
+    }
 }
 
 impl std::fmt::Debug for Peers {
@@ -135,6 +147,7 @@ impl Peers {
             settings.peer_outbox_capacity,
         ));
         let mut ready = Vec::new();
+        let closed = Arc::new(AtomicBool::new(false));
         for peer in &settings.peers {
             let wake = Arc::new(Notify::new());
             ready.push(Arc::clone(&wake));
@@ -147,6 +160,7 @@ impl Peers {
                 ready: wake,
                 retry: ms(settings.peer_retry_ms),
                 metrics: metrics.clone(),
+                closed: Arc::clone(&closed),
             };
             tokio::spawn(lane.run());
         }
@@ -156,6 +170,7 @@ impl Peers {
             outbox,
             ready,
             metrics,
+            closed,
         }))
     }
 

@@ -72,6 +72,13 @@ pub struct EdgeConfig {
     pub usage_ingest: Option<(String, String)>,
     /// `edge_config.usage_log` (default true, as in production).
     pub usage_log: bool,
+    /// Origin regions `(name, url)`: each becomes backend `origin_<name>`; empty, only the
+    /// one `origin` backend (the one-region setup).
+    pub regions: Vec<(String, String)>,
+    /// `edge_config.regions` (the order per POP) as written; `None` leaves it out.
+    pub regions_order: Option<String>,
+    /// `edge_config.pop`: the POP this edge pretends to be (Viceroy calls every POP `XXX`).
+    pub pop: Option<String>,
 }
 
 impl EdgeConfig {
@@ -88,6 +95,9 @@ impl EdgeConfig {
             tenants_store: None,
             usage_ingest: None,
             usage_log: true,
+            regions: Vec::new(),
+            regions_order: None,
+            pop: None,
         }
     }
 }
@@ -246,6 +256,14 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
         "between_bytes_timeout_ms = {}\n",
         config.origin_first_byte_timeout_ms
     )?;
+    for (name, url) in &config.regions {
+        writeln!(
+            t,
+            "[local_server.backends.origin_{name}]\nurl = {}\nfirst_byte_timeout_ms = {}\n",
+            q(url),
+            config.origin_first_byte_timeout_ms
+        )?;
+    }
     if config.kv.is_empty() {
         writeln!(t, "[local_server.kv_stores]\nedge_cache = []\n")?;
     } else {
@@ -283,6 +301,12 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
         config.origin_first_byte_timeout_ms
     )?;
     writeln!(t, "usage_log = \"{}\"", config.usage_log)?;
+    if let Some(order) = &config.regions_order {
+        writeln!(t, "regions = {}", q(order))?;
+    }
+    if let Some(pop) = &config.pop {
+        writeln!(t, "pop = {}", q(pop))?;
+    }
     writeln!(t, "ttl_cap_secs = \"{}\"\n", config.ttl_cap_secs)?;
     writeln!(
         t,

@@ -7,6 +7,7 @@ pub mod edge;
 pub mod entry;
 pub mod origin_binary;
 pub mod origin_config;
+pub mod regions;
 pub mod replica_stack;
 pub mod replicas;
 pub mod sse;

@@ -3,6 +3,7 @@
 //! could not deliver stays in the outbox and is taken again after `peer_retry_ms`.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
@@ -47,6 +48,8 @@ pub(super) struct Lane {
     pub(super) ready: Arc<Notify>,
     pub(super) retry: Duration,
     pub(super) metrics: PeerMetrics,
+    /// The origin stopped: leave the rest in the outbox for the next one.
+    pub(super) closed: Arc<AtomicBool>,
 }
 
 impl Lane {
@@ -56,7 +59,7 @@ impl Lane {
         }
         let poll = self.retry.min(Duration::from_millis(200));
         let mut next_claim = Instant::now();
-        loop {
+        while !self.closed.load(Ordering::SeqCst) {
             let mut work = Vec::new();
             if Instant::now() >= next_claim {
                 next_claim = Instant::now() + self.retry / 2;

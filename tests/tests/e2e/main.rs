@@ -17,6 +17,7 @@ mod edge_input;
 mod faults;
 mod isolation;
 mod openai_client;
+mod regions;
 mod replicas;
 mod shared_state;
 mod streaming;
