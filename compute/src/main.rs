@@ -317,10 +317,13 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         && header_resp(&resp, X_CACHE) == Some(CacheOutcome::Hit.as_str())
         && header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json"));
 
-    let mut member =
-        CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate).with_param("region", d.region);
+    let mut member = CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate);
     if let Some(reason) = d.plan.bypass {
         member = member.with_detail(reason.as_str());
+    }
+    // Named once there are regions to tell apart; the one-region member reads as before.
+    if d.region != region::DEFAULT_REGION {
+        member = member.with_param("region", d.region);
     }
     let cache_status = append_cache_status(header_resp(&resp, CACHE_STATUS), &member);
     resp.set_header(CACHE_STATUS, cache_status);
