@@ -3,6 +3,10 @@
 # started. Ports are overridable: REDIS_PORT, PROVIDER_PORT, FASTLY_API_PORT, ORIGIN_PORT, EDGE_PORT.
 # ORIGIN_REPLICAS=N (default 1) runs N origins on ORIGIN_PORT+1..ORIGIN_PORT+N sharing the one
 # Redis and fake Fastly API, behind a round-robin TCP proxy on ORIGIN_PORT (where the edge goes).
+# REGIONS=2 adds a second origin region, `eu` (its own Redis on REDIS_PORT+1, its origin on
+# EU_ORIGIN_PORT, default ORIGIN_PORT+10), beside the first, `us`; the two are each other's
+# peers for purges, share the fake Fastly API (the one global KV store), and the edge tries
+# `us` first, then `eu` (README, "Regions").
 # USAGE_INGEST_TOKEN (default dev-usage-ingest-token, the origin's dev `usage.ingest_token`)
 # authenticates the edge's usage records on their way to the origin's ingest route.
 set -euo pipefail
@@ -14,6 +18,10 @@ FASTLY_API_PORT=${FASTLY_API_PORT:-9200}
 ORIGIN_PORT=${ORIGIN_PORT:-8080}
 EDGE_PORT=${EDGE_PORT:-7676}
 ORIGIN_REPLICAS=${ORIGIN_REPLICAS:-1}
+REGIONS=${REGIONS:-1}
+EU_ORIGIN_PORT=${EU_ORIGIN_PORT:-$((ORIGIN_PORT + 10))}
+# Development value only: what the regions send each other on the internal purge route.
+REGION_PEER_TOKEN=${REGION_PEER_TOKEN:-dev-region-peer-token-0123456789}
 FASTLY_API_TOKEN=${FASTLY_API_TOKEN:-dev-fastly-token}
 USAGE_INGEST_TOKEN=${USAGE_INGEST_TOKEN:-dev-usage-ingest-token}
 STATE=.local/serve
@@ -21,6 +29,11 @@ mkdir -p "$STATE/redis"
 
 if ! [[ "$ORIGIN_REPLICAS" =~ ^[1-9][0-9]*$ ]]; then
     echo "serve: ORIGIN_REPLICAS must be a whole number of at least 1 (got '$ORIGIN_REPLICAS')" >&2
+    exit 1
+fi
+
+if [ "$REGIONS" != 1 ] && [ "$REGIONS" != 2 ]; then
+    echo "serve: REGIONS must be 1 or 2 (got '$REGIONS')" >&2
     exit 1
 fi
 
@@ -78,18 +91,36 @@ run "kv-api  " 33 target/release/fake-fastly-api --addr "127.0.0.1:$FASTLY_API_P
     --token "$FASTLY_API_TOKEN" --config-seed fixtures/edge/tenants.json
 wait_port fake-fastly-api "$FASTLY_API_PORT"
 
-# start_origin NAME PORT: one origin listening on PORT.
+# With two regions each origin reads the dev settings plus its [region] section.
+if [ "$REGIONS" -eq 2 ]; then
+    run "redis-eu" 31 redis-server --port "$((REDIS_PORT + 1))" --bind 127.0.0.1 --save '' --appendonly no \
+        --maxmemory 256mb --maxmemory-policy allkeys-lru --dir "$STATE/redis"
+    wait_port redis-eu "$((REDIS_PORT + 1))"
+    # region_config NAME PEER PEER_PORT: the dev settings plus this region's name and peer.
+    region_config() {
+        local file="$STATE/origin-$1.toml"
+        cp "$origin_config" "$file"
+        printf '\n[region]\nname = "%s"\npeer_token = "%s"\npeers = [{ name = "%s", url = "http://127.0.0.1:%s" }]\n' \
+            "$1" "$REGION_PEER_TOKEN" "$2" "$3" >> "$file"
+        echo "$file"
+    }
+    us_config=$(region_config us eu "$EU_ORIGIN_PORT")
+    eu_config=$(region_config eu us "$ORIGIN_PORT")
+    origin_config=$us_config
+fi
+
+# start_origin NAME PORT [REDIS_PORT [CONFIG]]: one origin listening on PORT.
 start_origin() {
-    local name=$1 port=$2
+    local name=$1 port=$2 redis_port=${3:-$REDIS_PORT} config=${4:-$origin_config}
     run "$name" 34 env \
         GATEWAY__SERVER__LISTEN="127.0.0.1:$port" \
-        GATEWAY__REDIS__URL="redis://127.0.0.1:$REDIS_PORT" \
+        GATEWAY__REDIS__URL="redis://127.0.0.1:$redis_port" \
         MOCK_PROVIDER_URL="http://127.0.0.1:$PROVIDER_PORT/v1" \
         MOCK_PROVIDER_API_KEY=mock \
         FASTLY_API_URL="http://127.0.0.1:$FASTLY_API_PORT" \
         FASTLY_API_TOKEN="$FASTLY_API_TOKEN" \
         GATEWAY__USAGE__INGEST_TOKEN="$USAGE_INGEST_TOKEN" \
-        target/release/gateway-origin --config "$origin_config"
+        target/release/gateway-origin --config "$config"
     wait_port "$name" "$port"
 }
 
@@ -112,6 +143,14 @@ fi
 
 # The edge's manifest points its origin backend at ORIGIN_PORT.
 sed "s#url = \"http://127.0.0.1:8080\"#url = \"http://127.0.0.1:$ORIGIN_PORT\"#" fastly.toml > "$STATE/fastly.toml"
+if [ "$REGIONS" -eq 2 ]; then
+    start_origin "origin-eu" "$EU_ORIGIN_PORT" "$((REDIS_PORT + 1))" "$eu_config"
+    origins+=$'\n'"  origin-eu http://127.0.0.1:$EU_ORIGIN_PORT  (region eu; us is the one above)"
+    # One backend per region, and the order the edge tries them in.
+    sed -i 's#^\[local_server.config_stores.edge_config.contents\]$#&\nregions = '"'"'{"default":["us","eu"]}'"'"'#' "$STATE/fastly.toml"
+    printf '\n[local_server.backends.origin_us]\nurl = "http://127.0.0.1:%s"\n\n[local_server.backends.origin_eu]\nurl = "http://127.0.0.1:%s"\n' \
+        "$ORIGIN_PORT" "$EU_ORIGIN_PORT" >> "$STATE/fastly.toml"
+fi
 # Viceroy writes the edge's `usage` log endpoint to its stdout (`usage :: <record>`). The
 # usage-forwarder stands in for Fastly's log delivery: it echoes every line on, and POSTs those
 # records in batches to the origin's ingest route. `exec` keeps the pid `run` tracks Viceroy's
