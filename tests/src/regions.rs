@@ -135,6 +135,15 @@ impl RegionStack {
     /// Starts `specs` (each region peering with every other) and an edge whose default
     /// order is the order of `specs`.
     pub async fn start(specs: &[RegionSpec]) -> anyhow::Result<RegionStack> {
+        RegionStack::start_at_pop(specs, None).await
+    }
+
+    /// As [`RegionStack::start`], with an edge at POP `pop.0` whose own order there is
+    /// `pop.1` (`edge_config.pop` and `regions.pops`).
+    pub async fn start_at_pop(
+        specs: &[RegionSpec],
+        pop: Option<(&str, &[&str])>,
+    ) -> anyhow::Result<RegionStack> {
         let provider = MockProvider::start(ProviderConfig::default()).await?;
         let mut ports = Vec::new();
         for _ in specs {
@@ -181,7 +190,12 @@ impl RegionStack {
             .map(|r| (r.name.clone(), r.proxy_url()))
             .collect();
         let names: Vec<&str> = regions.iter().map(|r| r.name.as_str()).collect();
-        config.regions_order = Some(serde_json::json!({ "default": names }).to_string());
+        let mut order = serde_json::json!({ "default": names });
+        if let Some((code, list)) = pop {
+            order["pops"] = serde_json::json!({ code: list });
+            config.pop = Some(code.to_owned());
+        }
+        config.regions_order = Some(order.to_string());
         let edge = tokio::task::spawn_blocking(move || Edge::start(&config)).await??;
         // Viceroy may probe its backends at start-up: counts start after that.
         tokio::time::sleep(Duration::from_millis(200)).await;

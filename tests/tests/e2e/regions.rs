@@ -94,6 +94,18 @@ async fn the_near_region_answers_the_far_one_takes_over_while_it_is_down_and_tra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pop_with_its_own_order_goes_to_its_own_nearest_region_first() {
+    let specs = [RegionSpec::new("us", NEAR), RegionSpec::new("eu", FAR)];
+    let mut stack = RegionStack::start_at_pop(&specs, Some(("LHR", &["eu", "us"])))
+        .await
+        .expect("two regions start");
+    let (region, tried) = ask(&stack, "regions: from London").await;
+    assert_eq!((region.as_str(), tried.as_str()), ("eu", "eu=200"));
+    assert_eq!(stack.region("eu").requests(), 1);
+    assert_eq!(stack.region("us").requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_region_down_is_a_clean_error_that_names_each_region_tried() {
     let mut stack = two_regions().await;
     for name in ["us", "eu"] {
