@@ -24,6 +24,12 @@ async fn two_regions() -> RegionStack {
 /// Asks the edge for `prompt`: it must answer 200 (never an error the client sees); the
 /// region that answered and the regions tried.
 async fn ask(stack: &RegionStack, prompt: &str) -> (String, String) {
+    timed_ask(stack, prompt).await.0
+}
+
+/// [`ask`], and how long the answer took (printed, never asserted).
+async fn timed_ask(stack: &RegionStack, prompt: &str) -> ((String, String), Duration) {
+    let started = std::time::Instant::now();
     let resp = stack.edge_chat(ACME, prompt).await;
     let (region, tried) = (
         header(&resp, "x-upstream-region"),
@@ -36,14 +42,14 @@ async fn ask(stack: &RegionStack, prompt: &str) -> (String, String) {
         "{prompt:?}: Cache-Status {cache_status:?} names the region {region}"
     );
     resp.bytes().await.expect("body");
-    (region, tried)
+    ((region, tried), started.elapsed())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_near_region_answers_the_far_one_takes_over_while_it_is_down_and_traffic_returns() {
     let mut stack = two_regions().await;
 
-    let (region, tried) = ask(&stack, "regions: first").await;
+    let ((region, tried), near) = timed_ask(&stack, "regions: first").await;
     assert_eq!((region.as_str(), tried.as_str()), ("us", "us=200"));
     assert_eq!(stack.region("us").requests(), 1);
     assert_eq!(
@@ -54,14 +60,15 @@ async fn the_near_region_answers_the_far_one_takes_over_while_it_is_down_and_tra
 
     // The near origin stops; its proxy answers 502: a 5xx from the region, never shown.
     stack.region("us").stop_origin().await;
-    let (region, tried) = ask(&stack, "regions: near origin down").await;
+    let ((region, tried), after_5xx) = timed_ask(&stack, "regions: near origin down").await;
     assert_eq!(region, "eu");
     assert_eq!(tried, "us=502, eu=200");
     assert_eq!(stack.region("eu").requests(), 1);
 
     // The path to the near region is cut too: its address refuses the connection.
     stack.region("us").stop_proxy().await;
-    let (region, tried) = ask(&stack, "regions: near region unreachable").await;
+    let ((region, tried), after_refused) =
+        timed_ask(&stack, "regions: near region unreachable").await;
     assert_eq!(region, "eu");
     assert_eq!(tried, "us=unreachable, eu=200");
     assert_eq!(stack.region("eu").requests(), 2);
@@ -90,6 +97,10 @@ async fn the_near_region_answers_the_far_one_takes_over_while_it_is_down_and_tra
         stack.provider.calls(),
         4,
         "one provider call per prompt, wherever"
+    );
+    println!(
+        "regions (us {NEAR:?}, eu {FAR:?} each way), misses: us answered in {near:?}; eu after \
+         us's 5xx in {after_5xx:?}; eu after us refused the connect in {after_refused:?}"
     );
 }
 
