@@ -126,6 +126,8 @@ start_origin() {
 
 if [ "$ORIGIN_REPLICAS" -eq 1 ]; then
     start_origin "origin  " "$ORIGIN_PORT"
+    # With two regions either may die (to watch the failover) without stopping the stack.
+    [ "$REGIONS" -eq 1 ] || replica_pids+=("${pids[-1]}")
     origins="origin  http://127.0.0.1:$ORIGIN_PORT      (/metrics, /dashboard)"
 else
     upstreams=()
@@ -145,6 +147,7 @@ fi
 sed "s#url = \"http://127.0.0.1:8080\"#url = \"http://127.0.0.1:$ORIGIN_PORT\"#" fastly.toml > "$STATE/fastly.toml"
 if [ "$REGIONS" -eq 2 ]; then
     start_origin "origin-eu" "$EU_ORIGIN_PORT" "$((REDIS_PORT + 1))" "$eu_config"
+    replica_pids+=("${pids[-1]}")
     origins+=$'\n'"  origin-eu http://127.0.0.1:$EU_ORIGIN_PORT  (region eu; us is the one above)"
     # One backend per region, and the order the edge tries them in.
     sed -i 's#^\[local_server.config_stores.edge_config.contents\]$#&\nregions = '"'"'{"default":["us","eu"]}'"'"'#' "$STATE/fastly.toml"
