@@ -25,6 +25,6 @@ pub use key::{
 };
 pub use policy::{Bypass, Freshness, Plan, RequestDirectives};
 pub use route::Route;
-pub use sse::{ChatAssembler, SseError, replay_chat};
+pub use sse::{Assembler, ChatAssembler, SseError, replay, replay_chat};
 pub use tenant::{Tenant, TenantsFile};
 pub use usage::{Outcome, Tier, UsageRecord};

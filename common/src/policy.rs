@@ -90,6 +90,13 @@ pub enum Bypass {
     /// `"store": true`, and the tenant does not answer those from cache
     /// (`Tenant::cache_store_requests`).
     Store,
+    /// `/v1/responses` with `previous_response_id`: the answer continues a conversation the
+    /// provider keeps, so the same body can mean something else each time.
+    PreviousResponse,
+    /// `/v1/responses` with `conversation`: the same, for a provider-kept conversation object.
+    Conversation,
+    /// `/v1/responses` with `background: true`: answered with a pending response to poll.
+    Background,
 }
 
 impl Bypass {
@@ -100,6 +107,9 @@ impl Bypass {
             Bypass::NoStore => "no-store",
             Bypass::Sampled => "sampled",
             Bypass::Store => "store",
+            Bypass::PreviousResponse => "previous-response-id",
+            Bypass::Conversation => "conversation",
+            Bypass::Background => "background",
         }
     }
 }
@@ -116,11 +126,14 @@ impl Plan {
     }
 }
 
-/// The decision table, the same in both tiers: an uncacheable body, `no-store`, or a request
+/// The decision table, the same in both tiers: a request whose answer depends on provider-kept
+/// state (`ParsedRequest::never_cached`), an uncacheable body, `no-store`, or a request
 /// the tenant's policy keeps out of the cache (sampled answers, `store: true`) -> neither read
 /// nor write. `no-cache` -> write only. Otherwise read and write.
 pub fn plan(directives: RequestDirectives, request: &ParsedRequest, tenant: &Tenant) -> Plan {
-    let bypass = if request.canonical.is_none() {
+    let bypass = if let Some(reason) = request.never_cached {
+        Some(reason)
+    } else if request.canonical.is_none() {
         Some(Bypass::Uncacheable)
     } else if directives.no_store {
         Some(Bypass::NoStore)
@@ -251,8 +264,26 @@ mod tests {
             include_usage: false,
             sampled,
             store,
+            never_cached: None,
             canonical: canonical.then(|| b"{}".to_vec()),
         }
+    }
+
+    #[test]
+    fn a_request_on_provider_kept_state_is_never_cached_whatever_the_tenant_allows() {
+        for reason in [
+            Bypass::PreviousResponse,
+            Bypass::Conversation,
+            Bypass::Background,
+        ] {
+            let request = ParsedRequest {
+                never_cached: Some(reason),
+                ..request(true, false, false)
+            };
+            let plan = plan(RequestDirectives::default(), &request, &tenant(true, true));
+            assert_eq!(plan, Plan::bypass(reason));
+        }
+        assert_eq!(Bypass::PreviousResponse.as_str(), "previous-response-id");
     }
 
     fn tenant(cache_sampled: bool, cache_store_requests: bool) -> Tenant {
