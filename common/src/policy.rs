@@ -156,7 +156,7 @@ pub fn plan(directives: RequestDirectives, request: &ParsedRequest, tenant: &Ten
 }
 
 /// Only complete 2xx answers with a JSON content type whose body is a JSON object without a
-/// top-level "error" member.
+/// top-level "error" member (other than `"error": null`).
 ///
 /// JSON content types are `application/json` and any `+json` type, parameters ignored. The body
 /// must parse strictly (a truncated body does not), so an incomplete answer is never stored.
@@ -173,7 +173,9 @@ pub fn is_cacheable_response(status: u16, content_type: &str, body: &[u8]) -> bo
     if media_type != "application/json" && !media_type.ends_with("+json") {
         return false;
     }
-    matches!(parse_strict(body), Ok(Value::Object(fields)) if !fields.contains_key("error"))
+    // `"error": null` is no error: a Responses API `response` always carries the member.
+    matches!(parse_strict(body), Ok(Value::Object(fields))
+        if matches!(fields.get("error"), None | Some(Value::Null)))
 }
 
 /// requested (tenant default) capped to [1, cap].
@@ -381,6 +383,12 @@ mod tests {
             200,
             "application/json",
             br#"{"error":{"message":"m"}}"#
+        ));
+        // A Responses API `response` always has the member; null means no error.
+        assert!(is_cacheable_response(
+            200,
+            "application/json",
+            br#"{"object":"response","error":null}"#
         ));
     }
 

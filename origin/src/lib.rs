@@ -14,6 +14,7 @@ pub mod kv_api;
 pub mod meter;
 pub mod metrics;
 pub mod periodic;
+pub mod provider_api;
 pub mod replicate;
 pub mod replicator;
 pub mod router;

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 
 use crate::breaker::Breaker;
 use crate::metrics::Metrics;
+use crate::provider_api::{self, Passthrough, ProviderApi};
 use crate::settings::{ProviderSettings, RouterSettings, Secret, ms};
 
 /// Why one attempt failed. All of these are retryable on another provider.
@@ -77,6 +78,7 @@ struct Provider {
     base_url: String,
     api_key: Option<Secret>,
     models: BTreeMap<String, String>,
+    apis: Vec<ProviderApi>,
     priority: u32,
     weight: u32,
     timeout: Duration,
@@ -198,6 +200,7 @@ impl Router {
                     base_url: p.base_url.clone(),
                     api_key: p.api_key.clone(),
                     models: p.models.clone(),
+                    apis: p.apis.clone(),
                     priority: p.priority,
                     weight: p.weight,
                     timeout: ms(p.timeout_ms),
@@ -242,8 +245,9 @@ impl Router {
         model: &str,
         body: &Bytes,
         stream: bool,
+        passthrough: &Passthrough,
     ) -> Result<Upstream, RouterError> {
-        let candidates = self.candidates(model);
+        let candidates = self.candidates(ProviderApi::for_route(route), model);
         if candidates.is_empty() {
             return Err(RouterError::NoProvider(model.to_string()));
         }
@@ -267,7 +271,17 @@ impl Router {
             let provider_model = provider.model_for(model).unwrap_or(model);
             let start = Instant::now();
             let result = self
-                .attempt(&provider, route, provider_model, model, body, stream)
+                .attempt(
+                    &provider,
+                    provider_model,
+                    model,
+                    Call {
+                        route,
+                        body,
+                        stream,
+                        passthrough,
+                    },
+                )
                 .await;
             self.metrics
                 .provider_duration
@@ -324,11 +338,11 @@ impl Router {
 
     /// Providers serving `model`: by priority, and within one priority in a weighted random
     /// order (so weights split the traffic and failover goes to a sibling first).
-    fn candidates(&self, model: &str) -> Vec<Arc<Provider>> {
+    fn candidates(&self, api: ProviderApi, model: &str) -> Vec<Arc<Provider>> {
         let mut serving: Vec<Arc<Provider>> = self
             .providers
             .iter()
-            .filter(|p| p.model_for(model).is_some())
+            .filter(|p| p.apis.contains(&api) && p.model_for(model).is_some())
             .cloned()
             .collect();
         serving.sort_by_key(|p| p.priority);
@@ -365,27 +379,34 @@ impl Router {
     async fn attempt(
         &self,
         provider: &Provider,
-        route: Route,
         provider_model: &str,
         client_model: &str,
-        body: &Bytes,
-        stream: bool,
+        call: Call<'_>,
     ) -> Result<Upstream, Failure> {
+        let Call {
+            route,
+            body,
+            stream,
+            passthrough,
+        } = call;
         let payload = if provider_model == client_model {
             body.clone()
         } else {
             rewrite_model(body, provider_model)
                 .map_err(|e| Failure::Retryable(AttemptError::Body(e)))?
         };
-        let mut request = provider
+        let request = provider
             .client
             .post(provider.url(route))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(payload);
         // Only the provider's own key ever leaves: the client's key is never forwarded.
-        if let Some(key) = &provider.api_key {
-            request = request.bearer_auth(key.expose());
-        }
+        let request = provider_api::decorate(
+            request,
+            ProviderApi::for_route(route),
+            provider.api_key.as_ref().map(|k| k.expose()),
+            passthrough,
+        );
         let exchange = async {
             let response = request
                 .send()
@@ -433,6 +454,15 @@ impl RetryBudget {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.0 = (state.0 + 1.0).min(self.cap);
     }
+}
+
+/// What one attempt sends, the same for every provider tried.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    route: Route,
+    body: &'a Bytes,
+    stream: bool,
+    passthrough: &'a Passthrough,
 }
 
 enum Failure {
@@ -513,6 +543,7 @@ mod tests {
                 .iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
+            apis: crate::provider_api::ProviderApi::default_set(),
             priority,
             weight,
             timeout_ms: 100,
@@ -534,13 +565,33 @@ mod tests {
             provider("any", 2, 1, &[("*", "*")]),
         ]);
         let names: Vec<String> = r
-            .candidates("m")
+            .candidates(ProviderApi::Chat, "m")
             .iter()
             .map(|p| p.name.to_string())
             .collect();
         assert_eq!(names, ["a", "b", "any"]);
-        assert!(r.candidates("zzz").iter().all(|p| &*p.name == "any"));
+        assert!(
+            r.candidates(ProviderApi::Chat, "zzz")
+                .iter()
+                .all(|p| &*p.name == "any")
+        );
         assert_eq!(r.models(), ["m", "other"]);
+    }
+
+    #[test]
+    fn only_providers_that_serve_a_routes_api_are_candidates() {
+        let mut anthropic = provider("anthropic", 0, 1, &[("m", "m")]);
+        anthropic.apis = vec![ProviderApi::Messages];
+        let r = router(&[provider("openai", 0, 1, &[("m", "m")]), anthropic]);
+        let names = |api| -> Vec<String> {
+            r.candidates(api, "m")
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect()
+        };
+        assert_eq!(names(ProviderApi::Messages), ["anthropic"]);
+        assert_eq!(names(ProviderApi::Chat), ["openai"]);
+        assert!(names(ProviderApi::Responses).is_empty());
     }
 
     #[test]
@@ -550,7 +601,7 @@ mod tests {
             provider("light", 0, 1, &[("m", "m")]),
         ]);
         let heavy_first = (0..1000)
-            .filter(|_| &*r.candidates("m")[0].name == "heavy")
+            .filter(|_| &*r.candidates(ProviderApi::Chat, "m")[0].name == "heavy")
             .count();
         assert!((800..=980).contains(&heavy_first), "{heavy_first}");
     }
@@ -603,6 +654,7 @@ mod tests {
                 "m",
                 &Bytes::from_static(b"{}"),
                 false,
+                &Passthrough::default(),
             )
             .await
             .unwrap_err();
@@ -611,8 +663,14 @@ mod tests {
             "{err:?}"
         );
         assert!(matches!(
-            r.send(Route::ChatCompletions, "x", &Bytes::new(), false)
-                .await,
+            r.send(
+                Route::ChatCompletions,
+                "x",
+                &Bytes::new(),
+                false,
+                &Passthrough::default()
+            )
+            .await,
             Err(RouterError::NoProvider(_))
         ));
     }

@@ -19,7 +19,8 @@ use gateway_common::route::Route;
 use gateway_common::usage::{Outcome as UsageOutcome, Tier};
 
 use crate::budget::unix_now;
-use crate::error::{error_response, method_not_allowed, not_found};
+use crate::error::{error_response, error_response_for, method_not_allowed, not_found};
+use crate::provider_api::Passthrough;
 use crate::service::{ApiRequest, Outcome, Refusal, ReplyBody, Service, Trace};
 
 /// Registers every route; unknown paths get 404 and wrong methods 405, both OpenAI-shaped.
@@ -43,6 +44,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(api(Route::ChatCompletions))
         .service(api(Route::Completions))
         .service(api(Route::Embeddings))
+        .service(api(Route::Responses))
+        .service(api(Route::Messages))
         .service(only("/v1/models", web::get().to(models)))
         .service(only("/v1/cache", web::delete().to(purge)))
         .service(only("/v1/cache/{key}", web::delete().to(delete_key)))
@@ -76,16 +79,18 @@ async fn api(
     let start = Instant::now();
     let service = service.into_inner();
     let headers = request.headers();
+    // The Anthropic SDKs send their key as `x-api-key`; read as a bearer token when there is
+    // no `Authorization` (the chat path never allocates here).
+    let authorization = header(headers, "authorization").map(std::borrow::Cow::Borrowed);
+    let authorization = authorization
+        .or_else(|| header(headers, "x-api-key").map(|key| format!("Bearer {key}").into()));
     // Authenticate before reading a byte of the body: an unknown key costs nothing.
-    let tenant = match service.authorize(
-        header(headers, "authorization"),
-        header(headers, X_EDGE_SECRET),
-    ) {
+    let tenant = match service.authorize(authorization.as_deref(), header(headers, X_EDGE_SECRET)) {
         Ok(tenant) => tenant,
         Err(refusal) => {
             return finish(
                 &service,
-                route.as_str(),
+                route,
                 start,
                 Outcome::refused(Trace::default(), refusal),
             );
@@ -98,12 +103,7 @@ async fn api(
                 tenant: Some(tenant.id.clone()),
                 ..Trace::default()
             };
-            return finish(
-                &service,
-                route.as_str(),
-                start,
-                Outcome::refused(trace, refusal),
-            );
+            return finish(&service, route, start, Outcome::refused(trace, refusal));
         }
     };
     let outcome = service
@@ -114,9 +114,21 @@ async fn api(
             cache_control: header(headers, "cache-control").map(str::to_string),
             pragma: header(headers, "pragma").map(str::to_string),
             body,
+            passthrough: passthrough(route, headers),
         })
         .await;
-    finish(&service, route.as_str(), start, outcome)
+    finish(&service, route, start, outcome)
+}
+
+/// The client headers the provider of `route` needs (none for the OpenAI routes).
+fn passthrough(route: Route, headers: &HeaderMap) -> Passthrough {
+    if !route.is_anthropic() {
+        return Passthrough::default();
+    }
+    Passthrough {
+        anthropic_version: header(headers, "anthropic-version").map(str::to_string),
+        anthropic_beta: header(headers, "anthropic-beta").map(str::to_string),
+    }
 }
 
 /// The body, refusing (413) past `limit` without reading further.
@@ -156,12 +168,8 @@ fn initial_capacity(declared: Option<u64>) -> usize {
 const MAX_PREALLOCATED_BYTES: usize = 64 * 1024;
 
 /// Headers, metrics and the request log line, then the response.
-fn finish(
-    service: &Arc<Service>,
-    route: &'static str,
-    start: Instant,
-    outcome: Outcome,
-) -> HttpResponse {
+fn finish(service: &Arc<Service>, api: Route, start: Instant, outcome: Outcome) -> HttpResponse {
+    let route = api.as_str();
     let Outcome { trace, result } = outcome;
     let total_ms = start.elapsed().as_secs_f64() * 1000.0;
     let mut response = match result {
@@ -181,7 +189,7 @@ fn finish(
                 }
             }
         }
-        Err(refusal) => error_response(&refusal),
+        Err(refusal) => error_response_for(api, &refusal),
     };
     decorate(response.headers_mut(), &trace, total_ms);
     let status = response.status().as_u16();

@@ -13,7 +13,7 @@ use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{self, Freshness};
 use gateway_common::route::Route;
-use gateway_common::sse::replay_chat;
+use gateway_common::sse;
 use gateway_common::tenant::Tenant;
 use gateway_common::usage::Tier;
 use sha2::{Digest, Sha256};
@@ -23,6 +23,7 @@ use crate::coalesce::Coalescer;
 use crate::generation;
 use crate::meter::{Meter, Saving};
 use crate::metrics::Metrics;
+use crate::provider_api::Passthrough;
 use crate::replicate::Replicator;
 use crate::router::Router;
 use crate::settings::{Secret, Settings, ms};
@@ -57,6 +58,8 @@ pub struct ApiRequest {
     pub cache_control: Option<String>,
     pub pragma: Option<String>,
     pub body: Bytes,
+    /// Client headers the provider gets (`anthropic-version`); empty for chat.
+    pub passthrough: Passthrough,
 }
 
 /// What happened, for the response headers and the request log line.
@@ -434,6 +437,7 @@ impl Service {
                 fwd,
                 generation,
                 edge_miss: request.edge_miss,
+                passthrough: request.passthrough,
             },
             trace,
         )
@@ -537,14 +541,12 @@ impl Service {
     }
 }
 
-/// A cached entry as the client asked for it: SSE for a chat stream, otherwise the stored body.
-/// `None` when a stream was asked and the entry cannot be replayed (then it is a miss).
+/// A cached entry as the client asked for it: its API's event stream for a stream (chat,
+/// Responses, Messages), otherwise the stored body. `None` when a stream was asked and the
+/// entry cannot be replayed (then it is a miss).
 fn render_entry(entry: Entry, route: Route, stream: bool, include_usage: bool) -> Option<Reply> {
     if stream {
-        if route != Route::ChatCompletions {
-            return None;
-        }
-        let sse = replay_chat(&entry.body, include_usage).ok()?;
+        let sse = sse::replay(route, &entry.body, include_usage).ok()?;
         return Some(Reply {
             status: 200,
             content_type: "text/event-stream".into(),

@@ -271,6 +271,10 @@ pub struct ProviderSettings {
     pub api_key: Option<Secret>,
     /// Client model → provider model. A client model `*` forwards any model unchanged.
     pub models: BTreeMap<String, String>,
+    /// The APIs it serves (`chat`, `responses`, `messages`); the router sends a route only to
+    /// providers that serve its API. Default: `["chat"]`.
+    #[serde(default = "crate::provider_api::ProviderApi::default_set")]
+    pub apis: Vec<crate::provider_api::ProviderApi>,
     /// Lower is tried first.
     #[serde(default)]
     pub priority: u32,
