@@ -7,6 +7,7 @@
     reason = "test code: a failed expectation is a failed test"
 )]
 
+mod apis_client;
 mod config;
 mod cross_replica;
 mod dashboard;
