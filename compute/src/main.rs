@@ -10,6 +10,7 @@ mod origin;
 mod populate;
 mod respond;
 mod settings;
+mod trace;
 
 use std::io::Read;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -39,8 +40,10 @@ use crate::settings::EdgeSettings;
 
 fn main() {
     let started = Instant::now();
-    let req = Request::from_client();
+    let mut req = Request::from_client();
+    let span = trace::enter(&mut req);
     let mut log = LogLine::new(&req);
+    log.trace_id = Some(span.trace_id());
     let reply = handle(req, &mut log);
     match reply {
         Reply::Send(resp) => {

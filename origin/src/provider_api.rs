@@ -4,6 +4,7 @@
 //! Never forwards the client's credential.
 
 use gateway_common::route::Route;
+use gateway_common::traceparent::{TRACEPARENT, TraceContext};
 use serde::{Deserialize, Serialize};
 
 /// An API a provider serves.
@@ -42,19 +43,27 @@ pub struct Passthrough {
     pub anthropic_version: Option<String>,
     /// `anthropic-beta` (Messages only): the beta features the client opted into.
     pub anthropic_beta: Option<String>,
+    /// The trace this request runs under (W3C Trace Context); the provider receives a
+    /// `traceparent` naming the attempt as its parent. Copy, no allocation.
+    pub trace: Option<TraceContext>,
 }
 
 /// The Anthropic API version sent when the client named none (the one the SDKs send).
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Adds the provider's `key` in the form `api` expects (`x-api-key` for Messages, a bearer
-/// token otherwise) and the pass-through headers.
+/// token otherwise), the pass-through headers and the `traceparent` of this attempt
+/// (`attempt_span`, the span id the provider sees as its parent).
 pub fn decorate(
     mut request: reqwest::RequestBuilder,
     api: ProviderApi,
     key: Option<&str>,
     passthrough: &Passthrough,
+    attempt_span: [u8; 8],
 ) -> reqwest::RequestBuilder {
+    if let Some(trace) = &passthrough.trace {
+        request = request.header(TRACEPARENT, trace.child(attempt_span).to_string());
+    }
     match api {
         ProviderApi::Messages => {
             if let Some(key) = key {
@@ -101,27 +110,35 @@ mod tests {
         let passthrough = Passthrough {
             anthropic_version: Some("2023-06-01".into()),
             anthropic_beta: None,
+            trace: TraceContext::parse("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         };
         let request = decorate(
             client.post("http://127.0.0.1:1/v1/messages"),
             ProviderApi::Messages,
             Some("sk-ant"),
             &passthrough,
+            [7; 8],
         )
         .build()
         .unwrap();
         assert_eq!(request.headers()["x-api-key"], "sk-ant");
         assert_eq!(request.headers()["anthropic-version"], "2023-06-01");
         assert!(request.headers().get("authorization").is_none());
+        assert_eq!(
+            request.headers()["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0707070707070707-01"
+        );
         let chat = decorate(
             client.post("http://127.0.0.1:1/v1/chat/completions"),
             ProviderApi::Chat,
             Some("sk"),
             &Passthrough::default(),
+            [7; 8],
         )
         .build()
         .unwrap();
         assert_eq!(chat.headers()["authorization"], "Bearer sk");
         assert!(chat.headers().get("anthropic-version").is_none());
+        assert!(chat.headers().get("traceparent").is_none());
     }
 }

@@ -406,6 +406,7 @@ impl Router {
             ProviderApi::for_route(route),
             provider.api_key.as_ref().map(|k| k.expose()),
             passthrough,
+            rand::random(),
         );
         let exchange = async {
             let response = request

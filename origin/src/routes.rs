@@ -16,7 +16,9 @@ use gateway_common::headers::{
     X_EDGE_SECRET, X_UPSTREAM_PROVIDER,
 };
 use gateway_common::route::Route;
+use gateway_common::traceparent::{TRACEPARENT, TraceContext};
 use gateway_common::usage::{Outcome as UsageOutcome, Tier};
+use tracing::Instrument;
 
 use crate::budget::unix_now;
 use crate::error::{error_response, error_response_for, method_not_allowed, not_found};
@@ -77,6 +79,39 @@ async fn api(
     service: web::Data<Service>,
 ) -> HttpResponse {
     let start = Instant::now();
+    let headers = request.headers();
+    let trace = request_trace(headers);
+    let span = tracing::info_span!(
+        "request",
+        route = route.as_str(),
+        trace_id = %trace.trace_id_display(),
+    );
+    serve_api(route, &request, payload, service, start, trace)
+        .instrument(span)
+        .await
+}
+
+/// The trace a request runs under: the edge's (or a direct client's) `traceparent`, or a new
+/// trace when there is none. The request span's log lines carry its trace id.
+fn request_trace(headers: &HeaderMap) -> TraceContext {
+    header(headers, TRACEPARENT)
+        .and_then(TraceContext::parse)
+        .or_else(|| TraceContext::start(rand::random(), rand::random()))
+        .unwrap_or(TraceContext {
+            trace_id: [1; 16],
+            parent_id: [1; 8],
+            flags: 1,
+        })
+}
+
+async fn serve_api(
+    route: Route,
+    request: &HttpRequest,
+    payload: web::Payload,
+    service: web::Data<Service>,
+    start: Instant,
+    trace: TraceContext,
+) -> HttpResponse {
     let service = service.into_inner();
     let headers = request.headers();
     // The Anthropic SDKs send their key as `x-api-key`; read as a bearer token when there is
@@ -114,20 +149,24 @@ async fn api(
             cache_control: header(headers, "cache-control").map(str::to_string),
             pragma: header(headers, "pragma").map(str::to_string),
             body,
-            passthrough: passthrough(route, headers),
+            passthrough: passthrough(route, headers, trace),
         })
         .await;
     finish(&service, route, start, outcome)
 }
 
 /// The client headers the provider of `route` needs (none for the OpenAI routes).
-fn passthrough(route: Route, headers: &HeaderMap) -> Passthrough {
+fn passthrough(route: Route, headers: &HeaderMap, trace: TraceContext) -> Passthrough {
     if !route.is_anthropic() {
-        return Passthrough::default();
+        return Passthrough {
+            trace: Some(trace),
+            ..Passthrough::default()
+        };
     }
     Passthrough {
         anthropic_version: header(headers, "anthropic-version").map(str::to_string),
         anthropic_beta: header(headers, "anthropic-beta").map(str::to_string),
+        trace: Some(trace),
     }
 }
 

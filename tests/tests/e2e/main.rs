@@ -23,6 +23,7 @@ mod shared_state;
 mod streaming;
 mod tenant_policy;
 mod tenant_purge;
+mod trace;
 mod ttl_cap;
 mod usage;
 mod walk;
