@@ -23,6 +23,7 @@ pub mod service;
 pub mod settings;
 pub mod store;
 pub mod stream;
+pub mod telemetry;
 pub mod tenants;
 pub mod traffic;
 pub mod usage;

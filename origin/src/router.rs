@@ -273,6 +273,7 @@ impl Router {
             let result = self
                 .attempt(
                     &provider,
+                    attempts,
                     provider_model,
                     model,
                     Call {
@@ -376,13 +377,21 @@ impl Router {
         ordered
     }
 
+    /// One provider attempt, a span of its own (`attempt` counts the failovers before it).
+    #[tracing::instrument(
+        name = "provider.attempt",
+        skip_all,
+        fields(provider = %provider.name, route = call.route.as_str(), attempt)
+    )]
     async fn attempt(
         &self,
         provider: &Provider,
+        attempt: u32,
         provider_model: &str,
         client_model: &str,
         call: Call<'_>,
     ) -> Result<Upstream, Failure> {
+        tracing::Span::current().record("attempt", attempt);
         let Call {
             route,
             body,
@@ -406,7 +415,9 @@ impl Router {
             ProviderApi::for_route(route),
             provider.api_key.as_ref().map(|k| k.expose()),
             passthrough,
-            rand::random(),
+            // The provider's parent is this attempt: its exported span when spans are
+            // exported, otherwise an id of its own.
+            crate::telemetry::span_id(&tracing::Span::current()).unwrap_or_else(rand::random),
         );
         let exchange = async {
             let response = request

@@ -86,6 +86,7 @@ async fn api(
         route = route.as_str(),
         trace_id = %trace.trace_id_display(),
     );
+    crate::telemetry::adopt(&span, &trace);
     serve_api(route, &request, payload, service, start, trace)
         .instrument(span)
         .await

@@ -36,6 +36,7 @@ use flight::{Flight, Miss};
 use flight_lock::Holders;
 pub use ingest::{IngestReport, RejectedLine};
 use purge::PurgeLimiter;
+use tracing::Instrument;
 
 mod access;
 mod dashboard;
@@ -330,7 +331,10 @@ impl Service {
         ops.extend(self.budget.counter_ops(&tenant, now));
         let (values, looked) = match &key {
             Some(key) if plan.read => {
-                let (values, looked) = self.lookup(key, &ops).await;
+                let (values, looked) = self
+                    .lookup(key, &ops)
+                    .instrument(tracing::info_span!("cache.read"))
+                    .await;
                 (values, Some(looked))
             }
             _ if ops.is_empty() => (Some(Vec::new()), None),
@@ -509,6 +513,7 @@ impl Service {
     }
 
     /// Logs `entry` for the edge tier (one Redis command).
+    #[tracing::instrument(name = "replication.offer", skip_all)]
     async fn offer(&self, entry: Arc<Entry>) {
         let outcome = if self.replicator.offer(entry).await {
             "offered"

@@ -223,6 +223,7 @@ impl Service {
 
     /// A coalesced request: a stream joins the leader's live stream (from its first event,
     /// then live); anything else waits for the whole answer.
+    #[tracing::instrument(name = "coalesce.wait", skip_all)]
     async fn follow(
         &self,
         mut waiter: Waiter<Flight>,
@@ -470,6 +471,7 @@ impl Service {
         })
     }
 
+    #[tracing::instrument(name = "cache.write", skip_all)]
     async fn write(&self, key: &CacheKey, entry: &Entry) {
         let bytes = match entry.encode() {
             Ok(bytes) => bytes,

@@ -3,26 +3,65 @@
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use gateway_e2e::stack::{ACME, Stack, chat_body, post};
+use gateway_fixtures::{OtlpReceiver, ReceivedSpan};
+use gateway_origin::telemetry::Telemetry;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-/// The in-process origin's log output, shared by every test of this binary that runs it.
-fn origin_logs() -> Arc<Mutex<Vec<u8>>> {
-    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
-    LOGS.get_or_init(|| {
+/// What the in-process origin emits, shared by every test of this binary: its log lines and
+/// the spans it exports to an OTLP/HTTP receiver (on a thread of its own, so it outlives any
+/// one test's runtime).
+struct Observed {
+    logs: Arc<Mutex<Vec<u8>>>,
+    receiver: OtlpReceiver,
+    telemetry: Telemetry,
+}
+
+fn observed() -> &'static Observed {
+    static OBSERVED: OnceLock<Observed> = OnceLock::new();
+    OBSERVED.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let receiver = OtlpReceiver::start("127.0.0.1:0".parse().unwrap())
+                    .await
+                    .unwrap();
+                tx.send(receiver).unwrap();
+                std::future::pending::<()>().await;
+            });
+        });
+        let receiver = rx.recv().unwrap();
         let logs = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&logs);
-        let subscriber = tracing_subscriber::fmt()
-            .json()
-            .with_env_filter("gateway_origin=info")
-            .with_writer(move || Capture(Arc::clone(&sink)))
-            .finish();
+        let (telemetry, otel) = Telemetry::otlp(&receiver.url(), "gateway-origin").unwrap();
         // Another test may have installed one first: then this test fails on missing lines,
         // loudly, rather than silently passing.
-        let _ = tracing::subscriber::set_global_default(subscriber);
-        logs
+        let _ = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("gateway_origin=info"))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(move || Capture(Arc::clone(&sink))),
+            )
+            .with(otel)
+            .try_init();
+        Observed {
+            logs,
+            receiver,
+            telemetry,
+        }
     })
-    .clone()
+}
+
+fn origin_logs() -> Arc<Mutex<Vec<u8>>> {
+    Arc::clone(&observed().logs)
 }
 
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -97,6 +136,43 @@ async fn a_client_traceparent_reaches_the_provider_and_every_tiers_log_line() {
         origin.iter().any(|l| l.contains("\"message\":\"request\"")),
         "the origin's request line carries the trace id: {origin:?}"
     );
+
+    // The exported spans: the origin's request span is a child of the edge's span (the
+    // parent in the traceparent the edge sent), and the provider's parent is the attempt.
+    let spans = spans_of(
+        TRACE_ID,
+        &["request", "cache.read", "provider.attempt", "cache.write"],
+    );
+    let span = |name: &str| spans.iter().find(|s| s.name == name).unwrap();
+    let request = span("request");
+    assert_eq!(request.service, "gateway-origin");
+    assert!(
+        !request.parent_span_id.is_empty() && request.parent_span_id != CLIENT_SPAN,
+        "the request span's parent is the edge's span: {request:?}"
+    );
+    for child in ["cache.read", "provider.attempt", "cache.write"] {
+        assert_eq!(span(child).parent_span_id, request.span_id, "{child}");
+    }
+    assert_eq!(parts[2], span("provider.attempt").span_id);
+}
+
+/// The spans of `trace_id` at the receiver once every one of `names` arrived (10 s at most).
+fn spans_of(trace_id: &str, names: &[&str]) -> Vec<ReceivedSpan> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        observed().telemetry.flush();
+        let spans: Vec<ReceivedSpan> = observed()
+            .receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect();
+        if names.iter().all(|n| spans.iter().any(|s| s.name == *n)) {
+            return spans;
+        }
+        assert!(Instant::now() < deadline, "spans of {trace_id}: {spans:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
