@@ -65,13 +65,14 @@ setup:
     just python-venv
     echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2), promtool $(promtool --version 2>&1 | head -1 | awk '{print $3}'), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
 
-# The official `openai` Python client in .local/venv (gitignored), for the real-client e2e test.
+# The official `openai` and `anthropic` Python clients in .local/venv (gitignored), for the
+# real-client e2e tests.
 python-venv:
     #!/usr/bin/env bash
     set -euo pipefail
-    if ! .local/venv/bin/python -c 'import openai' 2>/dev/null; then
-        echo "python-venv: installing the openai package into .local/venv"
-        python3 -m venv .local/venv && .local/venv/bin/pip install -q 'openai>=1.50,<3'
+    if ! .local/venv/bin/python -c 'import openai, anthropic' 2>/dev/null; then
+        echo "python-venv: installing the openai and anthropic packages into .local/venv"
+        python3 -m venv .local/venv && .local/venv/bin/pip install -q 'openai>=1.50,<3' 'anthropic>=0.40,<1'
     fi
 
 # Build the host crates (origin, fixtures, tests).

@@ -9,12 +9,16 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
 use crate::error::ApiError;
+use crate::policy::Bypass;
 use crate::route::Route;
+
+mod apis;
 
 /// The default request body limit, in bytes.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
-/// The fields that never change the answer; dropped (top level only) before keying.
+/// The fields that never change the answer; dropped (top level only) before keying. The
+/// Responses and Messages APIs have their own lists (`dropped_fields`).
 pub const DROPPED_FIELDS: &[&str] = &["stream", "stream_options", "user", "metadata", "store"];
 
 /// Why a request body was refused. Every variant is a client error; `to_api_error` gives the
@@ -84,8 +88,13 @@ pub struct ParsedRequest {
     /// decides whether such answers are cached (`policy::plan`).
     pub sampled: bool,
     /// Body `"store": true`: the client asks the provider to keep the completion, a side
-    /// effect a cached answer would silently drop (`policy::plan`).
+    /// effect a cached answer would silently drop (`policy::plan`). On `/v1/responses` an
+    /// absent `store` counts as true, OpenAI's default there.
     pub store: bool,
+    /// The answer depends on state kept by the provider or is produced asynchronously
+    /// (`/v1/responses` with `previous_response_id`, `conversation` or `background: true`):
+    /// never read from nor written to the cache, whatever the policy (`policy::plan`).
+    pub never_cached: Option<Bypass>,
     /// Canonical bytes (sorted keys, no whitespace, exact numbers, dropped fields removed).
     /// None when the body holds a number that cannot be represented exactly: the request is
     /// served but never cached (bypass), never a collision.
@@ -133,6 +142,8 @@ pub fn parse_request(
                 ));
             }
         },
+        Route::Responses => apis::validate_responses(&fields)?,
+        Route::Messages => apis::validate_messages_request(&fields)?,
     }
 
     let stream = match fields.get("stream") {
@@ -151,14 +162,22 @@ pub fn parse_request(
     };
 
     let sampled = route != Route::Embeddings && is_sampled(&fields);
-    let store = matches!(fields.get("store"), Some(Value::Bool(true)));
+    let store = match route {
+        Route::Responses => apis::responses_store(&fields),
+        Route::Messages => false,
+        _ => matches!(fields.get("store"), Some(Value::Bool(true))),
+    };
+    let never_cached = match route {
+        Route::Responses => apis::responses_never_cached(&fields),
+        _ => None,
+    };
 
-    for field in DROPPED_FIELDS {
+    for field in dropped_fields(route) {
         fields.remove(*field);
     }
-    // Only chat completions can be replayed as a stream, so a streamed request on another route
-    // is served but never cached.
-    let canonical = if stream && route != Route::ChatCompletions {
+    // Only some routes' answers can be replayed as a stream, so a streamed request on another
+    // route is served but never cached.
+    let canonical = if stream && !route.replays_streams() {
         None
     } else {
         serialize(&Value::Object(fields))
@@ -171,8 +190,19 @@ pub fn parse_request(
         include_usage,
         sampled,
         store,
+        never_cached,
         canonical,
     })
+}
+
+/// The top-level fields dropped before keying on `route`: fields that change how an answer
+/// is delivered, billed or kept, never what it says.
+pub fn dropped_fields(route: Route) -> &'static [&'static str] {
+    match route {
+        Route::Responses => apis::RESPONSES_DROPPED_FIELDS,
+        Route::Messages => apis::MESSAGES_DROPPED_FIELDS,
+        _ => DROPPED_FIELDS,
+    }
 }
 
 /// Randomness decides the answer: no `seed`, and `temperature` absent or null (the providers

@@ -45,6 +45,40 @@ impl ApiError {
         out.into_bytes()
     }
 
+    /// Anthropic's body for the same error, one line of JSON:
+    /// `{"type":"error","error":{"type":..,"message":..}}`, the `type` being the one Anthropic
+    /// uses for the status (400 invalid_request_error, 401 authentication_error, 403
+    /// permission_error, 404 not_found_error, 413 request_too_large, 429 rate_limit_error,
+    /// 529 overloaded_error, any other api_error).
+    pub fn to_anthropic_json(&self) -> Vec<u8> {
+        let kind = match self.status {
+            400 | 405 => INVALID_REQUEST,
+            401 => AUTHENTICATION,
+            403 => PERMISSION,
+            404 => "not_found_error",
+            413 => "request_too_large",
+            429 => RATE_LIMIT,
+            503 | 529 => "overloaded_error",
+            _ => API,
+        };
+        let mut out = String::from("{\"type\":\"error\",\"error\":{\"type\":");
+        write_json_string(&mut out, kind);
+        out.push_str(",\"message\":");
+        write_json_string(&mut out, &self.message);
+        out.push_str("}}");
+        out.into_bytes()
+    }
+
+    /// The body in the shape of `route`'s API: Anthropic's for `/v1/messages`, OpenAI's
+    /// otherwise.
+    pub fn to_json_for(&self, route: crate::route::Route) -> Vec<u8> {
+        if route.is_anthropic() {
+            self.to_anthropic_json()
+        } else {
+            self.to_json()
+        }
+    }
+
     fn new(status: u16, message: impl Into<String>, kind: &'static str) -> Self {
         ApiError {
             status,
@@ -157,6 +191,38 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anthropic_bodies_carry_anthropic_error_types_for_each_status() {
+        let cases = [
+            (
+                ApiError::bad_request("bad \"x\"", Some("x")),
+                "invalid_request_error",
+            ),
+            (ApiError::unauthorized(), "authentication_error"),
+            (ApiError::forbidden_model("m"), "permission_error"),
+            (ApiError::not_found("/v1/x"), "not_found_error"),
+            (ApiError::too_large(10), "request_too_large"),
+            (ApiError::rate_limited("slow down"), "rate_limit_error"),
+            (ApiError::bad_gateway("down"), "api_error"),
+            (ApiError::unavailable("origin"), "overloaded_error"),
+        ];
+        for (error, kind) in cases {
+            let body: serde_json::Value =
+                serde_json::from_slice(&error.to_anthropic_json()).unwrap();
+            assert_eq!(body["type"], "error");
+            assert_eq!(body["error"]["type"], kind, "{}", error.status);
+            assert_eq!(body["error"]["message"], error.message.as_str());
+            assert_eq!(
+                error.to_json_for(crate::route::Route::Messages),
+                error.to_anthropic_json()
+            );
+            assert_eq!(
+                error.to_json_for(crate::route::Route::Responses),
+                error.to_json()
+            );
+        }
+    }
 
     fn body(e: &ApiError) -> serde_json::Value {
         serde_json::from_slice(&e.to_json()).unwrap()

@@ -11,6 +11,7 @@ pub mod policy;
 pub mod route;
 pub mod sse;
 pub mod tenant;
+pub mod traceparent;
 pub mod usage;
 
 pub use canonical::{
@@ -25,6 +26,7 @@ pub use key::{
 };
 pub use policy::{Bypass, Freshness, Plan, RequestDirectives};
 pub use route::Route;
-pub use sse::{ChatAssembler, SseError, replay_chat};
+pub use sse::{Assembler, ChatAssembler, SseError, replay, replay_chat};
 pub use tenant::{Tenant, TenantsFile};
+pub use traceparent::TraceContext;
 pub use usage::{Outcome, Tier, UsageRecord};

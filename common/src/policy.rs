@@ -90,6 +90,13 @@ pub enum Bypass {
     /// `"store": true`, and the tenant does not answer those from cache
     /// (`Tenant::cache_store_requests`).
     Store,
+    /// `/v1/responses` with `previous_response_id`: the answer continues a conversation the
+    /// provider keeps, so the same body can mean something else each time.
+    PreviousResponse,
+    /// `/v1/responses` with `conversation`: the same, for a provider-kept conversation object.
+    Conversation,
+    /// `/v1/responses` with `background: true`: answered with a pending response to poll.
+    Background,
 }
 
 impl Bypass {
@@ -100,6 +107,9 @@ impl Bypass {
             Bypass::NoStore => "no-store",
             Bypass::Sampled => "sampled",
             Bypass::Store => "store",
+            Bypass::PreviousResponse => "previous-response-id",
+            Bypass::Conversation => "conversation",
+            Bypass::Background => "background",
         }
     }
 }
@@ -116,11 +126,14 @@ impl Plan {
     }
 }
 
-/// The decision table, the same in both tiers: an uncacheable body, `no-store`, or a request
+/// The decision table, the same in both tiers: a request whose answer depends on provider-kept
+/// state (`ParsedRequest::never_cached`), an uncacheable body, `no-store`, or a request
 /// the tenant's policy keeps out of the cache (sampled answers, `store: true`) -> neither read
 /// nor write. `no-cache` -> write only. Otherwise read and write.
 pub fn plan(directives: RequestDirectives, request: &ParsedRequest, tenant: &Tenant) -> Plan {
-    let bypass = if request.canonical.is_none() {
+    let bypass = if let Some(reason) = request.never_cached {
+        Some(reason)
+    } else if request.canonical.is_none() {
         Some(Bypass::Uncacheable)
     } else if directives.no_store {
         Some(Bypass::NoStore)
@@ -143,7 +156,7 @@ pub fn plan(directives: RequestDirectives, request: &ParsedRequest, tenant: &Ten
 }
 
 /// Only complete 2xx answers with a JSON content type whose body is a JSON object without a
-/// top-level "error" member.
+/// top-level "error" member (other than `"error": null`).
 ///
 /// JSON content types are `application/json` and any `+json` type, parameters ignored. The body
 /// must parse strictly (a truncated body does not), so an incomplete answer is never stored.
@@ -160,7 +173,9 @@ pub fn is_cacheable_response(status: u16, content_type: &str, body: &[u8]) -> bo
     if media_type != "application/json" && !media_type.ends_with("+json") {
         return false;
     }
-    matches!(parse_strict(body), Ok(Value::Object(fields)) if !fields.contains_key("error"))
+    // `"error": null` is no error: a Responses API `response` always carries the member.
+    matches!(parse_strict(body), Ok(Value::Object(fields))
+        if matches!(fields.get("error"), None | Some(Value::Null)))
 }
 
 /// requested (tenant default) capped to [1, cap].
@@ -251,8 +266,26 @@ mod tests {
             include_usage: false,
             sampled,
             store,
+            never_cached: None,
             canonical: canonical.then(|| b"{}".to_vec()),
         }
+    }
+
+    #[test]
+    fn a_request_on_provider_kept_state_is_never_cached_whatever_the_tenant_allows() {
+        for reason in [
+            Bypass::PreviousResponse,
+            Bypass::Conversation,
+            Bypass::Background,
+        ] {
+            let request = ParsedRequest {
+                never_cached: Some(reason),
+                ..request(true, false, false)
+            };
+            let plan = plan(RequestDirectives::default(), &request, &tenant(true, true));
+            assert_eq!(plan, Plan::bypass(reason));
+        }
+        assert_eq!(Bypass::PreviousResponse.as_str(), "previous-response-id");
     }
 
     fn tenant(cache_sampled: bool, cache_store_requests: bool) -> Tenant {
@@ -350,6 +383,12 @@ mod tests {
             200,
             "application/json",
             br#"{"error":{"message":"m"}}"#
+        ));
+        // A Responses API `response` always has the member; null means no error.
+        assert!(is_cacheable_response(
+            200,
+            "application/json",
+            br#"{"object":"response","error":null}"#
         ));
     }
 

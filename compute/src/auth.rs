@@ -1,4 +1,5 @@
-//! Who is calling: `Authorization: Bearer <key>` → SHA-256 → the Config Store `tenants`.
+//! Who is calling: `Authorization: Bearer <key>` (or `x-api-key: <key>`, as the Anthropic SDKs
+//! send it) → SHA-256 → the Config Store `tenants`.
 //! Runs before anything else, so an unknown key costs no KV read and no origin request.
 
 use fastly::ConfigStore;
@@ -17,10 +18,15 @@ pub enum AuthError {
     Unavailable,
 }
 
-/// Resolve the caller's tenant. A record that does not decode is logged and treated as unknown.
-pub fn authenticate(authorization: Option<&str>) -> Result<Tenant, AuthError> {
+/// Resolve the caller's tenant from the bearer token, or else `x-api-key`. A record that does
+/// not decode is logged and treated as unknown.
+pub fn authenticate(
+    authorization: Option<&str>,
+    x_api_key: Option<&str>,
+) -> Result<Tenant, AuthError> {
     let key = authorization
         .and_then(bearer_token)
+        .or_else(|| x_api_key.map(str::trim).filter(|k| !k.is_empty()))
         .ok_or(AuthError::Missing)?;
     let digest = api_key_digest(key);
     let store = ConfigStore::try_open(TENANTS_STORE).map_err(|e| {

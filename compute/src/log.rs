@@ -20,6 +20,8 @@ pub struct LogLine {
     method: String,
     path: String,
     pub tenant: Option<String>,
+    /// The W3C trace id this request runs under (the client's, or one the edge started).
+    pub trace_id: Option<String>,
     pub key: Option<String>,
     pub kv: Option<KvRead>,
     /// Write the usage record (`edge_config.usage_log`); off until the settings are read.
@@ -48,6 +50,7 @@ impl LogLine {
             method: req.get_method_str().to_owned(),
             path: req.get_path().to_owned(),
             tenant: None,
+            trace_id: None,
             key: None,
             kv: None,
             usage_log: false,
@@ -112,6 +115,7 @@ impl LogLine {
             "layer": self.layer,
             "kv": self.kv.map(KvRead::as_str),
             "tenant": self.tenant,
+            "trace_id": self.trace_id,
             "key": self.key,
             "region": self.region,
             "tried": self.tried,

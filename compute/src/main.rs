@@ -8,8 +8,10 @@ mod limit;
 mod log;
 mod origin;
 mod region;
+mod populate;
 mod respond;
 mod settings;
+mod trace;
 
 use std::io::Read;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -39,8 +41,10 @@ use crate::settings::EdgeSettings;
 
 fn main() {
     let started = Instant::now();
-    let req = Request::from_client();
+    let mut req = Request::from_client();
+    let span = trace::enter(&mut req);
     let mut log = LogLine::new(&req);
+    log.trace_id = Some(span.trace_id());
     let reply = handle(req, &mut log);
     match reply {
         Reply::Send(resp) => {
@@ -75,26 +79,33 @@ enum Reply {
     },
 }
 
-fn fail(err: &ApiError) -> Reply {
-    Reply::Send(respond::error(err))
+/// An error answer in the shape of `api`'s API (`None`: OpenAI's).
+fn fail(api: Option<Route>, err: &ApiError) -> Reply {
+    Reply::Send(respond::error(api, err))
 }
 
 fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     let path = req.get_path().to_owned();
     if !path.starts_with("/v1/") {
-        return fail(&ApiError::not_found(&path));
+        return fail(None, &ApiError::not_found(&path));
     }
+    // Known before anything can fail, so every error has its API's shape.
+    let api = Route::from_path(&path);
 
     let mut timing = ServerTiming::new();
     let auth_started = Instant::now();
-    let tenant = match auth::authenticate(header(&req, "authorization")) {
+    let tenant = match auth::authenticate(header(&req, "authorization"), header(&req, "x-api-key"))
+    {
         Ok(tenant) => tenant,
         Err(AuthError::Unavailable) => {
-            return fail(&ApiError::unavailable(
-                "the edge cannot verify API keys right now",
-            ));
+            return fail(
+                api,
+                &ApiError::unavailable("the edge cannot verify API keys right now"),
+            );
         }
-        Err(AuthError::Missing | AuthError::Unknown) => return fail(&ApiError::unauthorized()),
+        Err(AuthError::Missing | AuthError::Unknown) => {
+            return fail(api, &ApiError::unauthorized());
+        }
     };
     record(&mut timing, log, "auth", auth_started);
     log.tenant = Some(tenant.id.clone());
@@ -106,25 +117,25 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     } = limit::check(&tenant, &settings)
     {
         let err = ApiError::rate_limited("Rate limit reached for requests per second.");
-        return Reply::Send(respond::error_retry_after(&err, retry_after_secs));
+        return Reply::Send(respond::error_retry_after(api, &err, retry_after_secs));
     }
 
-    let route = Route::from_path(&path).filter(|_| req.get_method() == Method::POST);
+    let route = api.filter(|_| req.get_method() == Method::POST);
     let Some(route) = route else {
         // Models, cache purge and anything else: the origin decides, unchanged.
-        return pass_through(req, &settings, timing, log);
+        return pass_through(api, req, &settings, timing, log);
     };
 
     let body = match read_body(&mut req, settings.max_body_bytes) {
         Ok(body) => body,
-        Err(e) => return fail(&e.to_api_error()),
+        Err(e) => return fail(api, &e.to_api_error()),
     };
     let parsed = match parse_request(route, &body, settings.max_body_bytes) {
         Ok(parsed) => parsed,
-        Err(e) => return fail(&e.to_api_error()),
+        Err(e) => return fail(api, &e.to_api_error()),
     };
     if !tenant.allows_model(&parsed.model) {
-        return fail(&ApiError::forbidden_model(&parsed.model));
+        return fail(api, &ApiError::forbidden_model(&parsed.model));
     }
 
     let directives = parse_cache_control(header(&req, "cache-control"), header(&req, "pragma"));
@@ -170,6 +181,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                         log.served_from(&entry);
                         let served = Served {
                             entry,
+                            route,
                             key,
                             outcome: CacheOutcome::Hit,
                             age,
@@ -219,8 +231,8 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
             }
             log.not_served();
             match failed {
-                Ok(resp) => clean_server_error(resp),
-                Err(failure) => return upstream.tag(fail(&origin_error(failure))),
+                Ok(resp) => clean_server_error(api, resp),
+                Err(failure) => return upstream.tag(fail(api, &origin_error(failure))),
             }
         }
     };
@@ -309,13 +321,20 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     // has stored. So the edge stores only answers the origin served from its own cache: never
     // one the origin declined to keep (its policy decides), and never a fresh upstream answer
     // whose Redis write may have failed. Locally this gives the walk MISS -> origin HIT -> edge HIT.
+    let streamed = d.parsed.stream;
     let populate = d.settings.fallback().populate_on_fallback
         && d.plan.write
         && d.key.is_some()
-        && !d.parsed.stream
+        && (!streamed || populate::from_stream(d.parsed.route))
         && resp.get_status().as_u16() == 200
         && header_resp(&resp, X_CACHE) == Some(CacheOutcome::Hit.as_str())
-        && header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json"));
+        && header_resp(&resp, "content-type").is_some_and(|ct| {
+            ct.starts_with(if streamed {
+                "text/event-stream"
+            } else {
+                "application/json"
+            })
+        });
 
     let mut member = CacheStatusMember::fwd(CACHE_NAME, d.fwd, populate);
     if let Some(reason) = d.plan.bypass {
@@ -340,10 +359,16 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         return Reply::Send(resp);
     };
     let body = resp.take_body_bytes();
-    let content_type = header_resp(&resp, "content-type")
-        .unwrap_or("application/json")
-        .to_owned();
-    if !is_cacheable_response(200, &content_type, &body) {
+    let (content_type, stored) = if streamed {
+        match populate::assemble(d.parsed.route, &body) {
+            Some(json) => ("application/json".to_owned(), json),
+            None => return Reply::Send(resp.with_body(body)),
+        }
+    } else {
+        let content_type = header_resp(&resp, "content-type").unwrap_or("application/json");
+        (content_type.to_owned(), body.clone())
+    };
+    if !is_cacheable_response(200, &content_type, &stored) {
         return Reply::Send(resp.with_body(body));
     }
     // An origin hit is as old as the origin says: keep created-at consistent across tiers.
@@ -354,7 +379,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     let provider = header_resp(&resp, X_UPSTREAM_PROVIDER)
         .unwrap_or_default()
         .to_owned();
-    let (model, usage) = model_and_usage(&body, &d.parsed.model);
+    let (model, usage) = model_and_usage(&stored, &d.parsed.model);
     let entry = Entry {
         envelope: Envelope {
             v: ENTRY_VERSION,
@@ -371,7 +396,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
             // entry populated here is refused rather than served after a purge it missed.
             generation: d.tenant.purge_generation,
         },
-        body: body.clone(),
+        body: stored,
     };
     let kv_ttl_secs = entry
         .kv_expiry(d.tenant.stale_if_error_secs)
@@ -398,6 +423,7 @@ fn serve_stale(
         - i64::try_from(age).unwrap_or(i64::MAX);
     let served = Served {
         entry,
+        route: parsed.route,
         key,
         outcome: CacheOutcome::Stale,
         age,
@@ -408,20 +434,24 @@ fn serve_stale(
     respond::from_entry(served, timing).map(Reply::Send)
 }
 
-/// Keep the origin's own OpenAI-shaped 5xx; replace anything else (an HTML page from a load
-/// balancer, an empty body) with a clean error of the same class.
-fn clean_server_error(resp: Response) -> Response {
+/// Keep the origin's own JSON 5xx (already in the route's shape); replace anything else (an
+/// HTML page from a load balancer, an empty body) with a clean error of the same class.
+fn clean_server_error(api: Option<Route>, resp: Response) -> Response {
     if header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json")) {
         return resp;
     }
-    respond::error(&origin_error(match resp.get_status().as_u16() {
-        503 => OriginFailure::Unreachable,
-        504 => OriginFailure::Timeout,
-        _ => OriginFailure::Broken,
-    }))
+    respond::error(
+        api,
+        &origin_error(match resp.get_status().as_u16() {
+            503 => OriginFailure::Unreachable,
+            504 => OriginFailure::Timeout,
+            _ => OriginFailure::Broken,
+        }),
+    )
 }
 
 fn pass_through(
+    api: Option<Route>,
     mut req: Request,
     settings: &EdgeSettings,
     mut timing: ServerTiming,
@@ -430,7 +460,7 @@ fn pass_through(
     // Into memory (bounded), so another region can be tried with the same body.
     let body = match read_body(&mut req, settings.max_body_bytes) {
         Ok(body) => body,
-        Err(e) => return fail(&e.to_api_error()),
+        Err(e) => return fail(api, &e.to_api_error()),
     };
     req.set_body(body);
     let started = Instant::now();
@@ -443,12 +473,12 @@ fn pass_through(
             let server_timing = timing.append_to(header_resp(&resp, SERVER_TIMING));
             resp.set_header(SERVER_TIMING, server_timing);
             Reply::Send(if resp.get_status().is_server_error() {
-                clean_server_error(resp)
+                clean_server_error(api, resp)
             } else {
                 resp
             })
         }
-        Err(failure) => fail(&origin_error(failure)),
+        Err(failure) => fail(api, &origin_error(failure)),
     };
     upstream.tag(reply)
 }
@@ -519,8 +549,17 @@ fn model_and_usage(body: &[u8], requested: &str) -> (String, Option<Usage>) {
         .to_owned();
     let usage = value.get("usage").and_then(|u| {
         let n = |k: &str| u.get(k).and_then(serde_json::Value::as_u64);
-        let prompt = n("prompt_tokens")?;
-        let completion = n("completion_tokens").unwrap_or(0);
+        // OpenAI chat names, or the Responses and Messages APIs' (Anthropic counts prompt-cache
+        // reads and writes apart from input_tokens).
+        let prompt = n("prompt_tokens").or_else(|| {
+            let cached = n("cache_creation_input_tokens")
+                .unwrap_or(0)
+                .saturating_add(n("cache_read_input_tokens").unwrap_or(0));
+            n("input_tokens").map(|i| i.saturating_add(cached))
+        })?;
+        let completion = n("completion_tokens")
+            .or_else(|| n("output_tokens"))
+            .unwrap_or(0);
         Some(Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,

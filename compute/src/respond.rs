@@ -1,5 +1,5 @@
 //! Building the edge's own responses: cache hits (JSON or replayed SSE), stale answers and
-//! OpenAI-shaped errors. Pure construction; nothing here reads a store or the network.
+//! errors in the shape of the route's API (OpenAI's, Anthropic's on `/v1/messages`). Pure construction; nothing here reads a store or the network.
 
 use fastly::Response;
 use fastly::http::{HeaderValue, StatusCode};
@@ -10,29 +10,35 @@ use gateway_common::headers::{
     X_CACHE_KEY, X_CACHE_LAYER, X_UPSTREAM_PROVIDER,
 };
 use gateway_common::key::CacheKey;
-use gateway_common::sse::replay_chat;
+use gateway_common::route::Route;
+use gateway_common::sse;
 
 /// The name this tier uses in `Cache-Status` (RFC 9211).
 pub const CACHE_NAME: &str = "gateway-edge";
 
-/// An OpenAI-shaped error body with its status.
-pub fn error(err: &ApiError) -> Response {
+/// An error body with its status, in the shape of `route`'s API (OpenAI's when `None`).
+pub fn error(route: Option<Route>, err: &ApiError) -> Response {
+    let body = match route {
+        Some(route) => err.to_json_for(route),
+        None => err.to_json(),
+    };
     Response::from_status(
         StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     )
     .with_header("content-type", "application/json")
-    .with_body(err.to_json())
+    .with_body(body)
 }
 
-/// An OpenAI-shaped error with `Retry-After` (seconds), for a 429.
-pub fn error_retry_after(err: &ApiError, retry_after_secs: u64) -> Response {
-    error(err).with_header("retry-after", retry_after_secs.to_string())
+/// An error with `Retry-After` (seconds), for a 429.
+pub fn error_retry_after(route: Option<Route>, err: &ApiError, retry_after_secs: u64) -> Response {
+    error(route, err).with_header("retry-after", retry_after_secs.to_string())
 }
 
 /// How a cached entry is to be presented. Owns the entry so the body moves into the
 /// response instead of being copied.
 pub struct Served<'a> {
     pub entry: Entry,
+    pub route: Route,
     pub key: &'a CacheKey,
     pub outcome: CacheOutcome,
     pub age: u64,
@@ -44,7 +50,7 @@ pub struct Served<'a> {
 }
 
 /// A response from a cached entry, or `None` when the entry cannot answer this request
-/// (a `stream: true` request against an entry that is not a chat completion): a miss.
+/// (a `stream: true` request against an entry its route cannot replay): a miss.
 pub fn from_entry(served: Served<'_>, timing: &ServerTiming) -> Option<Response> {
     let Entry {
         envelope: env,
@@ -53,7 +59,7 @@ pub fn from_entry(served: Served<'_>, timing: &ServerTiming) -> Option<Response>
     let (content_type, body) = if served.stream {
         (
             "text/event-stream",
-            replay_chat(&body, served.include_usage).ok()?,
+            sse::replay(served.route, &body, served.include_usage).ok()?,
         )
     } else {
         (env.content_type.as_str(), body)
@@ -95,7 +101,7 @@ mod tests {
     #[test]
     fn a_rate_limit_refusal_is_a_429_with_retry_after_and_an_openai_body() {
         let err = ApiError::rate_limited("Rate limit reached for requests per second.");
-        let mut resp = error_retry_after(&err, 60);
+        let mut resp = error_retry_after(None, &err, 60);
         assert_eq!(resp.get_status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(
             resp.get_header_str("retry-after"),

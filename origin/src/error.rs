@@ -1,15 +1,26 @@
-//! The one place an error becomes an HTTP response: OpenAI-shaped JSON with the right status
-//! (and `Retry-After` for 429s), including the 404/405 fallbacks, so no actix text error leaks.
+//! The one place an error becomes an HTTP response: OpenAI-shaped JSON (Anthropic-shaped on
+//! `/v1/messages`) with the right status (and `Retry-After` for 429s), including the 404/405
+//! fallbacks, so no actix text error leaks.
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse};
 use gateway_common::error::ApiError;
+use gateway_common::route::Route;
 
 use crate::service::Refusal;
 
-/// The response for a refusal.
+/// The response for a refusal, OpenAI-shaped.
 pub fn error_response(refusal: &Refusal) -> HttpResponse {
+    respond(refusal, refusal.error.to_json())
+}
+
+/// The response for a refusal on `route`, in its API's shape.
+pub fn error_response_for(route: Route, refusal: &Refusal) -> HttpResponse {
+    respond(refusal, refusal.error.to_json_for(route))
+}
+
+fn respond(refusal: &Refusal, body: Vec<u8>) -> HttpResponse {
     let status =
         StatusCode::from_u16(refusal.error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = HttpResponse::build(status);
@@ -20,7 +31,7 @@ pub fn error_response(refusal: &Refusal) -> HttpResponse {
     if let Some(secs) = refusal.retry_after_secs {
         response.insert_header((header::RETRY_AFTER, secs.to_string()));
     }
-    response.body(refusal.error.to_json())
+    response.body(body)
 }
 
 /// Fallback for any path no route matches.

@@ -8,6 +8,9 @@ use anyhow::Context;
 use clap::Parser;
 use gateway_origin::Application;
 use gateway_origin::settings::{LogFormat, Settings};
+use gateway_origin::telemetry::Telemetry;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -28,12 +31,25 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref(), &env)?;
     let filter =
         tracing_subscriber::EnvFilter::try_new(&settings.log.filter).context("log.filter")?;
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter);
+    // Spans are exported only when an endpoint is configured; the layer is then added beside
+    // the log output, and the guard flushes what is buffered when the server stops.
+    let (telemetry, otel) = match &settings.log.otlp_endpoint {
+        Some(endpoint) => {
+            let (telemetry, layer) = Telemetry::otlp(endpoint, &settings.log.service_name)?;
+            (Some(telemetry), Some(layer))
+        }
+        None => (None, None),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
     match settings.log.format {
-        LogFormat::Json => subscriber.json().init(),
-        LogFormat::Text => subscriber.init(),
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json())
+            .init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
     let app = Application::build(settings)?;
     tracing::info!(addr = %app.addr(), "gateway-origin listening");
-    app.run().await.context("server")
+    let served = app.run().await.context("server");
+    drop(telemetry);
+    served
 }

@@ -13,6 +13,7 @@ use serde_json::value::RawValue;
 
 use crate::breaker::Breaker;
 use crate::metrics::Metrics;
+use crate::provider_api::{self, Passthrough, ProviderApi};
 use crate::settings::{ProviderSettings, RouterSettings, Secret, ms};
 
 /// Why one attempt failed. All of these are retryable on another provider.
@@ -77,6 +78,7 @@ struct Provider {
     base_url: String,
     api_key: Option<Secret>,
     models: BTreeMap<String, String>,
+    apis: Vec<ProviderApi>,
     priority: u32,
     weight: u32,
     timeout: Duration,
@@ -198,6 +200,7 @@ impl Router {
                     base_url: p.base_url.clone(),
                     api_key: p.api_key.clone(),
                     models: p.models.clone(),
+                    apis: p.apis.clone(),
                     priority: p.priority,
                     weight: p.weight,
                     timeout: ms(p.timeout_ms),
@@ -242,8 +245,9 @@ impl Router {
         model: &str,
         body: &Bytes,
         stream: bool,
+        passthrough: &Passthrough,
     ) -> Result<Upstream, RouterError> {
-        let candidates = self.candidates(model);
+        let candidates = self.candidates(ProviderApi::for_route(route), model);
         if candidates.is_empty() {
             return Err(RouterError::NoProvider(model.to_string()));
         }
@@ -267,7 +271,18 @@ impl Router {
             let provider_model = provider.model_for(model).unwrap_or(model);
             let start = Instant::now();
             let result = self
-                .attempt(&provider, route, provider_model, model, body, stream)
+                .attempt(
+                    &provider,
+                    attempts,
+                    provider_model,
+                    model,
+                    Call {
+                        route,
+                        body,
+                        stream,
+                        passthrough,
+                    },
+                )
                 .await;
             self.metrics
                 .provider_duration
@@ -324,11 +339,11 @@ impl Router {
 
     /// Providers serving `model`: by priority, and within one priority in a weighted random
     /// order (so weights split the traffic and failover goes to a sibling first).
-    fn candidates(&self, model: &str) -> Vec<Arc<Provider>> {
+    fn candidates(&self, api: ProviderApi, model: &str) -> Vec<Arc<Provider>> {
         let mut serving: Vec<Arc<Provider>> = self
             .providers
             .iter()
-            .filter(|p| p.model_for(model).is_some())
+            .filter(|p| p.apis.contains(&api) && p.model_for(model).is_some())
             .cloned()
             .collect();
         serving.sort_by_key(|p| p.priority);
@@ -362,30 +377,48 @@ impl Router {
         ordered
     }
 
+    /// One provider attempt, a span of its own (`attempt` counts the failovers before it).
+    #[tracing::instrument(
+        name = "provider.attempt",
+        skip_all,
+        fields(provider = %provider.name, route = call.route.as_str(), attempt)
+    )]
     async fn attempt(
         &self,
         provider: &Provider,
-        route: Route,
+        attempt: u32,
         provider_model: &str,
         client_model: &str,
-        body: &Bytes,
-        stream: bool,
+        call: Call<'_>,
     ) -> Result<Upstream, Failure> {
+        tracing::Span::current().record("attempt", attempt);
+        let Call {
+            route,
+            body,
+            stream,
+            passthrough,
+        } = call;
         let payload = if provider_model == client_model {
             body.clone()
         } else {
             rewrite_model(body, provider_model)
                 .map_err(|e| Failure::Retryable(AttemptError::Body(e)))?
         };
-        let mut request = provider
+        let request = provider
             .client
             .post(provider.url(route))
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(payload);
         // Only the provider's own key ever leaves: the client's key is never forwarded.
-        if let Some(key) = &provider.api_key {
-            request = request.bearer_auth(key.expose());
-        }
+        let request = provider_api::decorate(
+            request,
+            ProviderApi::for_route(route),
+            provider.api_key.as_ref().map(|k| k.expose()),
+            passthrough,
+            // The provider's parent is this attempt: its exported span when spans are
+            // exported, otherwise an id of its own.
+            crate::telemetry::span_id(&tracing::Span::current()).unwrap_or_else(rand::random),
+        );
         let exchange = async {
             let response = request
                 .send()
@@ -433,6 +466,15 @@ impl RetryBudget {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.0 = (state.0 + 1.0).min(self.cap);
     }
+}
+
+/// What one attempt sends, the same for every provider tried.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    route: Route,
+    body: &'a Bytes,
+    stream: bool,
+    passthrough: &'a Passthrough,
 }
 
 enum Failure {
@@ -494,126 +536,4 @@ fn rewrite_model(body: &[u8], model: &str) -> Result<Bytes, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn provider(
-        name: &str,
-        priority: u32,
-        weight: u32,
-        models: &[(&str, &str)],
-    ) -> ProviderSettings {
-        ProviderSettings {
-            name: name.into(),
-            base_url: "http://127.0.0.1:1/v1/".into(),
-            base_url_env: None,
-            api_key_env: None,
-            api_key: None,
-            models: models
-                .iter()
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .collect(),
-            priority,
-            weight,
-            timeout_ms: 100,
-            connect_timeout_ms: 100,
-        }
-    }
-
-    fn router(providers: &[ProviderSettings]) -> Router {
-        let settings = crate::settings::Settings::for_tests().router;
-        Router::new(providers, &settings, 1024, Metrics::new().unwrap()).unwrap()
-    }
-
-    #[test]
-    fn candidates_follow_priority_and_only_serving_providers() {
-        let r = router(&[
-            provider("b", 1, 1, &[("m", "m")]),
-            provider("a", 0, 1, &[("m", "m-a")]),
-            provider("c", 0, 1, &[("other", "other")]),
-            provider("any", 2, 1, &[("*", "*")]),
-        ]);
-        let names: Vec<String> = r
-            .candidates("m")
-            .iter()
-            .map(|p| p.name.to_string())
-            .collect();
-        assert_eq!(names, ["a", "b", "any"]);
-        assert!(r.candidates("zzz").iter().all(|p| &*p.name == "any"));
-        assert_eq!(r.models(), ["m", "other"]);
-    }
-
-    #[test]
-    fn weights_split_traffic_within_a_priority() {
-        let r = router(&[
-            provider("heavy", 0, 9, &[("m", "m")]),
-            provider("light", 0, 1, &[("m", "m")]),
-        ]);
-        let heavy_first = (0..1000)
-            .filter(|_| &*r.candidates("m")[0].name == "heavy")
-            .count();
-        assert!((800..=980).contains(&heavy_first), "{heavy_first}");
-    }
-
-    #[test]
-    fn the_model_is_rewritten_without_touching_other_members() {
-        let out = rewrite_model(
-            br#"{"model":"a","temperature":0.10000000000000001,"n":1e2}"#,
-            "b",
-        )
-        .unwrap();
-        assert_eq!(
-            &out[..],
-            br#"{"model":"b","n":1e2,"temperature":0.10000000000000001}"#
-        );
-    }
-
-    #[test]
-    fn the_url_joins_the_base_and_the_route() {
-        let r = router(&[provider("a", 0, 1, &[("m", "m")])]);
-        assert_eq!(
-            r.providers[0].url(Route::ChatCompletions),
-            "http://127.0.0.1:1/v1/chat/completions"
-        );
-    }
-
-    #[test]
-    fn the_retry_budget_allows_the_floor_then_a_share_of_requests() {
-        let b = RetryBudget::new(0.5, 0.0);
-        assert!(!b.try_withdraw());
-        b.deposit();
-        assert!(!b.try_withdraw());
-        b.deposit();
-        assert!(b.try_withdraw());
-        let floor = RetryBudget::new(0.0, 2.0);
-        assert!(floor.try_withdraw());
-        assert!(floor.try_withdraw());
-        assert!(!floor.try_withdraw());
-    }
-
-    #[tokio::test]
-    async fn an_unreachable_provider_fails_over_then_exhausts() {
-        let r = router(&[
-            provider("a", 0, 1, &[("m", "m")]),
-            provider("b", 1, 1, &[("m", "m")]),
-        ]);
-        let err = r
-            .send(
-                Route::ChatCompletions,
-                "m",
-                &Bytes::from_static(b"{}"),
-                false,
-            )
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(err, RouterError::Exhausted { attempts: 2, .. }),
-            "{err:?}"
-        );
-        assert!(matches!(
-            r.send(Route::ChatCompletions, "x", &Bytes::new(), false)
-                .await,
-            Err(RouterError::NoProvider(_))
-        ));
-    }
-}
+mod tests;

@@ -16,11 +16,14 @@ use gateway_common::headers::{
     X_EDGE_SECRET, X_UPSTREAM_PROVIDER,
 };
 use gateway_common::route::Route;
+use gateway_common::traceparent::{TRACEPARENT, TraceContext};
 use gateway_common::usage::{Outcome as UsageOutcome, Tier};
+use tracing::Instrument;
 
 use crate::budget::unix_now;
-use crate::error::{error_response, method_not_allowed, not_found};
+use crate::error::{error_response, error_response_for, method_not_allowed, not_found};
 use crate::peers::PURGE_ROUTE;
+use crate::provider_api::Passthrough;
 use crate::service::{ApiRequest, Outcome, Refusal, ReplyBody, Service, Trace};
 
 /// Registers every route; unknown paths get 404 and wrong methods 405, both OpenAI-shaped.
@@ -44,6 +47,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(api(Route::ChatCompletions))
         .service(api(Route::Completions))
         .service(api(Route::Embeddings))
+        .service(api(Route::Responses))
+        .service(api(Route::Messages))
         .service(only("/v1/models", web::get().to(models)))
         .service(only("/v1/cache", web::delete().to(purge)))
         .service(only("/v1/cache/{key}", web::delete().to(delete_key)))
@@ -76,18 +81,54 @@ async fn api(
     service: web::Data<Service>,
 ) -> HttpResponse {
     let start = Instant::now();
+    let headers = request.headers();
+    let trace = request_trace(headers);
+    let span = tracing::info_span!(
+        "request",
+        route = route.as_str(),
+        trace_id = %trace.trace_id_display(),
+    );
+    crate::telemetry::adopt(&span, &trace);
+    serve_api(route, &request, payload, service, start, trace)
+        .instrument(span)
+        .await
+}
+
+/// The trace a request runs under: the edge's (or a direct client's) `traceparent`, or a new
+/// trace when there is none. The request span's log lines carry its trace id.
+fn request_trace(headers: &HeaderMap) -> TraceContext {
+    header(headers, TRACEPARENT)
+        .and_then(TraceContext::parse)
+        .or_else(|| TraceContext::start(rand::random(), rand::random()))
+        .unwrap_or(TraceContext {
+            trace_id: [1; 16],
+            parent_id: [1; 8],
+            flags: 1,
+        })
+}
+
+async fn serve_api(
+    route: Route,
+    request: &HttpRequest,
+    payload: web::Payload,
+    service: web::Data<Service>,
+    start: Instant,
+    trace: TraceContext,
+) -> HttpResponse {
     let service = service.into_inner();
     let headers = request.headers();
+    // The Anthropic SDKs send their key as `x-api-key`; read as a bearer token when there is
+    // no `Authorization` (the chat path never allocates here).
+    let authorization = header(headers, "authorization").map(std::borrow::Cow::Borrowed);
+    let authorization = authorization
+        .or_else(|| header(headers, "x-api-key").map(|key| format!("Bearer {key}").into()));
     // Authenticate before reading a byte of the body: an unknown key costs nothing.
-    let tenant = match service.authorize(
-        header(headers, "authorization"),
-        header(headers, X_EDGE_SECRET),
-    ) {
+    let tenant = match service.authorize(authorization.as_deref(), header(headers, X_EDGE_SECRET)) {
         Ok(tenant) => tenant,
         Err(refusal) => {
             return finish(
                 &service,
-                route.as_str(),
+                route,
                 start,
                 Outcome::refused(Trace::default(), refusal),
             );
@@ -100,12 +141,7 @@ async fn api(
                 tenant: Some(tenant.id.clone()),
                 ..Trace::default()
             };
-            return finish(
-                &service,
-                route.as_str(),
-                start,
-                Outcome::refused(trace, refusal),
-            );
+            return finish(&service, route, start, Outcome::refused(trace, refusal));
         }
     };
     let outcome = service
@@ -116,9 +152,25 @@ async fn api(
             cache_control: header(headers, "cache-control").map(str::to_string),
             pragma: header(headers, "pragma").map(str::to_string),
             body,
+            passthrough: passthrough(route, headers, trace),
         })
         .await;
-    finish(&service, route.as_str(), start, outcome)
+    finish(&service, route, start, outcome)
+}
+
+/// The client headers the provider of `route` needs (none for the OpenAI routes).
+fn passthrough(route: Route, headers: &HeaderMap, trace: TraceContext) -> Passthrough {
+    if !route.is_anthropic() {
+        return Passthrough {
+            trace: Some(trace),
+            ..Passthrough::default()
+        };
+    }
+    Passthrough {
+        anthropic_version: header(headers, "anthropic-version").map(str::to_string),
+        anthropic_beta: header(headers, "anthropic-beta").map(str::to_string),
+        trace: Some(trace),
+    }
 }
 
 /// The body, refusing (413) past `limit` without reading further.
@@ -158,12 +210,8 @@ fn initial_capacity(declared: Option<u64>) -> usize {
 const MAX_PREALLOCATED_BYTES: usize = 64 * 1024;
 
 /// Headers, metrics and the request log line, then the response.
-fn finish(
-    service: &Arc<Service>,
-    route: &'static str,
-    start: Instant,
-    outcome: Outcome,
-) -> HttpResponse {
+fn finish(service: &Arc<Service>, api: Route, start: Instant, outcome: Outcome) -> HttpResponse {
+    let route = api.as_str();
     let Outcome { trace, result } = outcome;
     let total_ms = start.elapsed().as_secs_f64() * 1000.0;
     let mut response = match result {
@@ -183,7 +231,7 @@ fn finish(
                 }
             }
         }
-        Err(refusal) => error_response(&refusal),
+        Err(refusal) => error_response_for(api, &refusal),
     };
     decorate(response.headers_mut(), &trace, total_ms);
     let status = response.status().as_u16();

@@ -13,7 +13,7 @@ use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{self, Freshness};
 use gateway_common::route::Route;
-use gateway_common::sse::replay_chat;
+use gateway_common::sse;
 use gateway_common::tenant::Tenant;
 use gateway_common::usage::Tier;
 use sha2::{Digest, Sha256};
@@ -24,6 +24,7 @@ use crate::generation;
 use crate::meter::{Meter, Saving};
 use crate::metrics::Metrics;
 use crate::peers::{PeerMetrics, Peers};
+use crate::provider_api::Passthrough;
 use crate::replicate::Replicator;
 use crate::router::Router;
 use crate::settings::{Secret, Settings, ms};
@@ -36,6 +37,7 @@ use flight::{Flight, Miss};
 use flight_lock::Holders;
 pub use ingest::{IngestReport, RejectedLine};
 use purge::PurgeLimiter;
+use tracing::Instrument;
 
 mod access;
 mod dashboard;
@@ -59,6 +61,8 @@ pub struct ApiRequest {
     pub cache_control: Option<String>,
     pub pragma: Option<String>,
     pub body: Bytes,
+    /// Client headers the provider gets (`anthropic-version`); empty for chat.
+    pub passthrough: Passthrough,
 }
 
 /// What happened, for the response headers and the request log line.
@@ -352,7 +356,10 @@ impl Service {
         ops.extend(self.budget.counter_ops(&tenant, now));
         let (values, looked) = match &key {
             Some(key) if plan.read => {
-                let (values, looked) = self.lookup(key, &ops).await;
+                let (values, looked) = self
+                    .lookup(key, &ops)
+                    .instrument(tracing::info_span!("cache.read"))
+                    .await;
                 (values, Some(looked))
             }
             _ if ops.is_empty() => (Some(Vec::new()), None),
@@ -459,6 +466,7 @@ impl Service {
                 fwd,
                 generation,
                 edge_miss: request.edge_miss,
+                passthrough: request.passthrough,
             },
             trace,
         )
@@ -530,6 +538,7 @@ impl Service {
     }
 
     /// Logs `entry` for the edge tier (one Redis command).
+    #[tracing::instrument(name = "replication.offer", skip_all)]
     async fn offer(&self, entry: Arc<Entry>) {
         let outcome = if self.replicator.offer(entry).await {
             "offered"
@@ -562,14 +571,12 @@ impl Service {
     }
 }
 
-/// A cached entry as the client asked for it: SSE for a chat stream, otherwise the stored body.
-/// `None` when a stream was asked and the entry cannot be replayed (then it is a miss).
+/// A cached entry as the client asked for it: its API's event stream for a stream (chat,
+/// Responses, Messages), otherwise the stored body. `None` when a stream was asked and the
+/// entry cannot be replayed (then it is a miss).
 fn render_entry(entry: Entry, route: Route, stream: bool, include_usage: bool) -> Option<Reply> {
     if stream {
-        if route != Route::ChatCompletions {
-            return None;
-        }
-        let sse = replay_chat(&entry.body, include_usage).ok()?;
+        let sse = sse::replay(route, &entry.body, include_usage).ok()?;
         return Some(Reply {
             status: 200,
             content_type: "text/event-stream".into(),

@@ -282,6 +282,10 @@ pub struct ProviderSettings {
     pub api_key: Option<Secret>,
     /// Client model → provider model. A client model `*` forwards any model unchanged.
     pub models: BTreeMap<String, String>,
+    /// The APIs it serves (`chat`, `responses`, `messages`); the router sends a route only to
+    /// providers that serve its API. Default: `["chat"]`.
+    #[serde(default = "crate::provider_api::ProviderApi::default_set")]
+    pub apis: Vec<crate::provider_api::ProviderApi>,
     /// Lower is tried first.
     #[serde(default)]
     pub priority: u32,
@@ -318,6 +322,17 @@ pub struct LogSettings {
     pub format: LogFormat,
     /// `tracing_subscriber::EnvFilter` syntax.
     pub filter: String,
+    /// OTLP/HTTP collector base URL (e.g. `http://127.0.0.1:4318`); spans are posted as JSON to
+    /// `<url>/v1/traces`. Unset: no spans are exported.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    "gateway-origin".to_owned()
 }
 
 /// The dual-write to the edge tier through the Fastly KV REST API (`replicator.rs`).

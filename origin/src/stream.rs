@@ -1,7 +1,7 @@
 //! Forwarding a streamed provider answer: each SSE event goes to the [`Fanout`] (the client and
 //! any coalesced waiters) as soon as it is complete, its reported usage is read whatever else
-//! happens, and `common`'s `ChatAssembler` rebuilds a chat completion, returned only when the
-//! stream ended properly. Everything kept is bounded by the provider answer limit. Never
+//! happens, and `common`'s `Assembler` for the route rebuilds the answer (a chat completion, a
+//! response, a message), returned only when the stream ended properly. Everything kept is bounded by the provider answer limit. Never
 //! decides about caching.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 use gateway_common::entry::Usage;
 use gateway_common::error::ApiError;
-use gateway_common::sse::{ChatAssembler, SseError};
+use gateway_common::route::Route;
+use gateway_common::sse::{Assembler, SseError};
 use serde_json::value::RawValue;
 
 use crate::fanout::{Event, Fanout};
@@ -65,8 +66,8 @@ pub fn with_usage_requested(body: &[u8]) -> Option<Bytes> {
 /// How [`forward`] reads.
 #[derive(Debug, Clone, Copy)]
 pub struct Forwarding {
-    /// Rebuild a chat completion (for the cache and the waiters that want JSON).
-    pub assemble: bool,
+    /// Rebuild the answer of this route (for the cache and the waiters that want JSON).
+    pub assemble: Option<Route>,
     /// Longest silence between two chunks.
     pub idle: Duration,
     /// Most bytes read from the provider; past it the stream fails (nothing cached).
@@ -92,7 +93,7 @@ pub async fn forward<S: ChunkSource>(
     options: Forwarding,
 ) -> Forwarded {
     let mut events = Events::default();
-    let mut assembler = options.assemble.then(ChatAssembler::new);
+    let mut assembler = options.assemble.and_then(Assembler::for_route);
     let mut assembly_error = None;
     let mut usage = None;
     let mut read = 0usize;
@@ -127,11 +128,17 @@ pub async fn forward<S: ChunkSource>(
             // Bounds every buffer: the partial event, the assembler and the fanout.
             break Err(StreamError::TooLarge(options.max_bytes));
         }
-        if let Some(a) = assembler.as_mut()
-            && let Err(e) = a.push(&chunk)
-        {
-            assembly_error = Some(e);
-            assembler = None;
+        if let Some(a) = assembler.as_mut() {
+            let pushed = a.push(&chunk);
+            // The typed streams (Responses, Messages) report usage inside their events:
+            // the assembler reads it, even from a stream that does not complete.
+            if let Some(reported) = a.usage() {
+                usage = Some(reported);
+            }
+            if let Err(e) = pushed {
+                assembly_error = Some(e);
+                assembler = None;
+            }
         }
         for event in events.push(&chunk) {
             publish(event, &mut usage);
@@ -260,7 +267,7 @@ mod tests {
 
     fn options(max_bytes: usize) -> Forwarding {
         Forwarding {
-            assemble: true,
+            assemble: Some(Route::ChatCompletions),
             idle: Duration::from_secs(1),
             max_bytes,
         }

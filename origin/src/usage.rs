@@ -20,14 +20,20 @@ struct Probe {
     usage: Option<RawUsage>,
 }
 
+/// OpenAI's chat names, or the Responses and Messages APIs' `input_tokens`/`output_tokens`;
+/// Anthropic counts prompt-cache reads and writes apart from `input_tokens`.
 #[derive(Deserialize)]
 struct RawUsage {
-    #[serde(default)]
+    #[serde(default, alias = "input_tokens")]
     prompt_tokens: Option<u64>,
-    #[serde(default)]
+    #[serde(default, alias = "output_tokens")]
     completion_tokens: Option<u64>,
     #[serde(default)]
     total_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
 }
 
 /// Reads `usage` (and whether `choices` is empty) from a JSON object; `None` if `json` is not
@@ -35,7 +41,11 @@ struct RawUsage {
 pub fn read(json: &[u8]) -> Option<Reported> {
     let probe: Probe = serde_json::from_slice(json).ok()?;
     let usage = probe.usage.map(|u| {
-        let prompt = u.prompt_tokens.unwrap_or(0);
+        let prompt = u
+            .prompt_tokens
+            .unwrap_or(0)
+            .saturating_add(u.cache_creation_input_tokens.unwrap_or(0))
+            .saturating_add(u.cache_read_input_tokens.unwrap_or(0));
         let completion = u.completion_tokens.unwrap_or(0);
         Usage {
             prompt_tokens: prompt,
@@ -60,6 +70,34 @@ pub fn of_answer(body: &[u8]) -> Option<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_and_messages_usage_read_as_prompt_and_completion_tokens() {
+        let responses = of_answer(
+            br#"{"object":"response","usage":{"input_tokens":3,"output_tokens":4,"total_tokens":7}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                responses.prompt_tokens,
+                responses.completion_tokens,
+                responses.total_tokens
+            ),
+            (3, 4, 7)
+        );
+        let messages = of_answer(
+            br#"{"type":"message","usage":{"input_tokens":3,"cache_read_input_tokens":10,"cache_creation_input_tokens":1,"output_tokens":4}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                messages.prompt_tokens,
+                messages.completion_tokens,
+                messages.total_tokens
+            ),
+            (14, 4, 18)
+        );
+    }
 
     #[test]
     fn usage_is_read_from_chat_and_embedding_answers() {

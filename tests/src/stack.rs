@@ -15,6 +15,7 @@ use gateway_common::tenant::{Tenant, TenantsFile};
 use gateway_fixtures::{
     DelayProxy, FakeFastlyApi, FastlyApiConfig, MockProvider, ProviderConfig, RedisServer,
 };
+use gateway_origin::provider_api::ProviderApi;
 use gateway_origin::service::Service;
 use gateway_origin::settings::{ProviderSettings, Secret, Settings};
 use gateway_origin::tenants::Tenants;
@@ -122,10 +123,15 @@ pub fn origin_settings(redis: &RedisServer, providers: &[&MockProvider]) -> Sett
             base_url_env: None,
             api_key_env: None,
             api_key: Some(Secret::new("sk-provider-e2e")),
-            models: ["gpt-4o-mini", "text-embedding-3-small"]
+            models: ["gpt-4o-mini", "text-embedding-3-small", "claude-haiku-4-5"]
                 .iter()
                 .map(|m| (m.to_string(), m.to_string()))
                 .collect(),
+            apis: vec![
+                ProviderApi::Chat,
+                ProviderApi::Responses,
+                ProviderApi::Messages,
+            ],
             priority,
             weight: 1,
             timeout_ms: 5_000,

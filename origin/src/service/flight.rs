@@ -14,10 +14,11 @@ use gateway_common::headers::{CacheStatusMember, Fwd};
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{self, Bypass, Plan};
 use gateway_common::route::Route;
-use gateway_common::sse::replay_chat;
+use gateway_common::sse;
 use gateway_common::tenant::Tenant;
 use gateway_common::usage::Tier;
 use tokio::sync::oneshot;
+use tracing::Instrument;
 
 use super::flight_lock::{Crossed, refusal_answer};
 use super::{CACHE_NAME, Refusal, Reply, ReplyBody, Service, Trace};
@@ -25,6 +26,7 @@ use crate::budget::unix_now;
 use crate::coalesce::{Joined, Leader, WaitError, Waiter};
 use crate::fanout::Fanout;
 use crate::meter::Saving;
+use crate::provider_api::Passthrough;
 use crate::router::{AttemptError, RouterError, Upstream, UpstreamBody};
 use crate::stream::{self, Forwarding};
 use crate::usage;
@@ -74,6 +76,7 @@ pub(super) struct Miss {
     /// The tenant's purge generation as the cache read saw it: written into a new entry.
     pub(super) generation: u64,
     pub(super) edge_miss: bool,
+    pub(super) passthrough: Passthrough,
 }
 
 /// How the client wants the answer.
@@ -98,6 +101,7 @@ struct Job {
     key: Option<CacheKey>,
     generation: u64,
     edge_miss: bool,
+    passthrough: Passthrough,
 }
 
 /// A leader's or a waiter's outcome: a live stream to read, or the whole answer.
@@ -121,7 +125,10 @@ impl Service {
         };
         // A stream reports its tokens only when asked: ask, so the budget sees every token
         // (the usage chunk is then hidden from a client that did not ask for it).
-        let body = (parsed.stream && !parsed.include_usage)
+        // Only the OpenAI chat and completion APIs take `stream_options.include_usage`; the
+        // typed streams (Responses, Messages) always report usage.
+        let asks_usage = matches!(parsed.route, Route::ChatCompletions | Route::Completions);
+        let body = (parsed.stream && !parsed.include_usage && asks_usage)
             .then(|| stream::with_usage_requested(&miss.body))
             .flatten()
             .unwrap_or(miss.body);
@@ -131,7 +138,7 @@ impl Service {
             model: parsed.model.clone(),
             body,
             stream: parsed.stream,
-            assemble: parsed.stream && parsed.route == Route::ChatCompletions,
+            assemble: parsed.stream && parsed.route.replays_streams(),
             key: if miss.plan.write {
                 miss.key.clone()
             } else {
@@ -139,6 +146,7 @@ impl Service {
             },
             generation: miss.generation,
             edge_miss: miss.edge_miss,
+            passthrough: miss.passthrough,
         };
         let status =
             |stored, collapsed| Some(cache_status(miss.fwd, miss.plan.bypass, stored, collapsed));
@@ -180,7 +188,12 @@ impl Service {
     ) -> Led {
         let (done_tx, done_rx) = oneshot::channel();
         let (live_tx, live_rx) = oneshot::channel();
-        tokio::spawn(Arc::clone(self).fetch(job, leader, want.stream.then_some(live_tx), done_tx));
+        // The provider call keeps the request's span (its trace id) in its own task.
+        tokio::spawn(
+            Arc::clone(self)
+                .fetch(job, leader, want.stream.then_some(live_tx), done_tx)
+                .in_current_span(),
+        );
         if want.stream
             && let Ok(live) = live_rx.await
         {
@@ -210,6 +223,7 @@ impl Service {
 
     /// A coalesced request: a stream joins the leader's live stream (from its first event,
     /// then live); anything else waits for the whole answer.
+    #[tracing::instrument(name = "coalesce.wait", skip_all)]
     async fn follow(
         &self,
         mut waiter: Waiter<Flight>,
@@ -292,7 +306,13 @@ impl Service {
         let start = Instant::now();
         let sent = self
             .router
-            .send(job.route, &job.model, &job.body, job.stream)
+            .send(
+                job.route,
+                &job.model,
+                &job.body,
+                job.stream,
+                &job.passthrough,
+            )
             .await;
         let upstream_ms = start.elapsed().as_secs_f64() * 1000.0;
         let mut used = None;
@@ -316,7 +336,7 @@ impl Service {
                     leader.publish(Flight::Live(Arc::clone(&live)));
                 }
                 let options = Forwarding {
-                    assemble: job.assemble,
+                    assemble: job.assemble.then_some(job.route),
                     idle: self.router.stream_idle_timeout,
                     max_bytes: self.max_upstream_body_bytes,
                 };
@@ -451,6 +471,7 @@ impl Service {
         })
     }
 
+    #[tracing::instrument(name = "cache.write", skip_all)]
     async fn write(&self, key: &CacheKey, entry: &Entry) {
         let bytes = match entry.encode() {
             Ok(bytes) => bytes,
@@ -510,9 +531,8 @@ pub(super) fn cache_status(
 /// A provider answer as this client asked for it (a waiter may want SSE from a JSON answer).
 fn render_answer(answer: &Answer, want: Want) -> Reply {
     if want.stream
-        && want.route == Route::ChatCompletions
         && answer.status == 200
-        && let Ok(sse) = replay_chat(&answer.body, want.include_usage)
+        && let Ok(sse) = sse::replay(want.route, &answer.body, want.include_usage)
     {
         return Reply {
             status: 200,

@@ -142,6 +142,9 @@ impl Settings {
             if p.models.is_empty() {
                 return Err(invalid(key("models"), "must map at least one model"));
             }
+            if p.apis.is_empty() {
+                return Err(invalid(key("apis"), "must name at least one API"));
+            }
             if let Some((client, _)) = p.models.iter().find(|(c, m)| c.is_empty() || m.is_empty()) {
                 return Err(invalid(
                     key("models"),
@@ -476,6 +479,7 @@ admin_token = "admin-token-0123456789"
             api_key_env: None,
             api_key: None,
             models: BTreeMap::from([("m".to_string(), "m".to_string())]),
+            apis: crate::provider_api::ProviderApi::default_set(),
             priority: 0,
             weight: 1,
             timeout_ms: 100,

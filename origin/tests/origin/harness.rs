@@ -13,6 +13,7 @@ use actix_web::dev::ServerHandle;
 use gateway_common::tenant::{Tenant, TenantsFile};
 use gateway_fixtures::provider::{MockProvider, ProviderConfig};
 use gateway_fixtures::redis::RedisServer;
+use gateway_origin::provider_api::ProviderApi;
 use gateway_origin::replicate::RecordingReplicator;
 use gateway_origin::service::Service;
 use gateway_origin::settings::{ProviderSettings, Secret, Settings};
@@ -199,10 +200,16 @@ impl Stack {
                 models: [
                     ("gpt-4o-mini", "gpt-4o-mini"),
                     ("text-embedding-3-small", "text-embedding-3-small"),
+                    ("claude-haiku-4-5", "claude-haiku-4-5"),
                 ]
                 .into_iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
+                apis: vec![
+                    ProviderApi::Chat,
+                    ProviderApi::Responses,
+                    ProviderApi::Messages,
+                ],
                 priority: i as u32,
                 weight: 1,
                 timeout_ms: 5_000,

@@ -1,6 +1,7 @@
 //! The origin's integration tests: one binary, a module per feature, each test starting its own
 //! `redis-server`, mock providers and origin on free ports.
 
+mod apis;
 mod bad_input;
 mod cache;
 mod coalescing;

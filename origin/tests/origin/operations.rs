@@ -104,7 +104,10 @@ async fn models_lists_what_the_tenant_may_use_in_openai_shape() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    assert_eq!(ids, ["gpt-4o-mini", "text-embedding-3-small"]);
+    assert_eq!(
+        ids,
+        ["gpt-4o-mini", "text-embedding-3-small", "claude-haiku-4-5"]
+    );
     assert_eq!(body["data"][0]["object"], "model");
 }
 

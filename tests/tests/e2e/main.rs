@@ -7,6 +7,7 @@
     reason = "test code: a failed expectation is a failed test"
 )]
 
+mod apis_client;
 mod config;
 mod cross_replica;
 mod dashboard;
@@ -23,6 +24,7 @@ mod shared_state;
 mod streaming;
 mod tenant_policy;
 mod tenant_purge;
+mod trace;
 mod ttl_cap;
 mod usage;
 mod walk;

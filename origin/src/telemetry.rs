@@ -1,0 +1,100 @@
+//! Span export over OTLP/HTTP (JSON encoding) when `log.otlp_endpoint` is set, nothing when it
+//! is not: the `tracing` spans of a request (request, cache read, coalesce wait, provider
+//! attempt, cache write, replication) become OpenTelemetry spans under the trace the request
+//! arrived with (`traceparent`). Owns the exporter's lifetime; decides nothing about requests.
+
+use std::time::Duration;
+
+use gateway_common::traceparent::TraceContext;
+use opentelemetry::trace::{
+    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+};
+use opentelemetry_otlp::{Protocol, WithExportConfig};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing::Subscriber;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::registry::LookupSpan;
+
+/// Why the exporter could not be set up (a start-up error).
+#[derive(Debug, thiserror::Error)]
+#[error("OTLP exporter: {0}")]
+pub struct TelemetryError(String);
+
+/// The running exporter. Flushes what is buffered when dropped.
+pub struct Telemetry {
+    provider: SdkTracerProvider,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Telemetry")
+    }
+}
+
+impl Telemetry {
+    /// An exporter posting JSON to `<endpoint>/v1/traces` (OTLP/HTTP), batched in the
+    /// background, and the `tracing` layer that feeds it.
+    pub fn otlp<S>(
+        endpoint: &str,
+        service_name: &str,
+    ) -> Result<(Telemetry, impl tracing_subscriber::Layer<S>), TelemetryError>
+    where
+        S: Subscriber + for<'span> LookupSpan<'span>,
+    {
+        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(Protocol::HttpJson)
+            .with_endpoint(url)
+            .with_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| TelemetryError(e.to_string()))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(
+                Resource::builder()
+                    .with_service_name(service_name.to_owned())
+                    .build(),
+            )
+            .build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("gateway-origin"));
+        Ok((Telemetry { provider }, layer))
+    }
+
+    /// Exports every finished span now (tests; shutdown).
+    pub fn flush(&self) {
+        if let Err(error) = self.provider.force_flush() {
+            tracing::warn!(%error, "span export failed");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Makes `span` a child of the remote span named by `trace` (the edge's, or a client's), so
+/// the exported spans join that trace. Without an exporter this only records the context.
+pub fn adopt(span: &tracing::Span, trace: &TraceContext) {
+    let remote = SpanContext::new(
+        TraceId::from_bytes(trace.trace_id),
+        SpanId::from_bytes(trace.parent_id),
+        TraceFlags::new(trace.flags),
+        true,
+        TraceState::default(),
+    );
+    let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+}
+
+/// The exported span id of `span`, when spans are exported (the provider's `traceparent`
+/// names the attempt span as its parent); `None` otherwise.
+pub fn span_id(span: &tracing::Span) -> Option<[u8; 8]> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.span_id().to_bytes())
+}
