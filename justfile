@@ -12,7 +12,7 @@ wasm := "target/wasm32-wasip1/release/gateway-compute.wasm"
 default:
     @just --list
 
-# Install what is missing: the wasm target, Viceroy, Redis, promtool, the Fastly CLI. Idempotent.
+# Install what is missing: the wasm target, Viceroy, Redis, promtool, the Fastly CLI, the semantic cache's model. Idempotent.
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -63,6 +63,7 @@ setup:
         npm install -g --silent @fastly/cli@{{fastly_cli_version}}
     fi
     just python-venv
+    scripts/semantic-model.sh
     echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2), promtool $(promtool --version 2>&1 | head -1 | awk '{print $3}'), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
 
 # The official `openai` Python client in .local/venv (gitignored), for the real-client e2e test.
