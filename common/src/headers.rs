@@ -13,6 +13,12 @@ pub const X_CACHE_KEY: &str = "x-cache-key";
 pub const SERVER_TIMING: &str = "server-timing";
 /// The provider that answered a miss.
 pub const X_UPSTREAM_PROVIDER: &str = "x-upstream-provider";
+/// A semantic hit: the cosine similarity of the question and the cached one (4 decimals).
+pub const X_CACHE_SIMILARITY: &str = "x-cache-similarity";
+/// A semantic hit: the key (hex) of the entry that answered (the paraphrase's).
+pub const X_CACHE_SEMANTIC_KEY: &str = "x-cache-semantic-key";
+/// Client -> origin: `off` turns the semantic cache off for this request.
+pub const X_SEMANTIC_CACHE: &str = "x-semantic-cache";
 /// Edge -> origin: "1" when the edge looked and missed (the origin should replicate).
 pub const X_EDGE_MISS: &str = "x-gateway-edge-miss";
 /// Edge -> origin shared secret.

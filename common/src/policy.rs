@@ -267,6 +267,7 @@ mod tests {
             cache_sampled,
             cache_store_requests,
             purge_generation: 0,
+            semantic: Default::default(),
         }
     }
 

@@ -25,6 +25,7 @@ use crate::meter::{Meter, Saving};
 use crate::metrics::Metrics;
 use crate::replicate::Replicator;
 use crate::router::Router;
+use crate::semantic::embedder::LocalEmbedder;
 use crate::settings::{Secret, Settings, ms};
 use crate::store::{CounterOp, Store, ThrottledLog};
 use crate::stream::ClientStream;
@@ -42,6 +43,7 @@ mod flight;
 mod flight_lock;
 mod ingest;
 mod purge;
+mod semantic;
 
 /// The name this tier uses in `Cache-Status`.
 pub const CACHE_NAME: &str = "gateway-origin";
@@ -56,6 +58,8 @@ pub struct ApiRequest {
     pub edge_miss: bool,
     pub cache_control: Option<String>,
     pub pragma: Option<String>,
+    /// `x-semantic-cache: off`: no semantic lookup for this request.
+    pub semantic_off: bool,
     pub body: Bytes,
 }
 
@@ -76,6 +80,9 @@ pub struct Trace {
     pub upstream_ms: Option<f64>,
     /// Answered by another request's provider call.
     pub collapsed: bool,
+    /// A semantic hit: the similarity, and the key (hex) of the entry that answered.
+    pub similarity: Option<f32>,
+    pub semantic_key: Option<String>,
 }
 
 pub enum ReplyBody {
@@ -180,6 +187,8 @@ pub struct Service {
     generation_ttl_secs: u64,
     /// Names this replica's flight locks (`flight_lock.rs`).
     holders: Holders,
+    /// The semantic cache (`service/semantic.rs`).
+    semantic: semantic::Semantic,
 }
 
 impl std::fmt::Debug for Service {
@@ -212,6 +221,13 @@ impl Service {
             Arc::new(Traffic::new(Arc::clone(&store))),
         ));
         let longest_stale = tenants.iter().map(|t| t.stale_if_error_secs).max();
+        let tenants_using_local = tenants
+            .iter()
+            .filter(|t| {
+                t.semantic.enabled
+                    && t.semantic.embedder == gateway_common::tenant::SemanticEmbedder::Local
+            })
+            .count();
         let generation_ttl_secs =
             generation::ttl_secs(settings.cache.ttl_cap_secs, longest_stale.unwrap_or(0));
         Ok(Arc::new(Service {
@@ -248,6 +264,10 @@ impl Service {
             purge_limiter: PurgeLimiter::new(&settings.purge),
             generation_ttl_secs,
             holders: Holders::new(),
+            semantic: semantic::Semantic::new(
+                load_local_model(settings, &tenants_using_local),
+                settings.semantic.default_threshold,
+            ),
         }))
     }
 
@@ -414,6 +434,34 @@ impl Service {
                 }
             }
         }
+        let mut pending = None;
+        if plan.read && key.is_some() && tenant.semantic.enabled && !request.semantic_off {
+            let started = Instant::now();
+            match self
+                .semantic_lookup(&tenant, &parsed, generation, now, plan.max_age)
+                .await
+            {
+                semantic::Found::Hit {
+                    hit,
+                    key: answered_by,
+                    similarity,
+                } => {
+                    if let Some(reply) = self
+                        .serve_semantic_hit(&tenant, &request, &parsed, key.as_ref(), hit, trace)
+                        .await
+                    {
+                        trace.similarity = Some(similarity);
+                        trace.semantic_key = Some(answered_by.hex().to_string());
+                        trace.redis_ms = Some(
+                            trace.redis_ms.unwrap_or(0.0)
+                                + started.elapsed().as_secs_f64() * 1000.0,
+                        );
+                        return Ok(reply);
+                    }
+                }
+                semantic::Found::Miss(found) => pending = found,
+            }
+        }
         if let Some(rejection) = standing.tokens {
             return Err(self.refuse_budget(&tenant.id, rejection));
         }
@@ -434,10 +482,75 @@ impl Service {
                 fwd,
                 generation,
                 edge_miss: request.edge_miss,
+                semantic: pending,
             },
             trace,
         )
         .await
+    }
+
+    /// Answers with a paraphrase's entry, and stores it under the request's own `key` too
+    /// (then offers it to the edge tier like any new entry), so that the edge answers this
+    /// exact question next time. `None` when the entry cannot answer this request (a stream
+    /// asked of an entry that cannot be replayed).
+    async fn serve_semantic_hit(
+        &self,
+        tenant: &Tenant,
+        request: &ApiRequest,
+        parsed: &gateway_common::canonical::ParsedRequest,
+        own: Option<&CacheKey>,
+        hit: Hit,
+        trace: &mut Trace,
+    ) -> Option<Reply> {
+        let Hit {
+            entry,
+            age,
+            remaining,
+        } = hit;
+        let copy = own.map(|own| {
+            let mut copy = entry.clone();
+            copy.envelope.key = own.hex().to_string();
+            (own.clone(), Arc::new(copy))
+        });
+        let provider = Arc::from(entry.envelope.provider.as_str());
+        let saved = entry
+            .envelope
+            .usage
+            .clone()
+            .map(|usage| (entry.envelope.model.clone(), usage));
+        let reply = render_entry(entry, request.route, parsed.stream, parsed.include_usage)?;
+        trace.cache = Some(CacheOutcome::Hit);
+        trace.layer = Some(Layer::Origin);
+        trace.age = Some(age);
+        trace.provider = Some(provider);
+        trace.cache_status = Some(
+            CacheStatusMember::hit(CACHE_NAME, remaining)
+                .with_detail("semantic")
+                .render(),
+        );
+        if let Some((model, usage)) = &saved {
+            let saving = Saving {
+                model,
+                usage,
+                times: 1,
+            };
+            self.meter
+                .saved(&tenant.id, Tier::Origin, unix_now(), saving);
+        }
+        if let Some((own, copy)) = copy
+            && let Ok(bytes) = copy.encode()
+        {
+            // Kept only as long as the answering entry: same created-at and TTL.
+            if self
+                .store
+                .set_ex(&own.redis_key(), bytes, remaining.max(1))
+                .await
+                .is_ok()
+            {
+                self.offer(copy).await;
+            }
+        }
+        Some(reply)
     }
 
     /// The values of the counter `ops` (`None` when Redis did not answer), what the cache
@@ -534,6 +647,26 @@ impl Service {
             return Err("replication queue saturated");
         }
         self.store.ping().await.map_err(|_| "redis unreachable")
+    }
+}
+
+/// The local model, when a tenant uses it; `None` (logged) when it is missing or broken, and
+/// then those tenants' semantic lookups are counted errors served as exact misses.
+fn load_local_model(settings: &Settings, tenants_using_it: &usize) -> Option<LocalEmbedder> {
+    if *tenants_using_it == 0 {
+        return None;
+    }
+    let semantic = &settings.semantic;
+    match LocalEmbedder::load(
+        &semantic.model_dir,
+        semantic.max_concurrent,
+        ms(semantic.embed_timeout_ms),
+    ) {
+        Ok(local) => Some(local),
+        Err(error) => {
+            tracing::warn!(%error, "semantic model not loaded; semantic lookups are exact misses (run `just setup`)");
+            None
+        }
     }
 }
 

@@ -171,6 +171,7 @@ pub fn many_tenants(count: usize) -> Vec<Tenant> {
             cache_sampled: true,
             cache_store_requests: false,
             purge_generation: 0,
+            semantic: Default::default(),
         })
         .collect()
 }

@@ -74,6 +74,8 @@ pub(super) struct Miss {
     /// The tenant's purge generation as the cache read saw it: written into a new entry.
     pub(super) generation: u64,
     pub(super) edge_miss: bool,
+    /// The question's vector, indexed once the answer is cached (a semantic tenant's miss).
+    pub(super) semantic: Option<Arc<super::semantic::Pending>>,
 }
 
 /// How the client wants the answer.
@@ -98,6 +100,7 @@ struct Job {
     key: Option<CacheKey>,
     generation: u64,
     edge_miss: bool,
+    semantic: Option<Arc<super::semantic::Pending>>,
 }
 
 /// A leader's or a waiter's outcome: a live stream to read, or the whole answer.
@@ -139,6 +142,7 @@ impl Service {
             },
             generation: miss.generation,
             edge_miss: miss.edge_miss,
+            semantic: miss.semantic.clone(),
         };
         let status =
             |stored, collapsed| Some(cache_status(miss.fwd, miss.plan.bypass, stored, collapsed));
@@ -388,7 +392,17 @@ impl Service {
         {
             // Written before it is offered: the replication log names the Redis entry, which
             // the sender reads when it writes to the KV store.
-            self.write(key, entry).await;
+            let written = self.write(key, entry).await;
+            if written && let Some(pending) = &job.semantic {
+                self.semantic_index(
+                    &job.tenant.id,
+                    key,
+                    pending,
+                    job.generation,
+                    entry.envelope.ttl,
+                )
+                .await;
+            }
             if job.edge_miss || joined_from_edge {
                 self.offer(Arc::clone(entry)).await;
             }
@@ -451,7 +465,8 @@ impl Service {
         })
     }
 
-    async fn write(&self, key: &CacheKey, entry: &Entry) {
+    /// Whether the entry is in Redis now.
+    async fn write(&self, key: &CacheKey, entry: &Entry) -> bool {
         let bytes = match entry.encode() {
             Ok(bytes) => bytes,
             Err(error) => {
@@ -460,7 +475,7 @@ impl Service {
                     .with_label_values(&["uncacheable"])
                     .inc();
                 tracing::debug!(%error, "entry not encodable; not cached");
-                return;
+                return false;
             }
         };
         let outcome = match self
@@ -475,6 +490,7 @@ impl Service {
             .cache_writes
             .with_label_values(&[outcome])
             .inc();
+        outcome == "stored"
     }
 }
 
