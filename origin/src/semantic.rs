@@ -4,6 +4,7 @@
 
 pub mod embed;
 pub mod embedder;
+pub mod guard;
 pub mod index;
 pub mod lsh;
 pub mod pool;

@@ -113,13 +113,20 @@ pub fn question(
     let rest = serde_json::to_vec(&body).map_err(|_| NotSemantic::Shape)?;
     Ok(Question {
         text: trimmed.to_string(),
-        scope: scope_hash(secret, tenant, route, &rest),
+        scope: scope_hash(
+            secret,
+            tenant,
+            route,
+            &rest,
+            &super::guard::fingerprint(trimmed),
+        ),
     })
 }
 
-/// HMAC-SHA-256(secret, "sem1" 0x00 tenant 0x00 route 0x00 rest), hex; first 32 characters
-/// (128 bits: a collision would need 2^64 scopes).
-fn scope_hash(secret: &[u8], tenant: &str, route: Route, rest: &[u8]) -> String {
+/// HMAC-SHA-256(secret, "sem1" 0x00 tenant 0x00 route 0x00 guard 0x00 rest), hex; first 32
+/// characters (128 bits: a collision would need 2^64 scopes). `guard` is the last message's
+/// lexical fingerprint (`guard.rs`).
+pub fn scope_hash(secret: &[u8], tenant: &str, route: Route, rest: &[u8], guard: &str) -> String {
     #[allow(
         clippy::expect_used,
         reason = "HMAC is defined for keys of any length; new_from_slice cannot fail"
@@ -130,6 +137,7 @@ fn scope_hash(secret: &[u8], tenant: &str, route: Route, rest: &[u8]) -> String 
         b"sem1".as_slice(),
         tenant.as_bytes(),
         route.path().as_bytes(),
+        guard.as_bytes(),
     ] {
         mac.update(part);
         mac.update(&[0]);
