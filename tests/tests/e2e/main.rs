@@ -18,6 +18,7 @@ mod faults;
 mod isolation;
 mod openai_client;
 mod replicas;
+mod semantic;
 mod shared_state;
 mod streaming;
 mod tenant_policy;
