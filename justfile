@@ -119,6 +119,17 @@ test-wasm:
     CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
         cargo test -p gateway-compute --target wasm32-wasip1
 
+# The semantic cache's evaluation: the real model and the LSH index on a redis-server it starts,
+# over fixtures/semantic/pairs.jsonl; rewrites docs/semantic-eval.md and docs/semantic-eval.svg.
+# (The dev profile: the model's numeric crates are optimised there too, see Cargo.toml.)
+eval-semantic: setup
+    cargo run -q -p gateway-bench --bin semantic-eval
+
+# The semantic cache's costs only (embedding, lookup, hit latency, origin RSS); prints, writes nothing.
+bench-semantic: setup bench-tools
+    cargo build --release -p gateway-origin -p gateway-bench
+    target/release/gateway-bench --part semantic --semantic-samples 100
+
 # Regenerate the edge's local Config Store `tenants` from fixtures/tenants.json.
 edge-tenants:
     cargo run -q -p gateway-e2e --bin edge-tenants -- fixtures/tenants.json > fixtures/edge/tenants.json
