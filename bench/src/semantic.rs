@@ -80,6 +80,10 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
     let redis = RedisServer::start()?;
     let mut redis_settings = Settings::for_tests().redis;
     redis_settings.url = Secret::new(redis.url());
+    // Generous bounds: this measures the round trips, it does not test the fail-open path.
+    redis_settings.response_timeout_ms = 10_000;
+    redis_settings.pool_wait_timeout_ms = 10_000;
+    redis_settings.connect_timeout_ms = 10_000;
     let store: Arc<dyn Store> = Arc::new(RedisStore::new(&redis_settings, Metrics::new()?)?);
     let index = Index::new(DIMENSIONS);
     let place = Place {
