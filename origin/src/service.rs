@@ -447,7 +447,7 @@ impl Service {
                     similarity,
                 } => {
                     if let Some(reply) = self
-                        .serve_semantic_hit(&tenant, &request, &parsed, key.as_ref(), hit, trace)
+                        .serve_semantic_hit(&tenant, &request, &parsed, key.as_ref(), *hit, trace)
                         .await
                     {
                         trace.similarity = Some(similarity);

@@ -20,6 +20,9 @@ fn y(value: f64) -> f64 {
     TOP + (1.0 - value) * (H - TOP - BOTTOM)
 }
 
+/// A plotted measure: its name, colour and value at one threshold.
+type Series = (&'static str, &'static str, fn(&Counts) -> f64);
+
 pub fn svg(counts: &[Counts], chosen: Option<f32>) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -53,7 +56,7 @@ pub fn svg(counts: &[Counts], chosen: Option<f32>) -> String {
         (LEFT + W - RIGHT) / 2.0,
         H - 10.0
     );
-    let series: [(&str, &str, fn(&Counts) -> f64); 3] = [
+    let series: [Series; 3] = [
         ("precision", "#1f77b4", Counts::precision),
         ("recall", "#2ca02c", Counts::recall),
         ("false-hit rate", "#d62728", Counts::false_hit_rate),

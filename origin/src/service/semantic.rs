@@ -60,7 +60,7 @@ pub(super) struct Pending {
 pub(super) enum Found {
     /// A fresh entry of a paraphrase: the hit, its key, the similarity.
     Hit {
-        hit: Hit,
+        hit: Box<Hit>,
         key: CacheKey,
         similarity: f32,
     },
@@ -139,7 +139,7 @@ impl Service {
             (Some(hit), _) => {
                 self.count_semantic("hit", "similar");
                 Found::Hit {
-                    hit,
+                    hit: Box::new(hit),
                     key,
                     similarity: candidate.similarity,
                 }
