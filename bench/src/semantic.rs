@@ -1,7 +1,7 @@
 //! The semantic cache's costs: embedding time (short and long prompts, the model called
 //! directly), the time a semantic lookup adds to an exact miss (embed, the index's two Redis
 //! round trips, the candidate's GET, on a redis-server holding the labelled set's questions),
-//! the semantic hit through the release origin over HTTP, and that origin's RSS with the
+//! the semantic hit through the origin binary over HTTP, and that origin's RSS with the
 //! model loaded. Sequential requests, one at a time: latencies, not throughput.
 
 use std::fmt::Write as _;
@@ -156,13 +156,32 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut hit = Vec::with_capacity(samples);
     let mut hits_seen = 0;
-    let wordings = [
-        "What's the way to reverse a Python list",
-        "How can I reverse a list in Python",
-        "How do you reverse a Python list",
+    // Distinct wordings without digits (a number would change the guard's fingerprint, so
+    // the scope): prefixes x wordings x endings.
+    let prefixes = [
+        "",
+        "quick question: ",
+        "please tell me: ",
+        "I wonder: ",
+        "hi! ",
     ];
-    for i in 0..samples {
-        let (ms, status) = ask(format!("{} (variant {i})?", wordings[i % wordings.len()])).await?;
+    let wordings = [
+        "what's the way to reverse a Python list",
+        "how can I reverse a list in Python",
+        "how do you reverse a Python list",
+        "what is the way to reverse a list in Python",
+    ];
+    let endings = ["?", " please?", ", thanks?", " quickly?"];
+    let mut variants = Vec::new();
+    for prefix in prefixes {
+        for wording in wordings {
+            for ending in endings {
+                variants.push(format!("{prefix}{wording}{ending}"));
+            }
+        }
+    }
+    for prompt in variants.into_iter().take(samples) {
+        let (ms, status) = ask(prompt).await?;
         if status.contains("detail=semantic") {
             hits_seen += 1;
             hit.push(ms);
@@ -200,7 +219,7 @@ impl SemanticBench {
              all-MiniLM-L6-v2 through the origin's embedder code on one core. Lookup: what a \
              semantic tenant's exact miss adds (embed, the LSH bucket union and the candidates' \
              vectors from Redis, the best candidate's GET), over an index of the labelled set's \
-             {} questions. Hits: the release origin over HTTP (tenant initech), each request a \
+             {} questions. Hits: the `gateway-origin` binary built beside the bench (release under `just bench`) over HTTP (tenant initech), each request a \
              new wording (a semantic hit), then the same question repeated (an exact hit).\n",
             self.samples, self.indexed
         );
