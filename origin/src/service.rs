@@ -25,7 +25,6 @@ use crate::meter::{Meter, Saving};
 use crate::metrics::Metrics;
 use crate::replicate::Replicator;
 use crate::router::Router;
-use crate::semantic::embedder::LocalEmbedder;
 use crate::settings::{Secret, Settings, ms};
 use crate::store::{CounterOp, Store, ThrottledLog};
 use crate::stream::ClientStream;
@@ -265,7 +264,7 @@ impl Service {
             generation_ttl_secs,
             holders: Holders::new(),
             semantic: semantic::Semantic::new(
-                load_local_model(settings, &tenants_using_local),
+                semantic::load_local_model(settings, &tenants_using_local),
                 settings.semantic.default_threshold,
             ),
         }))
@@ -489,70 +488,6 @@ impl Service {
         .await
     }
 
-    /// Answers with a paraphrase's entry, and stores it under the request's own `key` too
-    /// (then offers it to the edge tier like any new entry), so that the edge answers this
-    /// exact question next time. `None` when the entry cannot answer this request (a stream
-    /// asked of an entry that cannot be replayed).
-    async fn serve_semantic_hit(
-        &self,
-        tenant: &Tenant,
-        request: &ApiRequest,
-        parsed: &gateway_common::canonical::ParsedRequest,
-        own: Option<&CacheKey>,
-        hit: Hit,
-        trace: &mut Trace,
-    ) -> Option<Reply> {
-        let Hit {
-            entry,
-            age,
-            remaining,
-        } = hit;
-        let copy = own.map(|own| {
-            let mut copy = entry.clone();
-            copy.envelope.key = own.hex().to_string();
-            (own.clone(), Arc::new(copy))
-        });
-        let provider = Arc::from(entry.envelope.provider.as_str());
-        let saved = entry
-            .envelope
-            .usage
-            .clone()
-            .map(|usage| (entry.envelope.model.clone(), usage));
-        let reply = render_entry(entry, request.route, parsed.stream, parsed.include_usage)?;
-        trace.cache = Some(CacheOutcome::Hit);
-        trace.layer = Some(Layer::Origin);
-        trace.age = Some(age);
-        trace.provider = Some(provider);
-        trace.cache_status = Some(
-            CacheStatusMember::hit(CACHE_NAME, remaining)
-                .with_detail("semantic")
-                .render(),
-        );
-        if let Some((model, usage)) = &saved {
-            let saving = Saving {
-                model,
-                usage,
-                times: 1,
-            };
-            self.meter
-                .saved(&tenant.id, Tier::Origin, unix_now(), saving);
-        }
-        if let Some((own, copy)) = copy
-            && let Ok(bytes) = copy.encode()
-        {
-            // Kept only as long as the answering entry: same created-at and TTL.
-            if self
-                .store
-                .set_ex(&own.redis_key(), bytes, remaining.max(1))
-                .await
-                .is_ok()
-            {
-                self.offer(copy).await;
-            }
-        }
-        Some(reply)
-    }
-
     /// The values of the counter `ops` (`None` when Redis did not answer), what the cache
     /// read found for `key`, and how long that round trip took (ms).
     async fn lookup(
@@ -647,26 +582,6 @@ impl Service {
             return Err("replication queue saturated");
         }
         self.store.ping().await.map_err(|_| "redis unreachable")
-    }
-}
-
-/// The local model, when a tenant uses it; `None` (logged) when it is missing or broken, and
-/// then those tenants' semantic lookups are counted errors served as exact misses.
-fn load_local_model(settings: &Settings, tenants_using_it: &usize) -> Option<LocalEmbedder> {
-    if *tenants_using_it == 0 {
-        return None;
-    }
-    let semantic = &settings.semantic;
-    match LocalEmbedder::load(
-        &semantic.model_dir,
-        semantic.max_concurrent,
-        ms(semantic.embed_timeout_ms),
-    ) {
-        Ok(local) => Some(local),
-        Err(error) => {
-            tracing::warn!(%error, "semantic model not loaded; semantic lookups are exact misses (run `just setup`)");
-            None
-        }
     }
 }
 

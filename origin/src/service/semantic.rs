@@ -14,12 +14,17 @@ use gateway_common::route::Route;
 use gateway_common::tenant::{SemanticEmbedder, Tenant};
 use sha2::{Digest, Sha256};
 
-use super::{Hit, Service};
+use super::{ApiRequest, CACHE_NAME, Hit, Reply, Service, Trace, render_entry};
+use crate::budget::unix_now;
+use crate::meter::Saving;
 use crate::router::UpstreamBody;
 use crate::semantic::embedder::LocalEmbedder;
 use crate::semantic::index::{Index, Place};
 use crate::semantic::pool::normalize;
 use crate::semantic::scope::{self, Question};
+use crate::settings::{Settings, ms};
+use gateway_common::headers::{CacheOutcome, CacheStatusMember, Layer};
+use gateway_common::usage::Tier;
 
 /// The semantic tier of a [`Service`]: the local model (when it loaded) and one index per
 /// vector width (the local model's, and each provider model's).
@@ -251,10 +256,97 @@ impl Service {
         Ok(normalize(vector))
     }
 
+    /// Answers with a paraphrase's entry, and stores it under the request's own `key` too
+    /// (then offers it to the edge tier like any new entry), so that the edge answers this
+    /// exact question next time. `None` when the entry cannot answer this request (a stream
+    /// asked of an entry that cannot be replayed).
+    pub(super) async fn serve_semantic_hit(
+        &self,
+        tenant: &Tenant,
+        request: &ApiRequest,
+        parsed: &gateway_common::canonical::ParsedRequest,
+        own: Option<&CacheKey>,
+        hit: Hit,
+        trace: &mut Trace,
+    ) -> Option<Reply> {
+        let Hit {
+            entry,
+            age,
+            remaining,
+        } = hit;
+        let copy = own.map(|own| {
+            let mut copy = entry.clone();
+            copy.envelope.key = own.hex().to_string();
+            (own.clone(), Arc::new(copy))
+        });
+        let provider = Arc::from(entry.envelope.provider.as_str());
+        let saved = entry
+            .envelope
+            .usage
+            .clone()
+            .map(|usage| (entry.envelope.model.clone(), usage));
+        let reply = render_entry(entry, request.route, parsed.stream, parsed.include_usage)?;
+        trace.cache = Some(CacheOutcome::Hit);
+        trace.layer = Some(Layer::Origin);
+        trace.age = Some(age);
+        trace.provider = Some(provider);
+        trace.cache_status = Some(
+            CacheStatusMember::hit(CACHE_NAME, remaining)
+                .with_detail("semantic")
+                .render(),
+        );
+        if let Some((model, usage)) = &saved {
+            let saving = Saving {
+                model,
+                usage,
+                times: 1,
+            };
+            self.meter
+                .saved(&tenant.id, Tier::Origin, unix_now(), saving);
+        }
+        if let Some((own, copy)) = copy
+            && let Ok(bytes) = copy.encode()
+        {
+            // Kept only as long as the answering entry: same created-at and TTL.
+            if self
+                .store
+                .set_ex(&own.redis_key(), bytes, remaining.max(1))
+                .await
+                .is_ok()
+            {
+                self.offer(copy).await;
+            }
+        }
+        Some(reply)
+    }
+
     fn count_semantic(&self, outcome: &str, reason: &str) {
         self.metrics
             .semantic_lookups
             .with_label_values(&[outcome, reason])
             .inc();
+    }
+}
+
+/// The local model, when a tenant uses it; `None` (logged) when it is missing or broken, and
+/// then those tenants' semantic lookups are counted errors served as exact misses.
+pub(super) fn load_local_model(
+    settings: &Settings,
+    tenants_using_it: &usize,
+) -> Option<LocalEmbedder> {
+    if *tenants_using_it == 0 {
+        return None;
+    }
+    let semantic = &settings.semantic;
+    match LocalEmbedder::load(
+        &semantic.model_dir,
+        semantic.max_concurrent,
+        ms(semantic.embed_timeout_ms),
+    ) {
+        Ok(local) => Some(local),
+        Err(error) => {
+            tracing::warn!(%error, "semantic model not loaded; semantic lookups are exact misses (run `just setup`)");
+            None
+        }
     }
 }
