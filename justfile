@@ -12,7 +12,7 @@ wasm := "target/wasm32-wasip1/release/gateway-compute.wasm"
 default:
     @just --list
 
-# Install what is missing: the wasm target, Viceroy, Redis, promtool, the Fastly CLI. Idempotent.
+# Install what is missing: the wasm target, Viceroy, Redis, promtool, the Fastly CLI, the semantic cache's model. Idempotent.
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -63,6 +63,7 @@ setup:
         npm install -g --silent @fastly/cli@{{fastly_cli_version}}
     fi
     just python-venv
+    scripts/semantic-model.sh
     echo "setup: ok (viceroy $(viceroy --version | awk '{print $2}'), redis $(redis-server --version | awk '{print $3}' | cut -d= -f2), promtool $(promtool --version 2>&1 | head -1 | awk '{print $3}'), fastly $(fastly version 2>/dev/null | head -1 | awk '{print $4}'))"
 
 # The official `openai` and `anthropic` Python clients in .local/venv (gitignored), for the
@@ -118,6 +119,17 @@ test-wasm:
         cargo test -p gateway-common --target wasm32-wasip1 --test golden
     CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
         cargo test -p gateway-compute --target wasm32-wasip1
+
+# The semantic cache's evaluation: the real model and the LSH index on a redis-server it starts,
+# over fixtures/semantic/pairs.jsonl; rewrites docs/semantic-eval.md and docs/semantic-eval.svg.
+# (The dev profile: the model's numeric crates are optimised there too, see Cargo.toml.)
+eval-semantic: setup
+    cargo run -q -p gateway-bench --bin semantic-eval
+
+# The semantic cache's costs only (embedding, lookup, hit latency, origin RSS); prints, writes nothing.
+bench-semantic: setup bench-tools
+    cargo build --release -p gateway-origin -p gateway-bench
+    target/release/gateway-bench --part semantic --semantic-samples 100
 
 # Regenerate the edge's local Config Store `tenants` from fixtures/tenants.json.
 edge-tenants:

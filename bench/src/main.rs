@@ -13,6 +13,7 @@ mod origin_hit;
 mod peers;
 mod replication;
 mod report;
+mod semantic;
 mod viceroy;
 
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ enum Part {
     EdgeHit,
     Miss,
     Replication,
+    /// The semantic cache: embedding, lookup and hit latencies, RSS with the model.
+    Semantic,
 }
 
 #[derive(Debug, Parser)]
@@ -63,6 +66,9 @@ struct Args {
     /// Entries the replicator benchmark writes.
     #[arg(long, default_value_t = 20_000)]
     replication_entries: u64,
+    /// Samples of each semantic-cache measure.
+    #[arg(long, default_value_t = 200)]
+    semantic_samples: usize,
     /// The `litellm` executable: adds LiteLLM's Redis-cache hit as a peer (`just bench-peers`).
     #[arg(long)]
     litellm: Option<PathBuf>,
@@ -96,6 +102,7 @@ async fn main() -> anyhow::Result<()> {
             Part::EdgeHit,
             Part::Miss,
             Part::Replication,
+            Part::Semantic,
         ]
     } else {
         args.parts.clone()
@@ -173,6 +180,13 @@ async fn main() -> anyhow::Result<()> {
                 replication::run(args.replication_entries)
                     .await
                     .context("replicator")?,
+            );
+        }
+        if parts.contains(&Part::Semantic) {
+            results.semantic = Some(
+                semantic::run(args.semantic_samples)
+                    .await
+                    .context("semantic cache")?,
             );
         }
         anyhow::Ok(())

@@ -97,6 +97,7 @@ pub async fn run(entries: u64) -> anyhow::Result<Replication> {
         cache_sampled: true,
         cache_store_requests: false,
         purge_generation: 0,
+        semantic: Default::default(),
     };
     let redis = RedisServer::start()?;
     let mut redis_settings = Settings::for_tests().redis;

@@ -36,6 +36,8 @@ pub struct Results {
     pub peer_provider_calls: u64,
     /// Free text appended at the end (profiles, explanations).
     pub notes: Option<String>,
+    /// `--part semantic`.
+    pub semantic: Option<crate::semantic::SemanticBench>,
 }
 
 const KIB: f64 = 1024.0;
@@ -193,6 +195,9 @@ impl Results {
              percentiles of every target at the fixed rate, one panel per connection count, \
              log scale.\n"
         )?;
+        if let Some(semantic) = &self.semantic {
+            writeln!(out, "{}", semantic.markdown())?;
+        }
         if let Some(notes) = &self.notes {
             writeln!(out, "{notes}")?;
         }

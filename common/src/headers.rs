@@ -19,6 +19,12 @@ pub const X_UPSTREAM_REGION: &str = "x-upstream-region";
 pub const X_UPSTREAM_TRIED: &str = "x-upstream-tried";
 /// Origin: the region this origin belongs to (its `region.name`).
 pub const X_ORIGIN_REGION: &str = "x-origin-region";
+/// A semantic hit: the cosine similarity of the question and the cached one (4 decimals).
+pub const X_CACHE_SIMILARITY: &str = "x-cache-similarity";
+/// A semantic hit: the key (hex) of the entry that answered (the paraphrase's).
+pub const X_CACHE_SEMANTIC_KEY: &str = "x-cache-semantic-key";
+/// Client -> origin: `off` turns the semantic cache off for this request.
+pub const X_SEMANTIC_CACHE: &str = "x-semantic-cache";
 /// Edge -> origin: "1" when the edge looked and missed (the origin should replicate).
 pub const X_EDGE_MISS: &str = "x-gateway-edge-miss";
 /// Edge -> origin shared secret.

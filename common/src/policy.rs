@@ -300,6 +300,7 @@ mod tests {
             cache_sampled,
             cache_store_requests,
             purge_generation: 0,
+            semantic: Default::default(),
         }
     }
 

@@ -43,6 +43,45 @@ pub struct Tenant {
     /// file.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub purge_generation: u64,
+    /// The semantic cache (origin only; off unless the tenant turns it on).
+    #[serde(default, skip_serializing_if = "SemanticPolicy::is_default")]
+    pub semantic: SemanticPolicy,
+}
+
+/// A tenant's semantic cache: whether a paraphrase of a cached question may be answered from
+/// the cache, how similar it must be, and which model embeds it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SemanticPolicy {
+    #[serde(default)]
+    pub enabled: bool,
+    /// Cosine similarity at or above which a candidate answers (0 < t ≤ 1); the origin's
+    /// evaluated default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f32>,
+    #[serde(default)]
+    pub embedder: SemanticEmbedder,
+}
+
+// JSON has no NaN and `validate` refuses a threshold outside (0, 1], so equality is total.
+impl Eq for SemanticPolicy {}
+
+impl SemanticPolicy {
+    fn is_default(&self) -> bool {
+        *self == SemanticPolicy::default()
+    }
+}
+
+/// Which model embeds a tenant's questions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SemanticEmbedder {
+    /// all-MiniLM-L6-v2 in the origin's process (no call before the cache read).
+    #[default]
+    Local,
+    /// A provider embeddings model, through the origin's router (quality over latency). Its
+    /// vectors live in their own index: the scope includes the model name.
+    Provider { model: String },
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -77,6 +116,22 @@ impl Tenant {
                     self.id
                 ));
             }
+        }
+        if let Some(t) = self.semantic.threshold
+            && !(t > 0.0 && t <= 1.0)
+        {
+            return Err(format!(
+                "tenant {}: semantic.threshold must be in (0, 1], got {t}",
+                self.id
+            ));
+        }
+        if let SemanticEmbedder::Provider { model } = &self.semantic.embedder
+            && model.is_empty()
+        {
+            return Err(format!(
+                "tenant {}: semantic.embedder.provider.model is empty",
+                self.id
+            ));
         }
         if self.allowed_models.iter().any(String::is_empty) {
             return Err(format!(

@@ -20,6 +20,7 @@ pub mod replicate;
 pub mod replicator;
 pub mod router;
 pub mod routes;
+pub mod semantic;
 pub mod service;
 pub mod settings;
 pub mod store;

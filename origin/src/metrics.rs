@@ -39,6 +39,11 @@ pub struct Metrics {
     pub cache_writes: IntCounterVec,
     /// Entries read from Redis that failed to decode (treated as misses).
     pub cache_decode_errors: IntCounter,
+    /// outcome (hit|miss|error|not_semantic), reason: what a semantic-cache lookup found
+    /// (`service/semantic.rs`); errors and refusals are served as exact misses.
+    pub semantic_lookups: IntCounterVec,
+    /// embedder (local|provider): time to embed one question.
+    pub semantic_embed_duration: HistogramVec,
     /// provider
     pub provider_duration: HistogramVec,
     /// provider, outcome (ok|status_4xx|status_429|status_5xx|timeout|connect|body)
@@ -148,6 +153,16 @@ impl Metrics {
             cache_decode_errors: single(
                 "cache_decode_errors_total",
                 "Entries that did not decode or did not match the request (served as misses)",
+            )?,
+            semantic_lookups: counter(
+                "semantic_lookups_total",
+                "Semantic-cache lookups by outcome and reason (errors are served as exact misses)",
+                &["outcome", "reason"],
+            )?,
+            semantic_embed_duration: histogram(
+                "semantic_embed_duration_seconds",
+                "Time to embed one question for the semantic cache, by embedder",
+                &["embedder"],
             )?,
             provider_duration: histogram(
                 "provider_duration_seconds",

@@ -12,8 +12,9 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
-    CACHE_STATUS, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY, X_CACHE_LAYER, X_EDGE_MISS,
-    X_EDGE_SECRET, X_UPSTREAM_PROVIDER,
+    CACHE_STATUS, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY, X_CACHE_LAYER,
+    X_CACHE_SEMANTIC_KEY, X_CACHE_SIMILARITY, X_EDGE_MISS, X_EDGE_SECRET, X_SEMANTIC_CACHE,
+    X_UPSTREAM_PROVIDER,
 };
 use gateway_common::route::Route;
 use gateway_common::traceparent::{TRACEPARENT, TraceContext};
@@ -151,6 +152,8 @@ async fn serve_api(
             edge_miss: header(headers, X_EDGE_MISS).is_some_and(|v| v.trim() == "1"),
             cache_control: header(headers, "cache-control").map(str::to_string),
             pragma: header(headers, "pragma").map(str::to_string),
+            semantic_off: header(headers, X_SEMANTIC_CACHE)
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("off")),
             body,
             passthrough: passthrough(route, headers, trace),
         })
@@ -262,6 +265,12 @@ fn decorate(headers: &mut HeaderMap, trace: &Trace, total_ms: f64) {
     }
     if let Some(provider) = &trace.provider {
         put(X_UPSTREAM_PROVIDER, provider);
+    }
+    if let Some(similarity) = trace.similarity {
+        put(X_CACHE_SIMILARITY, &format!("{similarity:.4}"));
+    }
+    if let Some(key) = &trace.semantic_key {
+        put(X_CACHE_SEMANTIC_KEY, key);
     }
     let mut timing = ServerTiming::new();
     if let Some(ms) = trace.redis_ms {

@@ -46,6 +46,7 @@ mod flight_lock;
 mod ingest;
 mod peer_purge;
 mod purge;
+mod semantic;
 
 /// The name this tier uses in `Cache-Status`.
 pub const CACHE_NAME: &str = "gateway-origin";
@@ -60,6 +61,8 @@ pub struct ApiRequest {
     pub edge_miss: bool,
     pub cache_control: Option<String>,
     pub pragma: Option<String>,
+    /// `x-semantic-cache: off`: no semantic lookup for this request.
+    pub semantic_off: bool,
     pub body: Bytes,
     /// Client headers the provider gets (`anthropic-version`); empty for chat.
     pub passthrough: Passthrough,
@@ -82,6 +85,9 @@ pub struct Trace {
     pub upstream_ms: Option<f64>,
     /// Answered by another request's provider call.
     pub collapsed: bool,
+    /// A semantic hit: the similarity, and the key (hex) of the entry that answered.
+    pub similarity: Option<f32>,
+    pub semantic_key: Option<String>,
 }
 
 pub enum ReplyBody {
@@ -193,6 +199,8 @@ pub struct Service {
     /// The outboxes toward the peer regions; `None` for a region without peers.
     peers: Option<Arc<Peers>>,
     peer_metrics: PeerMetrics,
+    /// The semantic cache (`service/semantic.rs`).
+    semantic: semantic::Semantic,
 }
 
 /// This origin's region, for the service: its peers' outboxes and its metrics.
@@ -232,6 +240,13 @@ impl Service {
             Arc::new(Traffic::new(Arc::clone(&store))),
         ));
         let longest_stale = tenants.iter().map(|t| t.stale_if_error_secs).max();
+        let tenants_using_local = tenants
+            .iter()
+            .filter(|t| {
+                t.semantic.enabled
+                    && t.semantic.embedder == gateway_common::tenant::SemanticEmbedder::Local
+            })
+            .count();
         let generation_ttl_secs =
             generation::ttl_secs(settings.cache.ttl_cap_secs, longest_stale.unwrap_or(0));
         Ok(Arc::new(Service {
@@ -272,6 +287,10 @@ impl Service {
             peer_token: settings.region.peer_token.clone(),
             peers: region.peers,
             peer_metrics: region.metrics,
+            semantic: semantic::Semantic::new(
+                semantic::load_local_model(settings, &tenants_using_local),
+                settings.semantic.default_threshold,
+            ),
         }))
     }
 
@@ -446,6 +465,34 @@ impl Service {
                 }
             }
         }
+        let mut pending = None;
+        if plan.read && key.is_some() && tenant.semantic.enabled && !request.semantic_off {
+            let started = Instant::now();
+            match self
+                .semantic_lookup(&tenant, &parsed, generation, now, plan.max_age)
+                .await
+            {
+                semantic::Found::Hit {
+                    hit,
+                    key: answered_by,
+                    similarity,
+                } => {
+                    if let Some(reply) = self
+                        .serve_semantic_hit(&tenant, &request, &parsed, key.as_ref(), *hit, trace)
+                        .await
+                    {
+                        trace.similarity = Some(similarity);
+                        trace.semantic_key = Some(answered_by.hex().to_string());
+                        trace.redis_ms = Some(
+                            trace.redis_ms.unwrap_or(0.0)
+                                + started.elapsed().as_secs_f64() * 1000.0,
+                        );
+                        return Ok(reply);
+                    }
+                }
+                semantic::Found::Miss(found) => pending = found,
+            }
+        }
         if let Some(rejection) = standing.tokens {
             return Err(self.refuse_budget(&tenant.id, rejection));
         }
@@ -467,6 +514,7 @@ impl Service {
                 generation,
                 edge_miss: request.edge_miss,
                 passthrough: request.passthrough,
+                semantic: pending,
             },
             trace,
         )

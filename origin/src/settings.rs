@@ -94,6 +94,11 @@ peers = []
 peer_timeout_ms = 2000
 peer_retry_ms = 1000
 peer_outbox_capacity = 100000
+[semantic]
+model_dir = ".local/models/all-minilm-l6-v2"
+max_concurrent = 2
+embed_timeout_ms = 250
+default_threshold = 0.87
 "#;
 
 /// The tenants file loaded in `dev_mode` when `tenants.file` is not set. Its keys are in the
@@ -164,6 +169,25 @@ pub struct Settings {
     /// Estimated provider prices, for the cost the cache saved.
     #[serde(default)]
     pub pricing: Pricing,
+    pub semantic: SemanticSettings,
+}
+
+/// The semantic cache's model and bounds (which tenants use it is in the tenant records).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SemanticSettings {
+    /// all-MiniLM-L6-v2 as `just setup` installs it. Loaded at start when a tenant uses the
+    /// local embedder; missing or broken, semantic lookups are counted as errors and served
+    /// as exact misses (the origin still starts).
+    pub model_dir: PathBuf,
+    /// Embeddings computed at once (each takes one core for a few milliseconds).
+    pub max_concurrent: usize,
+    /// Longest wait for an embedding (queueing included); past it the request is an exact miss.
+    pub embed_timeout_ms: u64,
+    /// The similarity threshold of a tenant that sets none: from docs/semantic-eval.md (no
+    /// threshold reaches the 1% false-hit target on the labelled set; 0.87 is the lowest at
+    /// the fewest false hits, 2.5%, with 64% of paraphrases answered).
+    pub default_threshold: f32,
 }
 
 #[derive(Debug, Clone, Deserialize)]

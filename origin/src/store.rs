@@ -140,6 +140,25 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<'a, ()>;
     /// `SET key value PX ttl_ms`: a short-lived value (a flight's published result).
     fn set_px<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_ms: u64) -> StoreResult<'a, ()>;
+
+    /// The semantic index's write, in one round trip: `SET value_key value EX ttl_secs`, and
+    /// `member` added to each of `sets`, whose expiry is pushed to at least `ttl_secs` from
+    /// now. Every key must share one hash tag (a cluster runs the pipeline on one node).
+    fn index_add<'a>(
+        &'a self,
+        sets: &'a [String],
+        member: &'a str,
+        value_key: &'a str,
+        value: Vec<u8>,
+        ttl_secs: u64,
+    ) -> StoreResult<'a, ()>;
+    /// `SUNION sets`: the members of any of them (one hash tag).
+    fn index_union<'a>(&'a self, sets: &'a [String]) -> StoreResult<'a, Vec<String>>;
+    /// `SREM set members…` for each of `sets` (one hash tag).
+    fn index_remove<'a>(&'a self, sets: &'a [String], members: &'a [String])
+    -> StoreResult<'a, ()>;
+    /// `MGET keys`: one value (or `None`) per key, in order (one hash tag).
+    fn get_many<'a>(&'a self, keys: &'a [String]) -> StoreResult<'a, Vec<Option<Vec<u8>>>>;
 }
 
 /// At most one log line per interval for a recurring failure; the rest are only counted.
@@ -531,6 +550,67 @@ impl Store for RedisStore {
 
     fn set_px<'a>(&'a self, key: &'a str, value: Vec<u8>, ttl_ms: u64) -> StoreResult<'a, ()> {
         self.set_expiring(key, value, "PX", ttl_ms).boxed()
+    }
+
+    fn index_add<'a>(
+        &'a self,
+        sets: &'a [String],
+        member: &'a str,
+        value_key: &'a str,
+        value: Vec<u8>,
+        ttl_secs: u64,
+    ) -> StoreResult<'a, ()> {
+        self.run("semantic_add", move |mut c| async move {
+            let ttl = ttl_secs.max(1);
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(value_key)
+                .arg(value)
+                .arg("EX")
+                .arg(ttl)
+                .ignore();
+            for set in sets {
+                pipe.cmd("SADD").arg(set).arg(member).ignore();
+                // A new set has no expiry (NX sets it); an older one keeps the later of the
+                // two (GT): a bucket outlives every vector it names. Redis 7.0 options.
+                pipe.cmd("EXPIRE").arg(set).arg(ttl).arg("NX").ignore();
+                pipe.cmd("EXPIRE").arg(set).arg(ttl).arg("GT").ignore();
+            }
+            pipe.query_async::<()>(&mut c).await
+        })
+        .boxed()
+    }
+
+    fn index_union<'a>(&'a self, sets: &'a [String]) -> StoreResult<'a, Vec<String>> {
+        self.run("semantic_union", move |mut c| async move {
+            redis::cmd("SUNION").arg(sets).query_async(&mut c).await
+        })
+        .boxed()
+    }
+
+    fn index_remove<'a>(
+        &'a self,
+        sets: &'a [String],
+        members: &'a [String],
+    ) -> StoreResult<'a, ()> {
+        self.run("semantic_remove", move |mut c| async move {
+            let mut pipe = redis::pipe();
+            for set in sets {
+                pipe.cmd("SREM").arg(set).arg(members).ignore();
+            }
+            pipe.query_async::<()>(&mut c).await
+        })
+        .boxed()
+    }
+
+    fn get_many<'a>(&'a self, keys: &'a [String]) -> StoreResult<'a, Vec<Option<Vec<u8>>>> {
+        self.run("semantic_get", move |mut c| async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            redis::cmd("MGET").arg(keys).query_async(&mut c).await
+        })
+        .boxed()
     }
 
     fn ping(&self) -> StoreResult<'_, ()> {

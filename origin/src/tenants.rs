@@ -101,6 +101,7 @@ mod tests {
             cache_sampled: true,
             cache_store_requests: false,
             purge_generation: 0,
+            semantic: Default::default(),
         }
     }
 

@@ -28,6 +28,8 @@ use crate::repo_root;
 /// The development API keys of `fixtures/tenants.json`.
 pub const ACME: &str = "sk-dev-acme";
 pub const GLOBEX: &str = "sk-dev-globex";
+/// The third development tenant, with the semantic cache on.
+pub const INITECH: &str = "sk-dev-initech";
 /// The cache key secret both tiers get in tests.
 pub const SECRET: &str = "e2e-cache-key-secret-0123456789";
 
@@ -108,6 +110,11 @@ pub fn origin_settings(redis: &RedisServer, providers: &[&MockProvider]) -> Sett
     settings.redis.url = Secret::new(redis.url());
     settings.cache.key_secret = Some(Secret::new(SECRET));
     settings.tenants.file = Some(tenants_file());
+    // The model as `just setup` installs it (the default path is relative to the repository).
+    settings.semantic.model_dir = repo_root().join(gateway_origin::semantic::DEFAULT_MODEL_DIR);
+    // As with Redis above: an embedding takes milliseconds, but on a loaded 2-core machine a
+    // queued one can pass the production bound and turn an expected hit into a (correct) miss.
+    settings.semantic.embed_timeout_ms = 5_000;
     settings.router.breaker_cooldown_ms = 500;
     // The defaults (50 ms response, 20 ms pool wait) are right for production, but on a
     // loaded 2-core CI machine a healthy Redis can miss them, which turns an expected hit into
@@ -177,6 +184,7 @@ pub fn many_tenants(count: usize) -> Vec<Tenant> {
             cache_sampled: true,
             cache_store_requests: false,
             purge_generation: 0,
+            semantic: Default::default(),
         })
         .collect()
 }

@@ -77,6 +77,8 @@ pub(super) struct Miss {
     pub(super) generation: u64,
     pub(super) edge_miss: bool,
     pub(super) passthrough: Passthrough,
+    /// The question's vector, indexed once the answer is cached (a semantic tenant's miss).
+    pub(super) semantic: Option<Arc<super::semantic::Pending>>,
 }
 
 /// How the client wants the answer.
@@ -102,6 +104,7 @@ struct Job {
     generation: u64,
     edge_miss: bool,
     passthrough: Passthrough,
+    semantic: Option<Arc<super::semantic::Pending>>,
 }
 
 /// A leader's or a waiter's outcome: a live stream to read, or the whole answer.
@@ -147,6 +150,7 @@ impl Service {
             generation: miss.generation,
             edge_miss: miss.edge_miss,
             passthrough: miss.passthrough,
+            semantic: miss.semantic.clone(),
         };
         let status =
             |stored, collapsed| Some(cache_status(miss.fwd, miss.plan.bypass, stored, collapsed));
@@ -408,7 +412,17 @@ impl Service {
         {
             // Written before it is offered: the replication log names the Redis entry, which
             // the sender reads when it writes to the KV store.
-            self.write(key, entry).await;
+            let written = self.write(key, entry).await;
+            if written && let Some(pending) = &job.semantic {
+                self.semantic_index(
+                    &job.tenant.id,
+                    key,
+                    pending,
+                    job.generation,
+                    entry.envelope.ttl,
+                )
+                .await;
+            }
             if job.edge_miss || joined_from_edge {
                 self.offer(Arc::clone(entry)).await;
             }
@@ -472,7 +486,8 @@ impl Service {
     }
 
     #[tracing::instrument(name = "cache.write", skip_all)]
-    async fn write(&self, key: &CacheKey, entry: &Entry) {
+    /// Whether the entry is in Redis now.
+    async fn write(&self, key: &CacheKey, entry: &Entry) -> bool {
         let bytes = match entry.encode() {
             Ok(bytes) => bytes,
             Err(error) => {
@@ -481,7 +496,7 @@ impl Service {
                     .with_label_values(&["uncacheable"])
                     .inc();
                 tracing::debug!(%error, "entry not encodable; not cached");
-                return;
+                return false;
             }
         };
         let outcome = match self
@@ -496,6 +511,7 @@ impl Service {
             .cache_writes
             .with_label_values(&[outcome])
             .inc();
+        outcome == "stored"
     }
 }
 

@@ -88,6 +88,12 @@ impl Settings {
         if !self.dev_mode {
             self.check_production()?;
         }
+        if !(self.semantic.default_threshold > 0.0 && self.semantic.default_threshold <= 1.0) {
+            return Err(invalid("semantic.default_threshold", "must be in (0, 1]"));
+        }
+        if self.semantic.max_concurrent == 0 {
+            return Err(invalid("semantic.max_concurrent", "must be > 0"));
+        }
         if self.purge.tenant_per_minute == 0 || self.purge.tenant_burst == 0 {
             return Err(invalid(
                 if self.purge.tenant_per_minute == 0 {

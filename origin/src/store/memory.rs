@@ -1,7 +1,7 @@
 //! The in-memory [`Store`], **for tests**: no eviction, a coarse TTL, a switch that makes
 //! every call fail. Not for production (it is per process, so replicas would not share it).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -12,12 +12,15 @@ use super::{Claim, CounterOp, Store, StoreError, StoreResult, Watched};
 
 /// Key → (value, expiry).
 type MemoryMap = HashMap<String, (Vec<u8>, Option<Instant>)>;
+/// Set key → (members, expiry): the semantic index's buckets.
+type MemorySets = HashMap<String, (BTreeSet<String>, Instant)>;
 
 /// An in-memory [`Store`] **for tests**: no eviction, a coarse TTL, a switch that makes every
 /// call fail. Not for production (it is per process, so replicas would not share it).
 #[derive(Debug, Default)]
 pub struct MemoryStore {
     map: Mutex<MemoryMap>,
+    sets: Mutex<MemorySets>,
     failing: AtomicBool,
     calls: AtomicU64,
 }
@@ -47,6 +50,10 @@ impl MemoryStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, MemoryMap> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_sets(&self) -> std::sync::MutexGuard<'_, MemorySets> {
+        self.sets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -238,6 +245,76 @@ impl Store for MemoryStore {
             let expiry = Instant::now() + Duration::from_millis(ttl_ms.max(1));
             self.lock().insert(key.to_string(), (value, Some(expiry)));
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn index_add<'a>(
+        &'a self,
+        sets: &'a [String],
+        member: &'a str,
+        value_key: &'a str,
+        value: Vec<u8>,
+        ttl_secs: u64,
+    ) -> StoreResult<'a, ()> {
+        async move {
+            self.check()?;
+            let expiry = Instant::now() + Duration::from_secs(ttl_secs.max(1));
+            self.lock()
+                .insert(value_key.to_string(), (value, Some(expiry)));
+            let mut all = self.lock_sets();
+            for set in sets {
+                let (members, until) = all
+                    .entry(set.clone())
+                    .or_insert_with(|| (BTreeSet::new(), expiry));
+                members.insert(member.to_string());
+                *until = (*until).max(expiry);
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn index_union<'a>(&'a self, sets: &'a [String]) -> StoreResult<'a, Vec<String>> {
+        async move {
+            self.check()?;
+            let now = Instant::now();
+            let mut all = self.lock_sets();
+            all.retain(|_, (_, until)| *until > now);
+            let union: BTreeSet<&String> = sets
+                .iter()
+                .filter_map(|set| all.get(set))
+                .flat_map(|(members, _)| members.iter())
+                .collect();
+            Ok(union.into_iter().cloned().collect())
+        }
+        .boxed()
+    }
+
+    fn index_remove<'a>(
+        &'a self,
+        sets: &'a [String],
+        members: &'a [String],
+    ) -> StoreResult<'a, ()> {
+        async move {
+            self.check()?;
+            let mut all = self.lock_sets();
+            for set in sets {
+                if let Some((present, _)) = all.get_mut(set) {
+                    members.iter().for_each(|m| {
+                        present.remove(m);
+                    });
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn get_many<'a>(&'a self, keys: &'a [String]) -> StoreResult<'a, Vec<Option<Vec<u8>>>> {
+        async move {
+            self.check()?;
+            Ok(keys.iter().map(|k| self.live(k)).collect())
         }
         .boxed()
     }

@@ -20,6 +20,7 @@ mod isolation;
 mod openai_client;
 mod regions;
 mod replicas;
+mod semantic;
 mod shared_state;
 mod streaming;
 mod tenant_policy;
