@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cache;
+mod cluster;
 mod coalescing;
 mod failover;
 mod fanout;
