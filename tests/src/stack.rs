@@ -151,6 +151,9 @@ pub fn point_at(settings: &mut Settings, redis: &RedisDeployment) {
         RedisKind::Cluster => {
             settings.redis.mode = RedisMode::Cluster;
             settings.redis.cluster_urls = urls.into_iter().map(Secret::new).collect();
+            // Opening a cluster connection reaches every node: slower than one connect on a
+            // loaded 2-core machine.
+            settings.redis.connect_timeout_ms = settings.redis.connect_timeout_ms.max(1000);
         }
     }
 }

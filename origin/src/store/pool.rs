@@ -2,7 +2,10 @@
 //! with our own manager that skips deadpool-redis's PING on every checkout. Both hand out a
 //! [`Conn`]; `redis.pool` chooses, and the bench measures the difference.
 
+use std::sync::Arc;
+
 use deadpool::managed::{self, PoolError, TimeoutType};
+use redis::cluster_async::ClusterConnection;
 
 use super::StoreError;
 use super::conn::Conn;
@@ -19,7 +22,36 @@ enum Target {
         client: redis::Client,
         config: redis::AsyncConnectionConfig,
     },
-    Cluster(redis::cluster::ClusterClient),
+    Cluster(Arc<SharedCluster>),
+}
+
+/// One cluster connection shared by every pooled entry. A cluster connection is already
+/// multiplexed over a connection per node, and opening one costs a connection to every node
+/// plus a `CLUSTER SLOTS`: a cold pool of 32 would open 32 of them at once. Entries are clones;
+/// after a failure the shared one is dropped, so the next entry opens a fresh one (and reads
+/// the topology afresh).
+pub struct SharedCluster {
+    client: redis::cluster::ClusterClient,
+    current: tokio::sync::Mutex<Option<ClusterConnection>>,
+}
+
+impl SharedCluster {
+    async fn connect(&self) -> Result<ClusterConnection, redis::RedisError> {
+        let mut current = self.current.lock().await;
+        if let Some(conn) = current.as_ref() {
+            return Ok(conn.clone());
+        }
+        let conn = self.client.get_async_connection().await?;
+        *current = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Forgets the shared connection (it failed); waits for no one.
+    fn reset(&self) {
+        if let Ok(mut current) = self.current.try_lock() {
+            *current = None;
+        }
+    }
 }
 
 impl managed::Manager for ConnManager {
@@ -32,7 +64,7 @@ impl managed::Manager for ConnManager {
                 .get_multiplexed_async_connection_with_config(config)
                 .await
                 .map(Conn::Single),
-            Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+            Target::Cluster(shared) => shared.connect().await.map(Conn::Cluster),
         }
     }
 
@@ -47,7 +79,8 @@ impl managed::Manager for ConnManager {
 
 /// The pool `redis.pool` and `redis.mode` chose.
 pub enum Pool {
-    Multiplexed(managed::Pool<ConnManager>),
+    /// Our manager; on a cluster, the connection its entries share.
+    Multiplexed(managed::Pool<ConnManager>, Option<Arc<SharedCluster>>),
     DeadpoolRedis(deadpool_redis::Pool),
     DeadpoolRedisCluster(deadpool_redis::cluster::Pool),
 }
@@ -98,7 +131,10 @@ impl Pool {
                     .set_connection_timeout(connect)
                     .set_response_timeout(response);
                 let target = Target::Single { client, config };
-                Pool::Multiplexed(bounded!(managed::Pool::builder(ConnManager { target }))?)
+                Pool::Multiplexed(
+                    bounded!(managed::Pool::builder(ConnManager { target }))?,
+                    None,
+                )
             }
             (RedisPool::Multiplexed, RedisMode::Cluster) => {
                 let client = redis::cluster::ClusterClient::builder(seeds)
@@ -106,8 +142,15 @@ impl Pool {
                     .response_timeout(response)
                     .build()
                     .map_err(url_error("redis.cluster_urls"))?;
-                let target = Target::Cluster(client);
-                Pool::Multiplexed(bounded!(managed::Pool::builder(ConnManager { target }))?)
+                let shared = Arc::new(SharedCluster {
+                    client,
+                    current: tokio::sync::Mutex::new(None),
+                });
+                let target = Target::Cluster(Arc::clone(&shared));
+                Pool::Multiplexed(
+                    bounded!(managed::Pool::builder(ConnManager { target }))?,
+                    Some(shared),
+                )
             }
             (RedisPool::DeadpoolRedis, RedisMode::Single) => {
                 let manager = deadpool_redis::Manager::new(settings.url.expose())
@@ -124,10 +167,17 @@ impl Pool {
         })
     }
 
+    /// Called when a leased connection failed: a shared cluster connection is dropped too.
+    pub fn failed(&self) {
+        if let Pool::Multiplexed(_, Some(shared)) = self {
+            shared.reset();
+        }
+    }
+
     /// A connection, within the pool wait (a full pool is [`StoreError::PoolBusy`]).
     pub async fn lease(&self) -> Result<Lease, StoreError> {
         match self {
-            Pool::Multiplexed(p) => p.get().await.map(Lease::Multiplexed).map_err(pool_error),
+            Pool::Multiplexed(p, _) => p.get().await.map(Lease::Multiplexed).map_err(pool_error),
             Pool::DeadpoolRedis(p) => p.get().await.map(Lease::DeadpoolRedis).map_err(pool_error),
             Pool::DeadpoolRedisCluster(p) => p
                 .get()

@@ -137,6 +137,7 @@ impl RedisStore {
                     || (self.cluster && e.is_cluster_error())
                 {
                     lease.detach();
+                    self.pool.failed();
                 }
                 Err(StoreError::Redis(e.to_string()))
             }
