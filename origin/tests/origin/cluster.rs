@@ -1,6 +1,10 @@
 //! The origin on a real six-node Redis Cluster: the store's behaviours across slots (the same
 //! as on one node), then the faults a cluster has under steady load through the origin: a
 //! primary killed with `kill -9`, and a slot migration. Requests never fail in either.
+#![allow(
+    clippy::expect_used,
+    reason = "test helpers: a failed expectation is a failed test"
+)]
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
