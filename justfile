@@ -111,6 +111,14 @@ test: setup build-edge
     cargo build -p gateway-origin --bins
     cargo test --workspace --no-fail-fast
     just test-wasm
+    just test-cluster
+
+# The cache-behaviour e2e modules again with every stack on a local six-node Redis Cluster
+# (GATEWAY_E2E_REDIS=cluster); the origin's own cluster tests (kill -9, reshard) are in `test`.
+test-cluster: build-edge
+    cargo build -p gateway-origin --bins
+    GATEWAY_E2E_REDIS=cluster cargo test -p gateway-e2e --test e2e --no-fail-fast -- \
+        walk:: isolation:: cross_replica:: dual_write:: tenant_purge:: streaming:: faults:: shared_state::
 
 # Golden vectors compiled to wasm32-wasip1 and run in Viceroy (edge and origin agree on keys),
 # and the edge's own unit tests, which only link for wasm32-wasip1.
@@ -145,6 +153,10 @@ serve-edge: build-edge
 serve: setup build-edge
     cargo build --release -p gateway-origin -p gateway-fixtures --bins
     scripts/serve.sh
+
+# `just serve` on a local six-node Redis Cluster (three primaries, three replicas) instead of one Redis.
+serve-cluster:
+    REDIS_MODE=cluster just serve
 
 # Install the load generator `oha` into ~/.cargo/bin when it is missing (a few minutes, once).
 bench-tools:

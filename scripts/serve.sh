@@ -9,6 +9,8 @@
 # `us` first, then `eu` (README, "Regions").
 # USAGE_INGEST_TOKEN (default dev-usage-ingest-token, the origin's dev `usage.ingest_token`)
 # authenticates the edge's usage records on their way to the origin's ingest route.
+# REDIS_MODE=cluster (`just serve-cluster`) runs a six-node Redis Cluster (three primaries, three
+# replicas) on REDIS_PORT..REDIS_PORT+5 instead of one Redis on REDIS_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,11 +24,20 @@ REGIONS=${REGIONS:-1}
 EU_ORIGIN_PORT=${EU_ORIGIN_PORT:-$((ORIGIN_PORT + 10))}
 # Development value only: what the regions send each other on the internal purge route.
 REGION_PEER_TOKEN=${REGION_PEER_TOKEN:-dev-region-peer-token-0123456789}
+REDIS_MODE=${REDIS_MODE:-single}
 FASTLY_API_TOKEN=${FASTLY_API_TOKEN:-dev-fastly-token}
 USAGE_INGEST_TOKEN=${USAGE_INGEST_TOKEN:-dev-usage-ingest-token}
 STATE=.local/serve
 mkdir -p "$STATE/redis"
 
+if [ "$REGIONS" -eq 2 ] && [ "$REDIS_MODE" = cluster ]; then
+    echo "serve: REGIONS=2 runs each region on one Redis node (REDIS_MODE=single)" >&2
+    exit 2
+fi
+if [ "$REDIS_MODE" != single ] && [ "$REDIS_MODE" != cluster ]; then
+    echo "serve: REDIS_MODE must be single or cluster (got '$REDIS_MODE')" >&2
+    exit 1
+fi
 if ! [[ "$ORIGIN_REPLICAS" =~ ^[1-9][0-9]*$ ]]; then
     echo "serve: ORIGIN_REPLICAS must be a whole number of at least 1 (got '$ORIGIN_REPLICAS')" >&2
     exit 1
@@ -73,9 +84,43 @@ wait_port() {
     exit 1
 }
 
-run "redis   " 31 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
-    --maxmemory 256mb --maxmemory-policy allkeys-lru --dir "$STATE/redis"
-wait_port redis "$REDIS_PORT"
+if [ "$REDIS_MODE" = single ]; then
+    run "redis   " 31 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no \
+        --maxmemory 256mb --maxmemory-policy allkeys-lru --dir "$STATE/redis"
+    wait_port redis "$REDIS_PORT"
+    redis_env=(GATEWAY__REDIS__URL="redis://127.0.0.1:$REDIS_PORT")
+    redis_banner="redis   127.0.0.1:$REDIS_PORT"
+else
+    # A fresh cluster each time: the nodes' config files (topology) are not kept.
+    rm -rf "$STATE/redis-cluster"
+    nodes=() seeds=()
+    for i in 0 1 2 3 4 5; do
+        port=$((REDIS_PORT + i))
+        mkdir -p "$STATE/redis-cluster/$port"
+        run "redis$i  " 31 redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+            --cluster-config-file nodes.conf --cluster-node-timeout 1000 --repl-diskless-sync-delay 0 \
+            --save '' --appendonly no --maxmemory 128mb --maxmemory-policy allkeys-lru \
+            --dir "$STATE/redis-cluster/$port"
+        wait_port "redis$i" "$port"
+        nodes+=("127.0.0.1:$port")
+        seeds+=("redis://127.0.0.1:$port")
+    done
+    redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 --cluster-yes >/dev/null
+    for _ in $(seq 1 150); do
+        ok=0
+        for i in 0 1 2 3 4 5; do
+            redis-cli -p $((REDIS_PORT + i)) CLUSTER INFO | grep -q 'cluster_state:ok' && ok=$((ok + 1))
+        done
+        [ "$ok" -eq 6 ] && break
+        sleep 0.2
+    done
+    if [ "$ok" -ne 6 ]; then
+        echo "serve: the Redis Cluster did not reach cluster_state:ok" >&2
+        exit 1
+    fi
+    redis_env=(GATEWAY__REDIS__MODE=cluster GATEWAY__REDIS__CLUSTER_URLS="$(IFS=,; echo "${seeds[*]}")")
+    redis_banner="redis   cluster 127.0.0.1:$REDIS_PORT..$((REDIS_PORT + 5)) (3 primaries, 3 replicas)"
+fi
 
 if [ -n "${OPENAI_API_KEY:-}" ]; then
     echo "serve: OPENAI_API_KEY is set: the origin routes to the real OpenAI API"
@@ -111,10 +156,12 @@ fi
 
 # start_origin NAME PORT [REDIS_PORT [CONFIG]]: one origin listening on PORT.
 start_origin() {
-    local name=$1 port=$2 redis_port=${3:-$REDIS_PORT} config=${4:-$origin_config}
+    local name=$1 port=$2 config=${4:-$origin_config}
+    local origin_redis=("${redis_env[@]}")
+    if [ -n "${3:-}" ]; then origin_redis=(GATEWAY__REDIS__URL="redis://127.0.0.1:$3"); fi
     run "$name" 34 env \
         GATEWAY__SERVER__LISTEN="127.0.0.1:$port" \
-        GATEWAY__REDIS__URL="redis://127.0.0.1:$redis_port" \
+        "${origin_redis[@]}" \
         MOCK_PROVIDER_URL="http://127.0.0.1:$PROVIDER_PORT/v1" \
         MOCK_PROVIDER_API_KEY=mock \
         FASTLY_API_URL="http://127.0.0.1:$FASTLY_API_PORT" \
@@ -169,7 +216,7 @@ cat <<BANNER
 
   edge    http://127.0.0.1:$EDGE_PORT      (Fastly Compute under Viceroy)
   $origins
-  redis   127.0.0.1:$REDIS_PORT   fake Fastly API (KV + Config Store) http://127.0.0.1:$FASTLY_API_PORT
+  $redis_banner   fake Fastly API (KV + Config Store) http://127.0.0.1:$FASTLY_API_PORT
   usage   the edge's "usage" log lines → POST http://127.0.0.1:$ORIGIN_PORT/ingest/edge-usage
 
   curl -si http://127.0.0.1:$EDGE_PORT/v1/chat/completions \\

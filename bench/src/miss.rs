@@ -49,11 +49,7 @@ pub async fn run(
         ..ProviderConfig::default()
     })
     .await?;
-    let config = OriginConfig {
-        redis_url: redis.url(),
-        provider_base_url: provider.base_url(),
-        workers,
-    };
+    let config = OriginConfig::single(redis.url(), provider.base_url(), workers);
     let origin = tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??;
     let mut edge_config = EdgeConfig::new(origin.url(), SECRET);
     // As in production: the edge's KV store is written by the origin's dual-write, not here.

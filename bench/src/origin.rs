@@ -15,7 +15,12 @@ use gateway_fixtures::ChildProcess;
 /// What the origin is started with.
 #[derive(Debug, Clone)]
 pub struct OriginConfig {
+    /// One Redis node's URL, or (with `redis_cluster`) ignored.
     pub redis_url: String,
+    /// Seed URLs of a Redis Cluster: when not empty, `redis.mode = "cluster"` on these.
+    pub redis_cluster: Vec<String>,
+    /// `redis.pool` (`deadpool-redis` or `multiplexed`); `None` keeps the origin's default.
+    pub redis_pool: Option<&'static str>,
     /// The mock provider's `http://127.0.0.1:PORT/v1`.
     pub provider_base_url: String,
     /// actix workers (the bare floor gets the same number).
@@ -64,6 +69,37 @@ fn bench_tenants() -> anyhow::Result<String> {
     )?)
 }
 
+impl OriginConfig {
+    /// A plain origin on one Redis node, with the default pool.
+    pub fn single(redis_url: String, provider_base_url: String, workers: usize) -> OriginConfig {
+        OriginConfig {
+            redis_url,
+            redis_cluster: Vec::new(),
+            redis_pool: None,
+            provider_base_url,
+            workers,
+        }
+    }
+
+    /// The body of the settings file's `[redis]` table.
+    fn redis_section(&self) -> String {
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
+        let mut lines = if self.redis_cluster.is_empty() {
+            vec![format!("url = {}", q(&self.redis_url))]
+        } else {
+            let seeds: Vec<String> = self.redis_cluster.iter().map(|u| q(u)).collect();
+            vec![
+                "mode = \"cluster\"".to_owned(),
+                format!("cluster_urls = [{}]", seeds.join(", ")),
+            ]
+        };
+        if let Some(pool) = self.redis_pool {
+            lines.push(format!("pool = {}", q(pool)));
+        }
+        lines.join("\n")
+    }
+}
+
 impl OriginProcess {
     pub fn start(config: &OriginConfig) -> anyhow::Result<OriginProcess> {
         let binary = origin_binary()?;
@@ -80,7 +116,7 @@ listen = "127.0.0.1:{port}"
 workers = {workers}
 
 [redis]
-url = {redis}
+{redis}
 
 [cache]
 key_secret = {secret}
@@ -104,7 +140,7 @@ filter = "info"
 enabled = false
 "#,
             workers = config.workers,
-            redis = q(&config.redis_url),
+            redis = config.redis_section(),
             secret = q(SECRET),
             tenants = q(&tenants.to_string_lossy()),
             provider = q(&config.provider_base_url),

@@ -1,12 +1,15 @@
 //! The origin's Redis-hit path against a bare actix-web handler answering the same bytes, and
-//! the origin's peak RSS under that load. With `peers`, LiteLLM's Redis-cache hit joins as a
-//! second comparison in the same run. Starts and stops everything it uses.
+//! the origin's peak RSS under that load; in the same run, the same hit with the other
+//! `redis.pool` (deadpool-redis or our multiplexed manager) and on a six-node Redis Cluster.
+//! With `peers`, LiteLLM's Redis-cache hit joins as a second comparison in the same run.
+//! Starts and stops everything it uses.
 
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use gateway_fixtures::{MockProvider, ProviderConfig, RedisServer};
+use gateway_fixtures::{MockProvider, ProviderConfig, RedisCluster, RedisServer};
+use gateway_origin::settings::{RedisPool, Settings};
 
 use crate::compare::{self, Comparison};
 use crate::floor::BareActix;
@@ -54,13 +57,26 @@ pub async fn run(
     litellm: Option<&Path>,
 ) -> anyhow::Result<OriginHit> {
     let redis = RedisServer::start()?;
+    let cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
     let provider = MockProvider::start(ProviderConfig::default()).await?;
-    let config = OriginConfig {
-        redis_url: redis.url(),
-        provider_base_url: provider.base_url(),
-        workers,
+    let config = OriginConfig::single(redis.url(), provider.base_url(), workers);
+    // The same origin with the pool that is not the default, and the default on the cluster.
+    let (default_pool, other_pool) = match Settings::for_tests().redis.pool {
+        RedisPool::DeadpoolRedis => ("deadpool-redis", "multiplexed"),
+        RedisPool::Multiplexed => ("multiplexed", "deadpool-redis"),
+    };
+    let other_config = OriginConfig {
+        redis_pool: Some(other_pool),
+        ..config.clone()
+    };
+    let cluster_config = OriginConfig {
+        redis_cluster: cluster.urls(),
+        ..config.clone()
     };
     let origin = tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??;
+    let other = tokio::task::spawn_blocking(move || OriginProcess::start(&other_config)).await??;
+    let on_cluster =
+        tokio::task::spawn_blocking(move || OriginProcess::start(&cluster_config)).await??;
     let origin_url = format!("{}/v1/chat/completions", origin.url());
     let idle_rss_kib = origin.rss_kib()?;
 
@@ -89,6 +105,24 @@ pub async fn run(
             origin.log_tail()
         );
     }
+    for (name, process) in [("other pool", &other), ("cluster", &on_cluster)] {
+        let url = format!("{}/v1/chat/completions", process.url());
+        post(&url, API_KEY).await?.bytes().await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let hit = post(&url, API_KEY).await?;
+        let cache = hit
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        if cache != "HIT" {
+            bail!(
+                "the {name} origin's second answer was not a hit (x-cache: {cache:?}):\n{}",
+                process.log_tail()
+            );
+        }
+    }
     let bare = BareActix::start(bytes.clone(), workers)?;
     let bare_answer = post(bare.url(), API_KEY).await?.bytes().await?;
     if bare_answer != bytes {
@@ -103,12 +137,33 @@ pub async fn run(
         Some(API_KEY),
         &body,
     );
-    let subject = json_target("origin Redis hit", origin_url.clone(), Some(API_KEY), &body);
+    let subject = json_target(
+        &format!("origin Redis hit ({default_pool})"),
+        origin_url.clone(),
+        Some(API_KEY),
+        &body,
+    );
+    let other_subject = json_target(
+        &format!("origin Redis hit ({other_pool})"),
+        format!("{}/v1/chat/completions", other.url()),
+        Some(API_KEY),
+        &body,
+    );
+    let cluster_subject = json_target(
+        &format!("origin Redis Cluster hit ({default_pool})"),
+        format!("{}/v1/chat/completions", on_cluster.url()),
+        Some(API_KEY),
+        &body,
+    );
     let calls_before = provider.calls();
     let comparison = {
-        let (settings, floor, subject) = (settings.clone(), floor.clone(), subject.clone());
+        let (settings, floor, subjects) = (
+            settings.clone(),
+            floor.clone(),
+            [subject.clone(), other_subject, cluster_subject],
+        );
         tokio::task::spawn_blocking(move || {
-            compare::compare(&settings, "origin hit", &floor, &[subject])
+            compare::compare(&settings, "origin hit", &floor, &subjects)
         })
         .await??
     };
@@ -159,6 +214,9 @@ pub async fn run(
     let peer_provider_calls = provider.calls() - peer_calls_before;
     bare.stop().await;
     drop(origin);
+    drop(other);
+    drop(on_cluster);
+    drop(cluster);
     provider.stop().await;
     drop(redis);
     Ok(OriginHit {

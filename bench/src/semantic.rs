@@ -121,11 +121,7 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
     // The semantic hit through the release origin: every request a new wording of one
     // question, so each is a semantic hit (an exact repeat would be an exact hit).
     let provider = MockProvider::start(ProviderConfig::default()).await?;
-    let config = OriginConfig {
-        redis_url: redis.url(),
-        provider_base_url: provider.base_url(),
-        workers: 1,
-    };
+    let config = OriginConfig::single(redis.url(), provider.base_url(), 1);
     let origin = tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??;
     let http = reqwest::Client::new();
     let url = format!("{}/v1/chat/completions", origin.url());

@@ -84,9 +84,11 @@ impl CacheKey {
         format!("{}{}", Self::kv_prefix(&self.tenant), self.hex)
     }
 
-    /// The Redis key: `gw:v1:<tenant>:<hex>`.
+    /// The Redis key: `gw:v1:<tenant>:{<hex>}`. The hex is the Redis Cluster hash tag, so a
+    /// tenant's entries spread over the cluster while an entry's flight lock and result
+    /// (tagged alike) live on the entry's node.
     pub fn redis_key(&self) -> String {
-        format!("gw:{KEY_VERSION}:{}:{}", self.tenant, self.hex)
+        format!("gw:{KEY_VERSION}:{}:{{{}}}", self.tenant, self.hex)
     }
 
     /// The KV prefix of every key of `tenant`: `v1/<tenant>/`.
@@ -171,7 +173,7 @@ mod tests {
         );
         assert_eq!(key.tenant(), "acme");
         assert_eq!(key.kv_key(), format!("v1/acme/{}", key.hex()));
-        assert_eq!(key.redis_key(), format!("gw:v1:acme:{}", key.hex()));
+        assert_eq!(key.redis_key(), format!("gw:v1:acme:{{{}}}", key.hex()));
     }
 
     #[test]

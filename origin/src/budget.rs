@@ -80,7 +80,7 @@ impl Budget {
         let mut ops = Vec::new();
         if tenant.requests_per_second.is_some() {
             ops.push(CounterOp::Incr {
-                key: format!("gw:rate:{}:{now}", tenant.id),
+                key: format!("gw:rate:{{{}}}:{now}", tenant.id),
                 by: 1,
                 ttl_secs: 2,
             });
@@ -100,7 +100,7 @@ impl Budget {
     pub fn edge_requests_op(&self, tenant: &Tenant, requests: u64, now: u64) -> Option<CounterOp> {
         tenant.requests_per_second?;
         Some(CounterOp::Incr {
-            key: format!("gw:rate:{}:{now}", tenant.id),
+            key: format!("gw:rate:{{{}}}:{now}", tenant.id),
             by: requests,
             ttl_secs: 2,
         })
@@ -247,10 +247,11 @@ impl Budget {
     }
 }
 
-/// `gw:<kind>:<tenant>:<YYYY-MM>` for the UTC month containing `now`.
+/// `gw:<kind>:{<tenant>}:<YYYY-MM>` for the UTC month containing `now` (tagged by the tenant,
+/// like the rate counter and the purge generation: one cluster slot per tenant).
 pub fn usage_key(kind: &str, tenant: &str, now: u64) -> String {
     let (year, month, _) = civil_from_days((now / 86_400) as i64);
-    format!("gw:{kind}:{tenant}:{year:04}-{month:02}")
+    format!("gw:{kind}:{{{tenant}}}:{year:04}-{month:02}")
 }
 
 /// Seconds from `now` to 00:00 UTC on the first day of the next month.
@@ -322,10 +323,13 @@ mod tests {
     fn months_are_computed_in_utc() {
         // 2024-02-29T12:00:00Z
         let now = 1_709_208_000;
-        assert_eq!(usage_key("usage", "acme", now), "gw:usage:acme:2024-02");
+        assert_eq!(usage_key("usage", "acme", now), "gw:usage:{acme}:2024-02");
         assert_eq!(secs_until_next_month(now), 12 * 3600);
         // 2023-12-31T23:59:59Z
-        assert_eq!(usage_key("usage", "t", 1_704_067_199), "gw:usage:t:2023-12");
+        assert_eq!(
+            usage_key("usage", "t", 1_704_067_199),
+            "gw:usage:{t}:2023-12"
+        );
         assert_eq!(secs_until_next_month(1_704_067_199), 1);
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(days_from_civil(2000, 3, 1), 11_017);

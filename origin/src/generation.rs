@@ -2,9 +2,10 @@
 //! entry records the generation it was written under, and both tiers refuse an entry from an
 //! older one (`policy::purged`), so a tenant purge is one increment, not one delete per entry.
 
-/// The Redis key of `tenant`'s purge generation (absent = 0).
+/// The Redis key of `tenant`'s purge generation (absent = 0): `gw:gen:{<tenant>}`, tagged by
+/// the tenant so it shares a cluster slot with the tenant's budget counters (one pipeline).
 pub fn key(tenant: &str) -> String {
-    format!("gw:gen:{tenant}")
+    format!("gw:gen:{{{tenant}}}")
 }
 
 /// How long the counter must outlive its last bump: past the longest an entry written before

@@ -31,7 +31,10 @@ max_upstream_body_bytes = 67108864
 shutdown_timeout_secs = 10
 
 [redis]
+mode = "single"
 url = "redis://127.0.0.1:6379"
+cluster_urls = []
+pool = "multiplexed"
 pool_size = 32
 response_timeout_ms = 50
 pool_wait_timeout_ms = 20
@@ -207,8 +210,18 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
-    /// `redis://[user:password@]host:port[/db]`. May carry a password: never logged.
+    /// One node (`url`) or a Redis Cluster (`cluster_urls`).
+    pub mode: RedisMode,
+    /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS). May carry a password:
+    /// never logged. Used when `mode = "single"`.
     pub url: Secret,
+    /// Seed nodes of the cluster (`redis://host:port` or `rediss://`, any few of them; the
+    /// client discovers the rest). A TOML list, or one comma-separated string (for
+    /// `GATEWAY__REDIS__CLUSTER_URLS`). Used when `mode = "cluster"`. May carry passwords.
+    #[serde(deserialize_with = "seed_list")]
+    pub cluster_urls: Vec<Secret>,
+    /// Which pool hands out connections (see the README, "Redis Cluster": measured).
+    pub pool: RedisPool,
     pub pool_size: usize,
     /// Bound on one command's round trip; past it the command is a miss.
     pub response_timeout_ms: u64,
@@ -221,6 +234,45 @@ pub struct RedisSettings {
     pub breaker_cooldown_ms: u64,
     /// At most one error log line per this interval (the rest are counted in metrics).
     pub error_log_interval_secs: u64,
+}
+
+/// `redis.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    Single,
+    Cluster,
+}
+
+/// `redis.pool`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum RedisPool {
+    /// deadpool-redis's pool (its recycle PINGs on every checkout).
+    #[serde(rename = "deadpool-redis")]
+    DeadpoolRedis,
+    /// deadpool with our own manager: no PING on checkout, a failed connection is detached.
+    #[serde(rename = "multiplexed")]
+    Multiplexed,
+}
+
+/// A list of secrets from a TOML list or a comma-separated string (environment variables).
+fn seed_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seeds {
+        List(Vec<String>),
+        Joined(String),
+    }
+    let seeds = match Seeds::deserialize(d)? {
+        Seeds::List(list) => list,
+        Seeds::Joined(joined) => joined.split(',').map(str::to_owned).collect(),
+    };
+    Ok(seeds
+        .into_iter()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .map(Secret::new)
+        .collect())
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -254,9 +254,9 @@ impl Traffic {
     }
 }
 
-/// `gw:traffic:<minute>:<tenant>:<tier>:<field>`.
+/// `gw:traffic:<minute>:{<tenant>}:<tier>:<field>`: a tenant's counters share a cluster slot.
 fn series_key(minute: u64, tenant: &str, tier: Tier, field: &str) -> String {
-    format!("gw:traffic:{minute}:{tenant}:{}:{field}", tier.as_str())
+    format!("gw:traffic:{minute}:{{{tenant}}}:{}:{field}", tier.as_str())
 }
 
 #[cfg(test)]

@@ -17,7 +17,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use gateway_common::tenant::TenantsFile;
-pub use gateway_fixtures::{RedisServer, free_port};
+pub use gateway_fixtures::{RedisDeployment, RedisKind, RedisServer, free_port};
+
+/// Which Redis the e2e stacks run on: `GATEWAY_E2E_REDIS=cluster` for a six-node Redis
+/// Cluster, a single node otherwise. The one place the harness reads it (`just test-cluster`).
+pub fn redis_kind() -> RedisKind {
+    RedisKind::parse(std::env::var("GATEWAY_E2E_REDIS").ok().as_deref())
+}
 
 /// The workspace root (where `fastly.toml` and `fixtures/` live).
 pub fn repo_root() -> PathBuf {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use actix_web::dev::ServerHandle;
 use anyhow::Context;
-use gateway_fixtures::{DelayProxy, MockProvider, ProviderConfig, RedisServer, free_port};
+use gateway_fixtures::{
+    DelayProxy, MockProvider, ProviderConfig, RedisDeployment, RedisKind, free_port,
+};
 use gateway_origin::settings::{PeerSettings, Secret, Settings};
 use gateway_origin::{Application, Parts};
 use serde_json::Value;
@@ -39,7 +41,7 @@ impl RegionSpec {
 /// A running region: its Redis, its origin and the proxy the edge reaches it through.
 pub struct Region {
     pub name: String,
-    pub redis: RedisServer,
+    pub redis: RedisDeployment,
     settings: Settings,
     origin_port: u16,
     origin: Option<ServerHandle>,
@@ -151,7 +153,8 @@ impl RegionStack {
         }
         let mut regions = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
-            let redis = RedisServer::start()?;
+            // One node per region: the cluster runs of the suite cover the store itself.
+            let redis = RedisDeployment::start(RedisKind::Single)?;
             let mut settings = origin_settings(&redis, &[&provider]);
             settings.server.listen = format!("127.0.0.1:{}", ports[i]);
             settings.region.name = spec.name.clone();

@@ -9,7 +9,8 @@ use anyhow::Context;
 use gateway_common::key::CacheKey;
 use gateway_common::tenant::{Tenant, TenantsFile};
 use gateway_fixtures::{
-    ChildProcess, FakeFastlyApi, FastlyApiConfig, MockProvider, ProviderConfig, RedisServer,
+    ChildProcess, FakeFastlyApi, FastlyApiConfig, MockProvider, ProviderConfig, RedisDeployment,
+    RedisKind,
 };
 use serde_json::Value;
 
@@ -58,7 +59,7 @@ impl Default for ReplicaStackOptions {
 }
 
 pub struct ReplicaStack {
-    pub redis: RedisServer,
+    pub redis: RedisDeployment,
     pub provider: MockProvider,
     pub fastly_api: FakeFastlyApi,
     pub replicas: Replicas,
@@ -85,7 +86,7 @@ impl ReplicaStack {
     }
 
     pub async fn start_with(options: ReplicaStackOptions) -> anyhow::Result<ReplicaStack> {
-        let redis = RedisServer::start()?;
+        let redis = RedisDeployment::start(crate::redis_kind())?;
         let provider = MockProvider::start(options.provider).await?;
         let scratch = ChildProcess::new("gw-replica-stack")?;
         let (tenants_path, tenants_file) = match options.tenants {
@@ -156,7 +157,7 @@ impl ReplicaStack {
     /// tenant purge generations) with a 50 ms linger and a 1.5 s takeover of a dead replica's
     /// work, and Redis timeouts loose enough for a loaded 2-core machine.
     pub fn base_config(
-        redis: &RedisServer,
+        redis: &RedisDeployment,
         provider: &MockProvider,
         fastly_api: &FakeFastlyApi,
         tenants_file: &std::path::Path,
@@ -177,7 +178,6 @@ impl ReplicaStack {
             .set("", "providers", format!("[{provider_table}]"))
             .set("server", "workers", "1")
             .set("server", "shutdown_timeout_secs", "10")
-            .set_str("redis", "url", &redis.url())
             .set("redis", "response_timeout_ms", "250")
             .set("redis", "pool_wait_timeout_ms", "250")
             // A replica opens its pool's connections cold, many at once, on a busy machine.
@@ -201,6 +201,16 @@ impl ReplicaStack {
             // A killed replica's records are taken over within seconds, not a minute.
             .set("replication", "claim_idle_ms", "1500")
             .set("replication", "poll_ms", "50");
+        let urls = redis.urls();
+        match redis.kind() {
+            RedisKind::Single => config.set_str("redis", "url", &urls.concat()),
+            // One comma-separated string: what `GATEWAY__REDIS__CLUSTER_URLS` would hold.
+            RedisKind::Cluster => config.set_str("redis", "mode", "cluster").set_str(
+                "redis",
+                "cluster_urls",
+                &urls.join(","),
+            ),
+        };
         config
     }
 

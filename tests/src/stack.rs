@@ -13,11 +13,12 @@ use gateway_common::key::{CacheKey, api_key_digest};
 use gateway_common::route::Route;
 use gateway_common::tenant::{Tenant, TenantsFile};
 use gateway_fixtures::{
-    DelayProxy, FakeFastlyApi, FastlyApiConfig, MockProvider, ProviderConfig, RedisServer,
+    DelayProxy, FakeFastlyApi, FastlyApiConfig, MockProvider, ProviderConfig, RedisDeployment,
+    RedisKind,
 };
 use gateway_origin::provider_api::ProviderApi;
 use gateway_origin::service::Service;
-use gateway_origin::settings::{ProviderSettings, Secret, Settings};
+use gateway_origin::settings::{ProviderSettings, RedisMode, Secret, Settings};
 use gateway_origin::tenants::Tenants;
 use gateway_origin::{Application, Parts};
 use serde_json::{Value, json};
@@ -55,6 +56,9 @@ pub struct StackOptions {
     /// Forward the edge's usage records to the origin's ingest route ([`USAGE_TOKEN`]) and
     /// protect `/metrics` and `/dashboard` with [`ADMIN_TOKEN`].
     pub usage: bool,
+    /// One Redis node or a six-node cluster; by default what `GATEWAY_E2E_REDIS` says
+    /// ([`crate::redis_kind`]).
+    pub redis: RedisKind,
 }
 
 /// The origin's `usage.ingest_token` in stacks with `usage`.
@@ -73,12 +77,13 @@ impl Default for StackOptions {
             origin_settings: None,
             replicate: false,
             usage: false,
+            redis: crate::redis_kind(),
         }
     }
 }
 
 pub struct Stack {
-    pub redis: RedisServer,
+    pub redis: RedisDeployment,
     /// The first (preferred) provider.
     pub provider: MockProvider,
     /// Every provider after the first, in priority order.
@@ -105,9 +110,9 @@ fn tenants_file() -> PathBuf {
 
 /// Origin settings for tests: the mock providers (in priority order) serving the development
 /// models.
-pub fn origin_settings(redis: &RedisServer, providers: &[&MockProvider]) -> Settings {
+pub fn origin_settings(redis: &RedisDeployment, providers: &[&MockProvider]) -> Settings {
     let mut settings = Settings::for_tests();
-    settings.redis.url = Secret::new(redis.url());
+    point_at(&mut settings, redis);
     settings.cache.key_secret = Some(Secret::new(SECRET));
     settings.tenants.file = Some(tenants_file());
     // The model as `just setup` installs it (the default path is relative to the repository).
@@ -146,6 +151,24 @@ pub fn origin_settings(redis: &RedisServer, providers: &[&MockProvider]) -> Sett
         })
         .collect();
     settings
+}
+
+/// Points the origin's settings at `redis`, a single node or a cluster.
+pub fn point_at(settings: &mut Settings, redis: &RedisDeployment) {
+    let urls = redis.urls();
+    match redis.kind() {
+        RedisKind::Single => {
+            settings.redis.mode = RedisMode::Single;
+            settings.redis.url = Secret::new(urls.concat());
+        }
+        RedisKind::Cluster => {
+            settings.redis.mode = RedisMode::Cluster;
+            settings.redis.cluster_urls = urls.into_iter().map(Secret::new).collect();
+            // Opening a cluster connection reaches every node: slower than one connect on a
+            // loaded 2-core machine.
+            settings.redis.connect_timeout_ms = settings.redis.connect_timeout_ms.max(1000);
+        }
+    }
 }
 
 /// The tenants of `fixtures/tenants.json` (`ACME`, `GLOBEX`), each changed by `adjust`.
@@ -195,7 +218,7 @@ impl Stack {
     }
 
     pub async fn start_with(options: StackOptions) -> anyhow::Result<Stack> {
-        let redis = RedisServer::start()?;
+        let redis = RedisDeployment::start(options.redis)?;
         let mut providers = Vec::new();
         for config in options.providers {
             providers.push(MockProvider::start(config).await?);

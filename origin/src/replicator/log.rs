@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::store::{RedisStore, StoreError};
+use crate::store::{Batch, RedisStore, StoreError};
 
 /// Offered writes: field `k` is the entry's Redis key (the entry itself stays in Redis and is
 /// read when the write is sent, so the newest entry is what gets written).
@@ -311,45 +311,48 @@ impl Log {
         keys: &[String],
         numbers: &[String],
     ) -> Result<(Vec<Option<Vec<u8>>>, Vec<u64>), StoreError> {
-        self.redis
-            .run("repl_values", move |mut c| async move {
-                let mut pipe = redis::pipe();
-                for key in keys {
-                    pipe.cmd("GET").arg(key);
-                }
-                for key in numbers {
-                    pipe.cmd("GET").arg(key);
-                }
-                let values: Vec<Option<Vec<u8>>> = pipe.query_async(&mut c).await?;
-                let (entries, numbers) = values.split_at(keys.len());
-                let numbers = numbers
-                    .iter()
-                    .map(|v| {
-                        v.as_deref()
-                            .and_then(|b| std::str::from_utf8(b).ok())
-                            .and_then(|s| s.parse().ok())
-                            .unwrap_or(0)
-                    })
-                    .collect();
-                Ok((entries.to_vec(), numbers))
+        // One batch: one round trip on a node; on a cluster the entries spread over the
+        // slots, so one pipeline per slot, concurrently.
+        let mut batch = Batch::new();
+        for key in keys.iter().chain(numbers) {
+            let mut get = redis::cmd("GET");
+            get.arg(key);
+            batch.push(key, get);
+        }
+        let values = self.redis.run_batch("repl_values", &batch).await?;
+        let values: Vec<Option<Vec<u8>>> = values
+            .iter()
+            .map(|v| redis::from_redis_value(v).unwrap_or(None))
+            .collect();
+        let (entries, numbers) = values.split_at(keys.len().min(values.len()));
+        let numbers = numbers
+            .iter()
+            .map(|v| {
+                v.as_deref()
+                    .and_then(|b| std::str::from_utf8(b).ok())
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0)
             })
-            .await
+            .collect();
+        Ok((entries.to_vec(), numbers))
     }
 
     /// The SHA-1 (hex) of the value at each of `keys`, `None` where there is none.
     pub(super) async fn digests(&self, keys: &[String]) -> Result<Vec<Option<String>>, StoreError> {
-        self.redis
-            .run("repl_digests", move |mut c| async move {
-                // One script call per key, pipelined: each call touches one key, so a cluster
-                // client can route them one by one. EVAL, not EVALSHA: a pipeline cannot fall
-                // back when the script is not loaded yet, and the script is a few bytes.
-                let mut pipe = redis::pipe();
-                for key in keys {
-                    pipe.cmd("EVAL").arg(DIGEST).arg(1).arg(key);
-                }
-                pipe.query_async::<Vec<Option<String>>>(&mut c).await
-            })
-            .await
+        // One script call per key: each touches one key, so the batch can be split by slot on
+        // a cluster. EVAL, not EVALSHA: a pipeline cannot fall back when the script is not
+        // loaded yet, and the script is a few bytes.
+        let mut batch = Batch::new();
+        for key in keys {
+            let mut eval = redis::cmd("EVAL");
+            eval.arg(DIGEST).arg(1).arg(key);
+            batch.push(key, eval);
+        }
+        let values = self.redis.run_batch("repl_digests", &batch).await?;
+        Ok(values
+            .iter()
+            .map(|v| redis::from_redis_value(v).unwrap_or(None))
+            .collect())
     }
 
     /// Takes one API request from the shared budget (`Ok(None)`; with `spend` false only

@@ -432,10 +432,12 @@ impl WriteLane {
     }
 }
 
-/// `gw:v1:<tenant>:<hex>` → the cache key; `None` for anything else.
+/// `gw:v1:<tenant>:{<hex>}` → the cache key; `None` for anything else (an entry of the
+/// untagged format written before the cluster change is not replicated: it expires).
 fn parse_redis_key(redis_key: &str) -> Option<CacheKey> {
     let rest = redis_key.strip_prefix("gw:v1:")?;
-    let (tenant, hex) = rest.split_once(':')?;
+    let (tenant, tagged) = rest.split_once(':')?;
+    let hex = tagged.strip_prefix('{')?.strip_suffix('}')?;
     CacheKey::from_hex(tenant, hex)
 }
 
@@ -461,10 +463,12 @@ mod tests {
     #[test]
     fn a_redis_key_names_its_cache_key_and_nothing_else_does() {
         let hex = "ab".repeat(32);
-        let key = parse_redis_key(&format!("gw:v1:acme:{hex}")).unwrap();
+        let key = parse_redis_key(&format!("gw:v1:acme:{{{hex}}}")).unwrap();
         assert_eq!((key.tenant(), key.hex()), ("acme", hex.as_str()));
+        assert_eq!(parse_redis_key(&key.redis_key()), Some(key));
+        assert!(parse_redis_key(&format!("gw:v1:acme:{hex}")).is_none());
         assert!(parse_redis_key("gw:v1:acme:short").is_none());
-        assert!(parse_redis_key(&format!("gw:v2:acme:{hex}")).is_none());
+        assert!(parse_redis_key(&format!("gw:v2:acme:{{{hex}}}")).is_none());
         assert_eq!(logged_ms("1700000000123-4"), 1_700_000_000_123);
     }
 }

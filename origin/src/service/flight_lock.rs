@@ -107,11 +107,11 @@ impl Drop for FlightLock {
 }
 
 fn lock_key(key: &CacheKey) -> String {
-    format!("gw:flight:{}:{}:lock", key.tenant(), key.hex())
+    format!("gw:flight:{}:{{{}}}:lock", key.tenant(), key.hex())
 }
 
 fn result_key(key: &CacheKey) -> String {
-    format!("gw:flight:{}:{}:result", key.tenant(), key.hex())
+    format!("gw:flight:{}:{{{}}}:result", key.tenant(), key.hex())
 }
 
 impl Service {

@@ -213,3 +213,50 @@ fn replication_takes_its_token_from_the_named_variable_and_never_prints_it() {
     );
     assert!(!format!("{s:?}").contains("fastly-token-123"));
 }
+
+#[test]
+fn a_cluster_takes_its_seeds_from_a_list_or_one_comma_separated_variable() {
+    let file = write_file(&format!(
+        "dev_mode = true\n[redis]\nmode = \"cluster\"\ncluster_urls = [\"redis://10.0.0.1:7000\", \"rediss://10.0.0.2:7000\"]\npool = \"deadpool-redis\"\n{}",
+        provider_toml()
+    ));
+    let s = Settings::load(Some(&file.0), &HashMap::new()).unwrap();
+    assert_eq!(s.redis.mode, RedisMode::Cluster);
+    assert_eq!(s.redis.pool, RedisPool::DeadpoolRedis);
+    assert_eq!(s.redis.cluster_urls.len(), 2);
+    let env = HashMap::from([
+        ("GATEWAY__REDIS__MODE".to_string(), "cluster".to_string()),
+        (
+            "GATEWAY__REDIS__CLUSTER_URLS".to_string(),
+            "redis://a:1, redis://b:2,redis://c:3".to_string(),
+        ),
+    ]);
+    let file = write_file(&format!("dev_mode = true\n{}", provider_toml()));
+    let s = Settings::load(Some(&file.0), &env).unwrap();
+    let seeds: Vec<&str> = s.redis.cluster_urls.iter().map(|u| u.expose()).collect();
+    assert_eq!(seeds, ["redis://a:1", "redis://b:2", "redis://c:3"]);
+}
+
+#[test]
+fn a_cluster_without_seeds_or_with_a_database_stops_start_up_naming_the_key() {
+    let load = |redis: &str| {
+        let file = write_file(&format!(
+            "dev_mode = true\n[redis]\n{redis}\n{}",
+            provider_toml()
+        ));
+        Settings::load(Some(&file.0), &HashMap::new())
+            .unwrap_err()
+            .to_string()
+    };
+    let err = load("mode = \"cluster\"");
+    assert!(err.contains("redis.cluster_urls"), "{err}");
+    let err = load("mode = \"cluster\"\ncluster_urls = [\"redis://:hunter2@h:1/3\"]");
+    assert!(err.contains("redis.cluster_urls[0]"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+    let err = load("mode = \"cluster\"\ncluster_urls = [\"http://h:1\"]");
+    assert!(err.contains("redis.cluster_urls[0]"), "{err}");
+    let err = load("mode = \"sharded\"");
+    assert!(err.contains("mode"), "{err}");
+    let err = load("pool = \"bb8\"");
+    assert!(err.contains("pool"), "{err}");
+}

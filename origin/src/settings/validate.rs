@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use super::{ReplicationSettings, Secret, Settings, SettingsError, invalid};
+use super::{RedisMode, ReplicationSettings, Secret, Settings, SettingsError, invalid};
 
 impl Settings {
     /// Checks every value once; the first problem found is returned, naming its key (outside
@@ -20,8 +20,38 @@ impl Settings {
         if self.server.max_upstream_body_bytes == 0 {
             return Err(invalid("server.max_upstream_body_bytes", "must be > 0"));
         }
-        redis::parse_redis_url(self.redis.url.expose())
-            .ok_or_else(|| invalid("redis.url", "not a redis:// URL"))?;
+        match self.redis.mode {
+            RedisMode::Single => {
+                redis::parse_redis_url(self.redis.url.expose())
+                    .ok_or_else(|| invalid("redis.url", "not a redis:// URL"))?;
+            }
+            RedisMode::Cluster => {
+                if self.redis.cluster_urls.is_empty() {
+                    return Err(invalid(
+                        "redis.cluster_urls",
+                        "mode = \"cluster\" needs at least one seed node URL",
+                    ));
+                }
+                for (i, url) in self.redis.cluster_urls.iter().enumerate() {
+                    // The message names the position, never the URL (it may hold a password).
+                    match redis::parse_redis_url(url.expose()) {
+                        Some(parsed) if parsed.path().trim_matches('/').is_empty() => {}
+                        Some(_) => {
+                            return Err(invalid(
+                                format!("redis.cluster_urls[{i}]"),
+                                "a cluster has no databases: drop the /<db> path",
+                            ));
+                        }
+                        None => {
+                            return Err(invalid(
+                                format!("redis.cluster_urls[{i}]"),
+                                "not a redis:// or rediss:// URL",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
         for (key, value) in [
             ("redis.pool_size", self.redis.pool_size as u64),
             ("redis.response_timeout_ms", self.redis.response_timeout_ms),

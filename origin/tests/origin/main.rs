@@ -4,6 +4,7 @@
 mod apis;
 mod bad_input;
 mod cache;
+mod cluster;
 mod coalescing;
 mod failover;
 mod fanout;

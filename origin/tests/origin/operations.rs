@@ -82,7 +82,7 @@ async fn metrics_expose_requests_cache_results_redis_providers_and_tokens() {
         used
     );
     // The monthly counters reached Redis.
-    assert_eq!(stack.redis.keys("gw:usage:acme:*").len(), 1);
+    assert_eq!(stack.redis.keys("gw:usage:{acme}:*").len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

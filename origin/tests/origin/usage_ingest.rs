@@ -126,7 +126,7 @@ async fn edge_hits_count_for_their_tenant_only_with_their_tokens_saved() {
 
     // The saved tokens reach the tenant's monthly ledger in Redis.
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    let keys = stack.redis.keys("gw:saved:acme:*");
+    let keys = stack.redis.keys("gw:saved:{acme}:*");
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert_eq!(stack.redis.cli(&["GET", &keys[0]]).trim(), "700");
 }

@@ -147,7 +147,7 @@ async fn a_tenant_at_its_token_budget_overshoots_only_by_the_calls_in_flight() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let month = stack
         .redis
-        .keys("gw:usage:acme:*")
+        .keys("gw:usage:{acme}:*")
         .expect("redis keys")
         .pop()
         .expect("the usage counter");

@@ -200,7 +200,7 @@ async fn a_key_purge_and_a_tenant_purge_sent_to_one_region_take_effect_in_the_ot
         .expect("a generation")
         .to_string();
     stack
-        .wait_for_redis(1, &["GET", "gw:gen:acme"], &generation, APPLY_WITHIN)
+        .wait_for_redis(1, &["GET", "gw:gen:{acme}"], &generation, APPLY_WITHIN)
         .await;
     assert_missed_in(&stack, 1, prompt).await;
     assert_missed_in(&stack, 0, prompt).await;
@@ -287,7 +287,7 @@ async fn the_internal_purge_route_takes_only_a_peer_with_the_token_and_a_valid_f
     assert_eq!(
         stack.regions[1]
             .redis
-            .cli(&["EXISTS", "gw:gen:acme"])
+            .cli(&["EXISTS", "gw:gen:{acme}"])
             .ok()
             .as_deref(),
         Some("0"),

@@ -217,7 +217,8 @@ async fn a_killed_replicas_queued_writes_and_purge_are_sent_by_another() {
             .into_iter()
             .map(|k| {
                 let rest = k.trim_start_matches("gw:v1:");
-                let (tenant, hex) = rest.split_once(':').expect("gw:v1:<tenant>:<hex>");
+                let (tenant, hex) = rest.split_once(':').expect("gw:v1:<tenant>:{<hex>}");
+                let hex = hex.trim_start_matches('{').trim_end_matches('}');
                 format!("v1/{tenant}/{hex}")
             })
             .collect()
