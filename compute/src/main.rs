@@ -7,8 +7,8 @@ mod kv;
 mod limit;
 mod log;
 mod origin;
-mod region;
 mod populate;
+mod region;
 mod respond;
 mod settings;
 mod trace;
@@ -45,6 +45,7 @@ fn main() {
     let span = trace::enter(&mut req);
     let mut log = LogLine::new(&req);
     log.trace_id = Some(span.trace_id());
+    log.span = Some(span.record());
     let reply = handle(req, &mut log);
     match reply {
         Reply::Send(resp) => {
