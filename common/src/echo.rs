@@ -10,15 +10,23 @@ use serde_json::{Map, Value};
 
 use crate::route::Route;
 
-/// The echoed members of a Responses answer, with the API's value when the request leaves
-/// the field out.
-const RESPONSES_ECHOED: &[(&str, fn() -> Value)] = &[
-    ("metadata", || Value::Object(Map::new())),
-    ("user", || Value::Null),
-    ("store", || Value::Bool(true)),
-    ("safety_identifier", || Value::Null),
-    ("prompt_cache_key", || Value::Null),
+/// The echoed members of a Responses answer.
+const RESPONSES_ECHOED: &[&str] = &[
+    "metadata",
+    "user",
+    "store",
+    "safety_identifier",
+    "prompt_cache_key",
 ];
+
+/// The API's value for an echoed member when the request leaves the field out.
+fn responses_default(name: &str) -> Value {
+    match name {
+        "metadata" => Value::Object(Map::new()),
+        "store" => Value::Bool(true),
+        _ => Value::Null,
+    }
+}
 
 /// What one request says for each member its route's answer echoes.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,9 +44,9 @@ impl Echo {
         }
         let members = RESPONSES_ECHOED
             .iter()
-            .map(|(name, default)| {
+            .map(|name| {
                 let value = match field(name) {
-                    None | Some(Value::Null) => default(),
+                    None | Some(Value::Null) => responses_default(name),
                     Some(value) => value,
                 };
                 (*name, value)

@@ -184,16 +184,29 @@ fn sampled_default() -> bool {
     true
 }
 
+/// A [`SpanRecord`]'s ids as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace: [u8; 16],
+    pub span: [u8; 8],
+    /// The client's span; `None` when the edge started the trace.
+    pub parent: Option<[u8; 8]>,
+}
+
 impl SpanRecord {
-    /// The ids as bytes `(trace, span, parent)`; `None` when one is not a valid W3C id.
-    pub fn ids(&self) -> Option<([u8; 16], [u8; 8], Option<[u8; 8]>)> {
+    /// The ids as bytes; `None` when one is not a valid W3C id.
+    pub fn ids(&self) -> Option<SpanIds> {
         let trace = hex_id::<16>(&self.trace_id)?;
         let span = hex_id::<8>(&self.span_id)?;
         let parent = match self.parent_id.as_str() {
             "" => None,
             hex => Some(hex_id::<8>(hex)?),
         };
-        Some((trace, span, parent))
+        Some(SpanIds {
+            trace,
+            span,
+            parent,
+        })
     }
 }
 
@@ -345,10 +358,10 @@ mod tests {
         });
         let line = with_span.to_line();
         assert_eq!(UsageRecord::parse_line(line.as_bytes()).unwrap(), with_span);
-        let (trace, id, parent) = with_span.span.as_ref().unwrap().ids().unwrap();
-        assert_eq!(trace[0], 0x4b);
-        assert_eq!(id[7], 0xb7);
-        assert_eq!(parent.unwrap()[0], 0xa3);
+        let ids = with_span.span.as_ref().unwrap().ids().unwrap();
+        assert_eq!(ids.trace[0], 0x4b);
+        assert_eq!(ids.span[7], 0xb7);
+        assert_eq!(ids.parent.unwrap()[0], 0xa3);
         // A line written before the span and region existed.
         let old = r#"{"v":1,"ts":1764500000,"tenant":"acme","route":"messages","layer":"edge","outcome":"hit","status":200,"bytes":3,"total_ms":1.0}"#;
         let parsed = UsageRecord::parse_line(old.as_bytes()).unwrap();

@@ -29,9 +29,10 @@ pub fn export(record: &UsageRecord) {
     let Some(span) = &record.span else {
         return;
     };
-    let Some((trace_id, span_id, parent)) = span.ids() else {
+    let Some(ids) = span.ids() else {
         return;
     };
+    let (trace_id, span_id, parent) = (ids.trace, ids.span, ids.parent);
     if !span.sampled {
         return;
     }
