@@ -99,6 +99,10 @@ pub struct ParsedRequest {
     /// None when the body holds a number that cannot be represented exactly: the request is
     /// served but never cached (bypass), never a collision.
     pub canonical: Option<Vec<u8>>,
+    /// What this request says for the members its answer echoes outside the key (Responses:
+    /// `metadata`, `user`, `store`, ...), to rewrite a cached answer with; `None` on routes
+    /// whose answers echo nothing unkeyed.
+    pub echo: Option<crate::echo::Echo>,
 }
 
 /// Parse and validate a request body for `route`, and compute its canonical form.
@@ -172,6 +176,10 @@ pub fn parse_request(
         _ => None,
     };
 
+    let echo = crate::echo::Echo::of(route, |name| {
+        let value = serialize(fields.get(name)?)?;
+        serde_json::from_slice(&value).ok()
+    });
     for field in dropped_fields(route) {
         fields.remove(*field);
     }
@@ -192,6 +200,7 @@ pub fn parse_request(
         store,
         never_cached,
         canonical,
+        echo,
     })
 }
 

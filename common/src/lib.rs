@@ -3,6 +3,7 @@
 //! and for wasm32-wasip1 so the edge and the origin agree byte for byte.
 
 pub mod canonical;
+pub mod echo;
 pub mod entry;
 pub mod error;
 pub mod headers;

@@ -268,6 +268,7 @@ mod tests {
             store,
             never_cached: None,
             canonical: canonical.then(|| b"{}".to_vec()),
+            echo: None,
         }
     }
 

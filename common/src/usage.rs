@@ -8,6 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::key::validate_tenant_id;
 
 /// The record format; a line of another version is rejected by the origin (and counted).
+/// Fields are only ever added as optional ones (`span`, `region`), which keeps the version:
+/// an origin reads the lines of an older edge unchanged. An older origin refuses a newer
+/// edge's lines (unknown fields), so the origin is deployed first.
 pub const USAGE_VERSION: u32 = 1;
 
 /// The Fastly log endpoint the edge writes records to (`[setup.log_endpoints.usage]`).
@@ -122,7 +125,8 @@ pub struct UsageRecord {
     /// Unix seconds when the edge answered.
     pub ts: u64,
     pub tenant: String,
-    /// `Route::as_str` (`chat.completions`, `completions`, `embeddings`), or `other` (a
+    /// `Route::as_str` (`chat.completions`, `completions`, `embeddings`, `responses`,
+    /// `messages`), or `other` (a
     /// pass-through: models, cache purges).
     pub route: String,
     /// Which tier produced the answer.
@@ -148,6 +152,79 @@ pub struct UsageRecord {
     /// The Fastly POP (`FASTLY_POP`), empty under Viceroy.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pop: String,
+    /// The origin region that answered (`x-upstream-region`), empty when none did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// The edge's own span of this request, which the origin exports for it (the edge has no
+    /// OTLP client); absent in records of edges that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub span: Option<SpanRecord>,
+}
+
+/// The edge's span of one request: its W3C ids and when it started. It ends `total_ms` after
+/// `start_unix_ns` (when the edge had the response head).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpanRecord {
+    /// 32 lowercase hex digits, not all zero.
+    pub trace_id: String,
+    /// 16 lowercase hex digits, not all zero: the parent the origin's `request` span names.
+    pub span_id: String,
+    /// The client's span (from its `traceparent`); empty when the edge started the trace.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub parent_id: String,
+    /// Whether the trace is sampled (the `traceparent` flag).
+    #[serde(default = "sampled_default")]
+    pub sampled: bool,
+    /// Unix nanoseconds when the edge received the request.
+    pub start_unix_ns: u64,
+}
+
+fn sampled_default() -> bool {
+    true
+}
+
+/// A [`SpanRecord`]'s ids as bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpanIds {
+    pub trace: [u8; 16],
+    pub span: [u8; 8],
+    /// The client's span; `None` when the edge started the trace.
+    pub parent: Option<[u8; 8]>,
+}
+
+impl SpanRecord {
+    /// The ids as bytes; `None` when one is not a valid W3C id.
+    pub fn ids(&self) -> Option<SpanIds> {
+        let trace = hex_id::<16>(&self.trace_id)?;
+        let span = hex_id::<8>(&self.span_id)?;
+        let parent = match self.parent_id.as_str() {
+            "" => None,
+            hex => Some(hex_id::<8>(hex)?),
+        };
+        Some(SpanIds {
+            trace,
+            span,
+            parent,
+        })
+    }
+}
+
+/// `N` bytes from `2N` lowercase hex digits, refusing an all-zero id (invalid in W3C).
+fn hex_id<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    if hex.len() != 2 * N {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut id = [0u8; N];
+    for (byte, pair) in id.iter_mut().zip(hex.as_bytes().chunks(2)) {
+        *byte = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    (id != [0u8; N]).then_some(id)
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -197,7 +274,7 @@ impl UsageRecord {
         validate_tenant_id(&record.tenant).map_err(|e| RecordError::Tenant(e.to_string()))?;
         if !matches!(
             record.route.as_str(),
-            "chat.completions" | "completions" | "embeddings" | "other"
+            "chat.completions" | "completions" | "embeddings" | "responses" | "messages" | "other"
         ) {
             return Err(RecordError::Range("route"));
         }
@@ -218,6 +295,19 @@ impl UsageRecord {
         }
         if record.model.len() > 128 || record.pop.len() > 16 {
             return Err(RecordError::Range("model or pop"));
+        }
+        if record.region.len() > 32
+            || !record
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(RecordError::Range("region"));
+        }
+        if let Some(span) = &record.span
+            && (span.ids().is_none() || span.start_unix_ns == 0)
+        {
+            return Err(RecordError::Range("span"));
         }
         Ok(record)
     }
@@ -243,7 +333,73 @@ mod tests {
             total_ms: 1.25,
             steps: vec![("auth".into(), 0.1), ("kv".into(), 0.8)],
             pop: String::new(),
+            region: String::new(),
+            span: None,
         }
+    }
+
+    fn span() -> SpanRecord {
+        SpanRecord {
+            trace_id: "4bf92f3577b34da6a3ce929d0e0e4736".into(),
+            span_id: "00f067aa0ba902b7".into(),
+            parent_id: String::new(),
+            sampled: true,
+            start_unix_ns: 1_764_500_000_000_000_000,
+        }
+    }
+
+    #[test]
+    fn a_record_with_the_edges_span_round_trips_and_an_old_line_still_parses() {
+        let mut with_span = record();
+        with_span.region = "eu-west".into();
+        with_span.span = Some(SpanRecord {
+            parent_id: "a3ce929d0e0e4736".into(),
+            ..span()
+        });
+        let line = with_span.to_line();
+        assert_eq!(UsageRecord::parse_line(line.as_bytes()).unwrap(), with_span);
+        let ids = with_span.span.as_ref().unwrap().ids().unwrap();
+        assert_eq!(ids.trace[0], 0x4b);
+        assert_eq!(ids.span[7], 0xb7);
+        assert_eq!(ids.parent.unwrap()[0], 0xa3);
+        // A line written before the span and region existed.
+        let old = r#"{"v":1,"ts":1764500000,"tenant":"acme","route":"messages","layer":"edge","outcome":"hit","status":200,"bytes":3,"total_ms":1.0}"#;
+        let parsed = UsageRecord::parse_line(old.as_bytes()).unwrap();
+        assert_eq!((parsed.span, parsed.region.as_str()), (None, ""));
+    }
+
+    #[test]
+    fn a_span_with_a_bad_id_or_no_start_is_refused() {
+        let with = |f: fn(&mut SpanRecord)| {
+            let mut r = record();
+            let mut s = span();
+            f(&mut s);
+            r.span = Some(s);
+            UsageRecord::parse_line(r.to_line().as_bytes()).unwrap_err()
+        };
+        assert_eq!(
+            with(|s| s.trace_id = "0".repeat(32)),
+            RecordError::Range("span")
+        );
+        assert_eq!(
+            with(|s| s.span_id = "XYZ".into()),
+            RecordError::Range("span")
+        );
+        assert_eq!(
+            with(|s| s.span_id = "00F067AA0BA902B7".into()),
+            RecordError::Range("span")
+        );
+        assert_eq!(
+            with(|s| s.parent_id = "abc".into()),
+            RecordError::Range("span")
+        );
+        assert_eq!(with(|s| s.start_unix_ns = 0), RecordError::Range("span"));
+        let mut r = record();
+        r.region = "eu west\"".into();
+        assert_eq!(
+            UsageRecord::parse_line(r.to_line().as_bytes()).unwrap_err(),
+            RecordError::Range("region")
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! send it) → SHA-256 → the Config Store `tenants`.
 //! Runs before anything else, so an unknown key costs no KV read and no origin request.
 
+use crate::trace::edge_log;
 use fastly::ConfigStore;
 use gateway_common::key::{api_key_digest, bearer_token};
 use gateway_common::tenant::Tenant;
@@ -30,14 +31,14 @@ pub fn authenticate(
         .ok_or(AuthError::Missing)?;
     let digest = api_key_digest(key);
     let store = ConfigStore::try_open(TENANTS_STORE).map_err(|e| {
-        eprintln!("edge: config store {TENANTS_STORE} unavailable ({e:?})");
+        edge_log!("config store {TENANTS_STORE} unavailable ({e:?})");
         AuthError::Unavailable
     })?;
     let record = match store.try_get(&digest) {
         Ok(Some(record)) => record,
         Ok(None) => return Err(AuthError::Unknown),
         Err(e) => {
-            eprintln!("edge: tenant lookup failed ({e:?})");
+            edge_log!("tenant lookup failed ({e:?})");
             return Err(AuthError::Unavailable);
         }
     };
@@ -47,10 +48,7 @@ pub fn authenticate(
         }
         Ok(_) | Err(_) => {
             // Never log the record's key material; its digest prefix is enough to find it.
-            eprintln!(
-                "edge: tenant record for key digest {}… is invalid",
-                &digest[..8]
-            );
+            edge_log!("tenant record for key digest {}… is invalid", &digest[..8]);
             Err(AuthError::Unknown)
         }
     }

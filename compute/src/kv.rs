@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::trace::edge_log;
 use fastly::kv_store::{KVStore, KVStoreError};
 use gateway_common::entry::Entry;
 use gateway_common::key::CacheKey;
@@ -35,11 +36,11 @@ fn open() -> Option<KVStore> {
     match KVStore::open(STORE) {
         Ok(Some(store)) => Some(store),
         Ok(None) => {
-            eprintln!("edge: kv store {STORE} is not linked");
+            edge_log!("kv store {STORE} is not linked");
             None
         }
         Err(e) => {
-            eprintln!("edge: kv store {STORE} unavailable ({e})");
+            edge_log!("kv store {STORE} unavailable ({e})");
             None
         }
     }
@@ -53,14 +54,14 @@ pub fn lookup(key: &CacheKey) -> Result<Entry, Miss> {
         Ok(found) => found,
         Err(KVStoreError::ItemNotFound) => return Err(Miss::Absent),
         Err(e) => {
-            eprintln!("edge: kv lookup failed ({e})");
+            edge_log!("kv lookup failed ({e})");
             return Err(Miss::Error);
         }
     };
     let metadata = found.metadata();
     let value = found.take_body_bytes();
     Entry::decode_kv(value, metadata.as_deref(), key).map_err(|e| {
-        eprintln!("edge: kv entry rejected ({e})");
+        edge_log!("kv entry rejected ({e})");
         Miss::Rejected
     })
 }
@@ -74,7 +75,7 @@ pub fn insert(key: &CacheKey, entry: &Entry, kv_ttl_secs: u64) {
     let (value, metadata) = match entry.encode_kv() {
         Ok(parts) => parts,
         Err(e) => {
-            eprintln!("edge: entry not stored ({e})");
+            edge_log!("entry not stored ({e})");
             return;
         }
     };
@@ -84,6 +85,6 @@ pub fn insert(key: &CacheKey, entry: &Entry, kv_ttl_secs: u64) {
         .time_to_live(Duration::from_secs(kv_ttl_secs.max(1)))
         .execute(&key.kv_key(), value);
     if let Err(e) = result {
-        eprintln!("edge: kv insert failed ({e})");
+        edge_log!("kv insert failed ({e})");
     }
 }

@@ -8,6 +8,7 @@ use fastly::erl::{ERLError, Penaltybox, RateCounter, RateWindow};
 use gateway_common::tenant::Tenant;
 
 use crate::settings::EdgeSettings;
+use crate::trace::edge_log;
 
 /// The ERL rate counter of authenticated requests, one entry per tenant id (at most 64 bytes,
 /// within ERL's 256-byte entry limit).
@@ -105,8 +106,8 @@ pub fn check(tenant: &Tenant, settings: &EdgeSettings) -> Decision {
     let penalty_box = Penaltybox::open(PENALTY_BOX);
     let observed = observe(&penalty_box, &tenant.id)
         .map_err(|e| {
-            eprintln!(
-                "edge: rate limit of tenant {} unavailable ({e:?}); allowing",
+            edge_log!(
+                "rate limit of tenant {} unavailable ({e:?}); allowing",
                 tenant.id
             )
         })
@@ -116,8 +117,8 @@ pub fn check(tenant: &Tenant, settings: &EdgeSettings) -> Decision {
         && let Err(e) = penalty_box.add(&tenant.id, rate_limit.penalty)
     {
         // This request is still refused; the next one is counted again and decided afresh.
-        eprintln!(
-            "edge: penalty box {PENALTY_BOX} refused tenant {} ({e:?})",
+        edge_log!(
+            "penalty box {PENALTY_BOX} refused tenant {} ({e:?})",
             tenant.id
         );
     }

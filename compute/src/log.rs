@@ -11,9 +11,12 @@ use fastly::log::Endpoint;
 use gateway_common::entry::Entry;
 use gateway_common::headers::{X_CACHE, X_CACHE_LAYER};
 use gateway_common::route::Route;
-use gateway_common::usage::{Outcome, Tier, USAGE_ENDPOINT, USAGE_VERSION, UsageRecord};
+use gateway_common::usage::{
+    Outcome, SpanRecord, Tier, USAGE_ENDPOINT, USAGE_VERSION, UsageRecord,
+};
 
 use crate::KvRead;
+use crate::trace::edge_log;
 
 /// One request's account, filled in as the request is handled.
 pub struct LogLine {
@@ -22,6 +25,8 @@ pub struct LogLine {
     pub tenant: Option<String>,
     /// The W3C trace id this request runs under (the client's, or one the edge started).
     pub trace_id: Option<String>,
+    /// The edge's span, carried in the usage record for the origin to export.
+    pub span: Option<SpanRecord>,
     pub key: Option<String>,
     pub kv: Option<KvRead>,
     /// Write the usage record (`edge_config.usage_log`); off until the settings are read.
@@ -51,6 +56,7 @@ impl LogLine {
             path: req.get_path().to_owned(),
             tenant: None,
             trace_id: None,
+            span: None,
             key: None,
             kv: None,
             usage_log: false,
@@ -165,6 +171,12 @@ impl LogLine {
                 .map(|(step, ms)| ((*step).to_owned(), round2(*ms)))
                 .collect(),
             pop: pop(),
+            region: self
+                .region
+                .clone()
+                .filter(|region| region != "none")
+                .unwrap_or_default(),
+            span: self.span.clone(),
         })
     }
 
@@ -176,7 +188,7 @@ impl LogLine {
         };
         let mut endpoint = Endpoint::from_name(USAGE_ENDPOINT);
         if let Err(e) = endpoint.write_all(record.to_line().as_bytes()) {
-            eprintln!("edge: usage record not written ({e})");
+            edge_log!("usage record not written ({e})");
         }
     }
 }

@@ -45,6 +45,7 @@ fn main() {
     let span = trace::enter(&mut req);
     let mut log = LogLine::new(&req);
     log.trace_id = Some(span.trace_id());
+    log.span = Some(span.record());
     let reply = handle(req, &mut log);
     match reply {
         Reply::Send(resp) => {
@@ -188,6 +189,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
                             ttl_remaining: i64::try_from(remaining).unwrap_or(i64::MAX),
                             stream: parsed.stream,
                             include_usage: parsed.include_usage,
+                            echo: parsed.echo.as_ref(),
                         };
                         if let Some(resp) = respond::from_entry(served, &timing) {
                             return Reply::Send(resp);
@@ -430,6 +432,7 @@ fn serve_stale(
         ttl_remaining,
         stream: parsed.stream,
         include_usage: parsed.include_usage,
+        echo: parsed.echo.as_ref(),
     };
     respond::from_entry(served, timing).map(Reply::Send)
 }

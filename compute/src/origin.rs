@@ -15,6 +15,7 @@ use gateway_common::headers::{X_EDGE_MISS, X_EDGE_SECRET};
 
 use crate::region::{self, Attempt, Health, Region};
 use crate::settings::EdgeSettings;
+use crate::trace::edge_log;
 
 /// How a forward failed before an answer came back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +81,7 @@ pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Rout
         match HeaderValue::from_bytes(secret) {
             Ok(value) => req.set_header(X_EDGE_SECRET, value),
             // Never log the secret itself; the origin will refuse the request.
-            Err(_) => eprintln!("edge: edge_shared_secret is not a valid header value; not sent"),
+            Err(_) => edge_log!("edge_shared_secret is not a valid header value; not sent"),
         }
     }
     let regions = region::arrange(settings.fallback().regions.clone(), health);
@@ -107,8 +108,8 @@ pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Rout
                 let status = Attempt::Answered(resp.get_status().as_u16());
                 tried.push((region.name.clone(), status));
                 if more && region::fail_over(status) {
-                    eprintln!(
-                        "edge: region {} answered {}; trying the next region",
+                    edge_log!(
+                        "region {} answered {}; trying the next region",
                         region.name,
                         status.describe()
                     );
@@ -144,8 +145,8 @@ fn send_to(
     req.with_pass(true).send(backend).map_err(|e| {
         let waited = started.elapsed() >= settings.fallback().origin_connect_timeout;
         let failure = classify(e.root_cause(), waited);
-        eprintln!(
-            "edge: origin region {region} failed ({:?}: {})",
+        edge_log!(
+            "origin region {region} failed ({:?}: {})",
             failure,
             e.root_cause()
         );
@@ -212,7 +213,7 @@ fn backend(name: &str, settings: &EdgeSettings) -> Option<Backend> {
 
 fn timed_backend(name: &str, settings: &EdgeSettings) -> Option<Backend> {
     let Ok(base) = Backend::from_name(name) else {
-        eprintln!("edge: backend {name} is not declared");
+        edge_log!("backend {name} is not declared");
         return None;
     };
     let timed = format!("{name}-timed");
@@ -237,8 +238,8 @@ fn timed_backend(name: &str, settings: &EdgeSettings) -> Option<Backend> {
         Ok(timed) => Some(timed),
         Err(BackendCreationError::NameInUse) => Some(Backend::from_name(&timed).unwrap_or(base)),
         Err(e) => {
-            eprintln!(
-                "edge: dynamic backend unavailable ({e}); using {name} with its configured timeouts"
+            edge_log!(
+                "dynamic backend unavailable ({e}); using {name} with its configured timeouts"
             );
             Some(base)
         }

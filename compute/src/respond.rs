@@ -3,6 +3,7 @@
 
 use fastly::Response;
 use fastly::http::{HeaderValue, StatusCode};
+use gateway_common::echo::{self, Echo};
 use gateway_common::entry::Entry;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
@@ -47,6 +48,8 @@ pub struct Served<'a> {
     /// Replay as Server-Sent Events (the request had `stream: true`).
     pub stream: bool,
     pub include_usage: bool,
+    /// The asking request's values for the members the answer echoes outside the key.
+    pub echo: Option<&'a Echo>,
 }
 
 /// A response from a cached entry, or `None` when the entry cannot answer this request
@@ -56,6 +59,8 @@ pub fn from_entry(served: Served<'_>, timing: &ServerTiming) -> Option<Response>
         envelope: env,
         body,
     } = served.entry;
+    // Before the replay too, so `response.created` / `response.completed` show them.
+    let body = echo::restore(served.echo, body);
     let (content_type, body) = if served.stream {
         (
             "text/event-stream",

@@ -7,6 +7,7 @@ use std::time::Duration;
 use fastly::{ConfigStore, SecretStore};
 
 use crate::region::{Region, RegionMap};
+use crate::trace::edge_log;
 
 /// Config Store holding the edge's tunables (string values).
 pub const EDGE_CONFIG_STORE: &str = "edge_config";
@@ -105,13 +106,11 @@ impl EdgeSettings {
     pub fn load() -> EdgeSettings {
         let config = ConfigStore::try_open(EDGE_CONFIG_STORE)
             .map_err(|e| {
-                eprintln!(
-                    "edge: config store {EDGE_CONFIG_STORE} unavailable ({e:?}); using defaults"
-                )
+                edge_log!("config store {EDGE_CONFIG_STORE} unavailable ({e:?}); using defaults")
             })
             .ok();
         let secrets = SecretStore::open(SECRET_STORE)
-            .map_err(|e| eprintln!("edge: secret store {SECRET_STORE} unavailable ({e:?})"))
+            .map_err(|e| edge_log!("secret store {SECRET_STORE} unavailable ({e:?})"))
             .ok();
         let mut s = EdgeSettings {
             max_body_bytes: gateway_common::canonical::DEFAULT_MAX_BODY_BYTES,
@@ -131,8 +130,8 @@ impl EdgeSettings {
         s.ttl_cap_secs = s.setting("ttl_cap_secs", parse_number, s.ttl_cap_secs);
         s.usage_log = s.setting("usage_log", parse_bool, s.usage_log);
         if s.cache_key_secret.is_none() {
-            eprintln!(
-                "edge: no cache_key_secret; caching at the edge is off, every request goes to the origin"
+            edge_log!(
+                "no cache_key_secret; caching at the edge is off, every request goes to the origin"
             );
         }
         s
@@ -188,8 +187,8 @@ impl EdgeSettings {
                 self.setting("rate_limit_penalty_secs", parse_number, d.penalty.as_secs());
             let secs = penalty_secs(requested);
             if secs != requested {
-                eprintln!(
-                    "edge: config rate_limit_penalty_secs={requested} is not a whole minute from \
+                edge_log!(
+                    "config rate_limit_penalty_secs={requested} is not a whole minute from \
                      {PENALTY_SECS_MIN} to {PENALTY_SECS_MAX}; using {secs}"
                 );
             }
@@ -207,7 +206,7 @@ impl EdgeSettings {
             return default;
         };
         parse(value.trim()).unwrap_or_else(|| {
-            eprintln!("edge: config {key}={value:?} is invalid; using the default");
+            edge_log!("config {key}={value:?} is invalid; using the default");
             default
         })
     }
@@ -216,9 +215,7 @@ impl EdgeSettings {
         match self.config.as_ref()?.try_get(key) {
             Ok(v) => v,
             Err(e) => {
-                eprintln!(
-                    "edge: config {EDGE_CONFIG_STORE}.{key} unreadable ({e:?}); using default"
-                );
+                edge_log!("config {EDGE_CONFIG_STORE}.{key} unreadable ({e:?}); using default");
                 None
             }
         }
@@ -231,13 +228,13 @@ fn secret(store: &SecretStore, name: &str) -> Option<Vec<u8>> {
             Ok(bytes) if !bytes.is_empty() => Some(bytes.to_vec()),
             Ok(_) => None,
             Err(e) => {
-                eprintln!("edge: secret {name} cannot be decrypted ({e:?})");
+                edge_log!("secret {name} cannot be decrypted ({e:?})");
                 None
             }
         },
         Ok(None) => None,
         Err(e) => {
-            eprintln!("edge: secret {name} unreadable ({e:?})");
+            edge_log!("secret {name} unreadable ({e:?})");
             None
         }
     }
@@ -246,7 +243,7 @@ fn secret(store: &SecretStore, name: &str) -> Option<Vec<u8>> {
 /// `regions`: a bad value is logged with its reason (then the default applies).
 fn parse_regions(v: &str) -> Option<RegionMap> {
     RegionMap::parse(v)
-        .map_err(|e| eprintln!("edge: config regions: {e}"))
+        .map_err(|e| edge_log!("config regions: {e}"))
         .ok()
 }
 

@@ -7,6 +7,7 @@ pub mod budget;
 pub mod coalesce;
 pub mod config_api;
 pub mod dashboard;
+pub mod edge_span;
 pub mod error;
 pub mod fanout;
 pub mod generation;

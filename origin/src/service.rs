@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gateway_common::canonical::parse_request;
+use gateway_common::canonical::{ParsedRequest, parse_request};
+use gateway_common::echo;
 use gateway_common::entry::Entry;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
@@ -440,9 +441,7 @@ impl Service {
                     .usage
                     .clone()
                     .map(|usage| (entry.envelope.model.clone(), usage));
-                if let Some(reply) =
-                    render_entry(entry, request.route, parsed.stream, parsed.include_usage)
-                {
+                if let Some(reply) = render_entry(entry, request.route, &parsed) {
                     trace.cache = Some(CacheOutcome::Hit);
                     trace.layer = Some(Layer::Origin);
                     trace.age = Some(age);
@@ -621,10 +620,12 @@ impl Service {
 
 /// A cached entry as the client asked for it: its API's event stream for a stream (chat,
 /// Responses, Messages), otherwise the stored body. `None` when a stream was asked and the
-/// entry cannot be replayed (then it is a miss).
-fn render_entry(entry: Entry, route: Route, stream: bool, include_usage: bool) -> Option<Reply> {
-    if stream {
-        let sse = sse::replay(route, &entry.body, include_usage).ok()?;
+/// entry cannot be replayed (then it is a miss). Members the answer echoes from its request
+/// show the asking request's values (`echo`), in the stream's events too.
+fn render_entry(entry: Entry, route: Route, parsed: &ParsedRequest) -> Option<Reply> {
+    let body = echo::restore(parsed.echo.as_ref(), entry.body);
+    if parsed.stream {
+        let sse = sse::replay(route, &body, parsed.include_usage).ok()?;
         return Some(Reply {
             status: 200,
             content_type: "text/event-stream".into(),
@@ -634,6 +635,6 @@ fn render_entry(entry: Entry, route: Route, stream: bool, include_usage: bool) -
     Some(Reply {
         status: entry.envelope.status,
         content_type: entry.envelope.content_type,
-        body: ReplyBody::Full(Bytes::from(entry.body)),
+        body: ReplyBody::Full(Bytes::from(body)),
     })
 }

@@ -1,7 +1,9 @@
 //! Span export over OTLP/HTTP (JSON encoding) when `log.otlp_endpoint` is set, nothing when it
 //! is not: the `tracing` spans of a request (request, cache read, coalesce wait, provider
 //! attempt, cache write, replication) become OpenTelemetry spans under the trace the request
-//! arrived with (`traceparent`). Owns the exporter's lifetime; decides nothing about requests.
+//! arrived with (`traceparent`), and the edge's spans from its usage records go out under
+//! service `gateway-edge` (`edge_span`). Owns the exporters' lifetime; decides nothing about
+//! requests.
 
 use std::time::Duration;
 
@@ -21,9 +23,14 @@ use tracing_subscriber::registry::LookupSpan;
 #[error("OTLP exporter: {0}")]
 pub struct TelemetryError(String);
 
-/// The running exporter. Flushes what is buffered when dropped.
+/// The service name the edge's spans are exported under.
+pub const EDGE_SERVICE: &str = "gateway-edge";
+
+/// The running exporters (the origin's spans, the edge's). Flushes what is buffered when
+/// dropped.
 pub struct Telemetry {
     provider: SdkTracerProvider,
+    edge: SdkTracerProvider,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -34,7 +41,8 @@ impl std::fmt::Debug for Telemetry {
 
 impl Telemetry {
     /// An exporter posting JSON to `<endpoint>/v1/traces` (OTLP/HTTP), batched in the
-    /// background, and the `tracing` layer that feeds it.
+    /// background, and the `tracing` layer that feeds it. Also installs the edge spans'
+    /// exporter (`edge_span::install`), removed again when this is dropped.
     pub fn otlp<S>(
         endpoint: &str,
         service_name: &str,
@@ -42,38 +50,49 @@ impl Telemetry {
     where
         S: Subscriber + for<'span> LookupSpan<'span>,
     {
-        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(Protocol::HttpJson)
-            .with_endpoint(url)
-            .with_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| TelemetryError(e.to_string()))?;
-        let provider = SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(
-                Resource::builder()
-                    .with_service_name(service_name.to_owned())
-                    .build(),
-            )
-            .build();
+        let provider = batched(endpoint, service_name)?;
+        let edge = batched(endpoint, EDGE_SERVICE)?;
+        crate::edge_span::install(Some(edge.tracer("gateway-edge")));
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("gateway-origin"));
-        Ok((Telemetry { provider }, layer))
+        Ok((Telemetry { provider, edge }, layer))
     }
 
     /// Exports every finished span now (tests; shutdown).
     pub fn flush(&self) {
-        if let Err(error) = self.provider.force_flush() {
-            tracing::warn!(%error, "span export failed");
+        for provider in [&self.provider, &self.edge] {
+            if let Err(error) = provider.force_flush() {
+                tracing::warn!(%error, "span export failed");
+            }
         }
     }
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
+        crate::edge_span::install(None);
         let _ = self.provider.shutdown();
+        let _ = self.edge.shutdown();
     }
+}
+
+/// A provider exporting to `<endpoint>/v1/traces` in batches, under `service_name`.
+fn batched(endpoint: &str, service_name: &str) -> Result<SdkTracerProvider, TelemetryError> {
+    let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(Protocol::HttpJson)
+        .with_endpoint(url)
+        .with_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| TelemetryError(e.to_string()))?;
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(
+            Resource::builder()
+                .with_service_name(service_name.to_owned())
+                .build(),
+        )
+        .build())
 }
 
 /// Makes `span` a child of the remote span named by `trace` (the edge's, or a client's), so

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use gateway_common::canonical::ParsedRequest;
+use gateway_common::echo::Echo;
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{CacheStatusMember, Fwd};
@@ -178,7 +179,9 @@ impl Service {
         trace.collapsed |= answer.remote;
         let stored = answer.entry.is_some() && !answer.remote;
         trace.cache_status = status(stored, trace.collapsed);
-        Ok(render_answer(&answer, want))
+        // An answer made for another request echoes that request's unkeyed fields.
+        let echo = parsed.echo.as_ref().filter(|_| trace.collapsed);
+        Ok(render_answer(&answer, want, echo))
     }
 
     /// Starts the provider call in its own task and waits for it: for a stream, until the
@@ -544,11 +547,17 @@ pub(super) fn cache_status(
     member
 }
 
-/// A provider answer as this client asked for it (a waiter may want SSE from a JSON answer).
-fn render_answer(answer: &Answer, want: Want) -> Reply {
+/// A provider answer as this client asked for it (a waiter may want SSE from a JSON answer),
+/// with the members it echoes set to this client's values when `echo` is given (a collapsed
+/// answer, made for another request).
+fn render_answer(answer: &Answer, want: Want, echo: Option<&Echo>) -> Reply {
+    let body = match echo {
+        Some(echo) if answer.status == 200 => Bytes::from(echo.apply(answer.body.to_vec())),
+        _ => answer.body.clone(),
+    };
     if want.stream
         && answer.status == 200
-        && let Ok(sse) = sse::replay(want.route, &answer.body, want.include_usage)
+        && let Ok(sse) = sse::replay(want.route, &body, want.include_usage)
     {
         return Reply {
             status: 200,
@@ -559,7 +568,7 @@ fn render_answer(answer: &Answer, want: Want) -> Reply {
     Reply {
         status: answer.status,
         content_type: answer.content_type.clone(),
-        body: ReplyBody::Full(answer.body.clone()),
+        body: ReplyBody::Full(body),
     }
 }
 

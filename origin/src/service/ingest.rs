@@ -2,7 +2,8 @@
 //! endpoint posts them) judged line by line. A bad line is reported and dropped, never the
 //! batch: the good lines are counted whatever their neighbours hold. Accepted records feed the
 //! meter (answers the edge produced itself, what they saved, the latency seen at the edge) and
-//! the tenants' rate windows, in one Redis round trip per batch.
+//! the tenants' rate windows, in one Redis round trip per batch. A record's edge span is handed
+//! to the span exporter (`edge_span`).
 
 use std::collections::HashMap;
 
@@ -77,6 +78,7 @@ impl Service {
             match record {
                 Ok(record) => {
                     self.fold(&record, now);
+                    crate::edge_span::export(&record);
                     if record.layer == Tier::Edge {
                         *edge_answers.entry(record.tenant).or_default() += 1;
                     }

@@ -39,6 +39,8 @@ fn record(tenant: &str, layer: Tier, outcome: Outcome, saved: (u64, u64)) -> Usa
         total_ms: 1.5,
         steps: vec![("auth".into(), 0.1), ("kv".into(), 0.9)],
         pop: String::new(),
+        region: String::new(),
+        span: None,
     }
 }
 

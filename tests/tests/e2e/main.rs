@@ -13,6 +13,7 @@ mod cross_replica;
 mod dashboard;
 mod distance;
 mod dual_write;
+mod echo;
 mod edge;
 mod edge_input;
 mod faults;

@@ -1,11 +1,12 @@
 //! One trace across the tiers: a client's W3C `traceparent` (or one the edge starts) reaches the
 //! provider through the origin, and its trace id is in the edge's and the origin's log lines.
+//! The edge's own span reaches the receiver through its usage records (exported by the origin).
 
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use gateway_e2e::stack::{ACME, Stack, chat_body, post};
+use gateway_e2e::stack::{ACME, Stack, StackOptions, chat_body, header, post};
 use gateway_fixtures::{OtlpReceiver, ReceivedSpan};
 use gateway_origin::telemetry::Telemetry;
 use tracing_subscriber::layer::SubscriberExt;
@@ -202,4 +203,93 @@ async fn without_a_traceparent_the_edge_starts_a_trace_the_provider_joins() {
         .unwrap();
     assert_eq!(edge_line["trace_id"], trace_id.as_str());
     assert!(!origin_lines_with(&trace_id).is_empty());
+}
+
+/// A stack whose edge forwards its usage records to the origin (the edge spans' path).
+async fn stack_with_usage() -> Stack {
+    Stack::start_with(StackOptions {
+        usage: true,
+        ..StackOptions::default()
+    })
+    .await
+    .expect("stack starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_span_arrives_under_the_clients_trace_and_parents_the_origins_request_span() {
+    const TRACE: &str = "5ce929d0e0e47364bf92f3577b34da6a";
+    const CLIENT: &str = "b7ad6b7169203331";
+    origin_logs();
+    let stack = stack_with_usage().await;
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let traceparent = format!("00-{TRACE}-{CLIENT}-01");
+    let response = post(
+        &http,
+        &stack.edge.url(),
+        "/v1/chat/completions",
+        ACME,
+        &chat_body("a question the edge span covers"),
+        &[("traceparent", &traceparent)],
+    )
+    .await;
+    assert_eq!(response.status(), 200);
+    stack.settle().await;
+
+    let spans = spans_of(TRACE, &["edge", "request"]);
+    let edge = spans.iter().find(|s| s.name == "edge").unwrap();
+    let request = spans.iter().find(|s| s.name == "request").unwrap();
+    assert_eq!(edge.service, "gateway-edge", "{edge:?}");
+    assert_eq!(edge.kind, 2, "a server span: {edge:?}");
+    assert_eq!(
+        edge.parent_span_id, CLIENT,
+        "the client's span is the parent"
+    );
+    assert_eq!(
+        request.parent_span_id, edge.span_id,
+        "the origin's request span is the edge span's child"
+    );
+    assert_eq!(edge.attribute("route"), Some("chat.completions"));
+    assert_eq!(edge.attribute("layer"), Some("upstream"));
+    assert_eq!(edge.attribute("cache"), Some("miss"));
+    assert_eq!(edge.attribute("http.response.status_code"), Some("200"));
+    let upstream = stack.provider.last_header("traceparent").unwrap();
+    assert!(upstream.contains(TRACE), "{upstream}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_hit_with_a_client_traceparent_leaves_its_edge_span_through_the_usage_path() {
+    const TRACE: &str = "a3ce929d0e0e47364bf92f3577b34da6";
+    const CLIENT: &str = "53ce929d0e0e4736";
+    origin_logs();
+    let stack = stack_with_usage().await;
+    let prompt = "an edge hit that is traced";
+    // MISS, then an origin HIT the edge stores locally: the third is an edge hit.
+    for _ in 0..2 {
+        let warm = stack.edge_chat(ACME, prompt).await;
+        assert_eq!(warm.status(), 200);
+        stack.settle().await;
+    }
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let traceparent = format!("00-{TRACE}-{CLIENT}-01");
+    let hit = post(
+        &http,
+        &stack.edge.url(),
+        "/v1/chat/completions",
+        ACME,
+        &chat_body(prompt),
+        &[("traceparent", &traceparent)],
+    )
+    .await;
+    assert_eq!(header(&hit, "x-cache-layer"), "edge");
+
+    let spans = spans_of(TRACE, &["edge"]);
+    let edge = spans.iter().find(|s| s.name == "edge").unwrap();
+    assert_eq!(edge.parent_span_id, CLIENT);
+    assert_eq!(edge.kind, 2);
+    assert_eq!(edge.attribute("layer"), Some("edge"));
+    assert_eq!(edge.attribute("cache"), Some("hit"));
+    assert!(
+        spans.iter().all(|s| s.name == "edge"),
+        "an edge hit never reached the origin: {spans:?}"
+    );
 }
