@@ -291,7 +291,7 @@ impl Service {
             .usage
             .clone()
             .map(|usage| (entry.envelope.model.clone(), usage));
-        let reply = render_entry(entry, request.route, parsed.stream, parsed.include_usage)?;
+        let reply = render_entry(entry, request.route, parsed)?;
         trace.cache = Some(CacheOutcome::Hit);
         trace.layer = Some(Layer::Origin);
         trace.age = Some(age);
