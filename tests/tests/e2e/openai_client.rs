@@ -2,80 +2,18 @@
 //! `base_url`. The script (tests/python/openai_client_check.py) reports; this test asserts.
 //! The package lives in `.local/venv` (`just python-venv`); without it the test fails.
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use gateway_common::route::Route;
-use gateway_e2e::repo_root;
-use gateway_e2e::stack::{ACME, Stack, chat_body, key_for};
+use gateway_e2e::sdk_script::{run_sdk_script, venv_python};
+use gateway_e2e::stack::{Stack, chat_body, key_for};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::Command;
 
-/// The venv's interpreter; a clear failure (never a skip) when it is missing.
-fn venv_python() -> PathBuf {
-    let python = repo_root().join(".local/venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run `just python-venv` (or `just setup`) to install the official \
-         openai client this test drives",
-        python.display()
-    );
-    python
-}
-
-/// Run the script against the stack's edge, settling the stack whenever it asks, and return
-/// its summary.
+/// Runs the script against the stack's edge (`gateway_e2e::sdk_script`).
 async fn run_script(stack: &Stack) -> Value {
-    let script = repo_root().join("tests/python/openai_client_check.py");
-    let mut child = Command::new(venv_python())
-        .arg(&script)
-        .arg(stack.edge.url())
-        .args(["--api-key", ACME, "--settle-on-stdin"])
-        // Loopback only: never through a proxy from the environment.
-        .env("NO_PROXY", "127.0.0.1,localhost")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("the venv's python runs");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let mut stderr = child.stderr.take().expect("stderr");
-    let mut summary = None;
-    let talk = async {
-        while let Some(line) = lines.next_line().await.expect("script output") {
-            let message: Value = match serde_json::from_str(&line) {
-                Ok(message) => message,
-                Err(_) => {
-                    println!("openai_client_check.py: {line}");
-                    continue;
-                }
-            };
-            if let Some(sent) = message["settle"].as_u64() {
-                stack.count_edge_requests(sent);
-                stack.settle().await;
-                stdin.write_all(b"\n").await.expect("script stdin");
-            } else if message["summary"].is_object() {
-                summary = Some(message["summary"].clone());
-            }
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(120), talk)
+    run_sdk_script(stack, "openai_client_check.py", Duration::from_secs(120))
         .await
-        .expect("the script finished within 2 minutes");
-    let status = child.wait().await.expect("script exit status");
-    let mut errors = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut errors)
-        .await
-        .expect("script stderr");
-    assert!(
-        status.success(),
-        "the openai client script failed ({status}):\n{errors}"
-    );
-    summary.unwrap_or_else(|| panic!("the script printed no summary:\n{errors}"))
+        .expect("the SDK script ran")
 }
 
 fn cache(answer: &Value) -> (&str, &str) {
