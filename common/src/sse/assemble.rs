@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use super::SseError;
+use super::events::{EventReader, SseEvent};
 
 /// Incremental assembler of a streamed chat completion back into one `chat.completion` JSON.
 ///
@@ -19,14 +20,9 @@ use super::SseError;
 /// providers repeat them), and repeated numbers or booleans replace rather than add up.
 #[derive(Debug, Default)]
 pub struct ChatAssembler {
-    /// The current, unterminated line.
-    line: Vec<u8>,
-    /// The previous push ended in CR: a leading LF belongs to that line end.
-    after_cr: bool,
-    /// Data lines of the event being read, joined with "\n".
-    data: Vec<u8>,
-    has_data: bool,
-    event: String,
+    reader: EventReader,
+    /// Events read and not yet absorbed (reused between pushes).
+    events: Vec<SseEvent>,
     done: bool,
     failed: Option<SseError>,
     completion: CompletionAcc,
@@ -66,7 +62,8 @@ impl ChatAssembler {
         if let Some(err) = &self.failed {
             return Err(err.clone());
         }
-        let result = self.push_lines(bytes);
+        self.reader.push(bytes, &mut self.events);
+        let result = self.take_events();
         if let Err(err) = &result {
             self.failed = Some(err.clone());
         }
@@ -82,84 +79,29 @@ impl ChatAssembler {
         if let Some(err) = self.failed.take() {
             return Err(err);
         }
-        if !self.line.is_empty() {
-            let line = std::mem::take(&mut self.line);
-            self.process_line(&line)?;
-        }
-        self.dispatch()?;
+        self.reader.finish(&mut self.events);
+        self.take_events()?;
         if !self.done {
             return Err(SseError::Incomplete);
         }
         self.completion.build()
     }
 
-    fn push_lines(&mut self, bytes: &[u8]) -> Result<(), SseError> {
-        let mut rest = bytes;
-        if self.after_cr && !rest.is_empty() {
-            self.after_cr = false;
-            if rest[0] == b'\n' {
-                rest = &rest[1..];
-            }
-        }
-        while let Some(end) = rest.iter().position(|&b| b == b'\n' || b == b'\r') {
-            self.line.extend_from_slice(&rest[..end]);
-            let line = std::mem::take(&mut self.line);
-            self.process_line(&line)?;
-            self.line = line;
-            self.line.clear();
-            let mut next = end + 1;
-            if rest[end] == b'\r' {
-                match rest.get(next) {
-                    Some(b'\n') => next += 1,
-                    Some(_) => {}
-                    None => self.after_cr = true,
-                }
-            }
-            rest = &rest[next..];
-        }
-        self.line.extend_from_slice(rest);
-        Ok(())
+    fn take_events(&mut self) -> Result<(), SseError> {
+        let mut events = std::mem::take(&mut self.events);
+        let result = events.drain(..).try_for_each(|event| self.dispatch(event));
+        self.events = events;
+        result
     }
 
-    fn process_line(&mut self, line: &[u8]) -> Result<(), SseError> {
-        if line.is_empty() {
-            return self.dispatch();
-        }
-        if line[0] == b':' {
-            return Ok(());
-        }
-        let (field, value) = match line.iter().position(|&b| b == b':') {
-            Some(colon) => {
-                let value = &line[colon + 1..];
-                (&line[..colon], value.strip_prefix(b" ").unwrap_or(value))
-            }
-            None => (line, &[][..]),
-        };
-        match field {
-            b"data" => {
-                if self.has_data {
-                    self.data.push(b'\n');
-                }
-                self.data.extend_from_slice(value);
-                self.has_data = true;
-            }
-            b"event" => self.event = String::from_utf8_lossy(value).into_owned(),
-            _ => {}
-        }
-        Ok(())
-    }
-
-    fn dispatch(&mut self) -> Result<(), SseError> {
-        let data = std::mem::take(&mut self.data);
-        let event = std::mem::take(&mut self.event);
-        let had_data = std::mem::take(&mut self.has_data);
-        if event == "error" {
+    fn dispatch(&mut self, event: SseEvent) -> Result<(), SseError> {
+        if event.name == "error" {
             return Err(SseError::UpstreamError);
         }
-        if !had_data || self.done {
+        if self.done {
             return Ok(());
         }
-        let text = data.trim_ascii();
+        let text = event.data.trim_ascii();
         if text.is_empty() {
             return Ok(());
         }

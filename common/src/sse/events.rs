@@ -10,7 +10,9 @@ pub(crate) struct SseEvent {
 }
 
 /// Incremental SSE reader: LF, CRLF or CR line ends, split anywhere across `push` calls;
-/// `:` comment lines ignored; an event without `data:` lines is not dispatched.
+/// `:` comment lines ignored; an event without `data:` lines is not dispatched, except an
+/// `event: error` (with empty data): an upstream that names an error has failed the stream,
+/// whatever it sent with it.
 #[derive(Debug, Default)]
 pub(crate) struct EventReader {
     line: Vec<u8>,
@@ -85,7 +87,7 @@ impl EventReader {
 
     fn dispatch(&mut self, out: &mut Vec<SseEvent>) {
         let name = std::mem::take(&mut self.name);
-        if self.has_data {
+        if self.has_data || name == "error" {
             self.has_data = false;
             out.push(SseEvent {
                 name,
