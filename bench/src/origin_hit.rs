@@ -89,39 +89,10 @@ pub async fn run(
             .body(HIT_REQUEST)
             .send()
     };
-    post(&origin_url, API_KEY).await?.bytes().await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let hit = post(&origin_url, API_KEY).await?;
-    let cache = hit
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let bytes = hit.bytes().await?;
-    if cache != "HIT" {
-        bail!(
-            "the origin's second answer was not a hit (x-cache: {cache:?}):\n{}",
-            origin.log_tail()
-        );
-    }
+    // The exact bytes a hit answers with, from the default origin; the others must hit too.
+    let bytes = warm_hit(&http, &origin, "default").await?;
     for (name, process) in [("other pool", &other), ("cluster", &on_cluster)] {
-        let url = format!("{}/v1/chat/completions", process.url());
-        post(&url, API_KEY).await?.bytes().await?;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let hit = post(&url, API_KEY).await?;
-        let cache = hit
-            .headers()
-            .get("x-cache")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
-        if cache != "HIT" {
-            bail!(
-                "the {name} origin's second answer was not a hit (x-cache: {cache:?}):\n{}",
-                process.log_tail()
-            );
-        }
+        warm_hit(&http, process, name).await?;
     }
     let bare = BareActix::start(bytes.clone(), workers)?;
     let bare_answer = post(bare.url(), API_KEY).await?.bytes().await?;
@@ -226,4 +197,37 @@ pub async fn run(
         peer_provider_calls,
         provider_calls,
     })
+}
+
+/// Asks `process` the hit request twice (a miss that stores it, then the hit) and returns the
+/// hit's body; an error with the origin's log when the second answer is not a hit.
+async fn warm_hit(
+    http: &reqwest::Client,
+    process: &OriginProcess,
+    name: &str,
+) -> anyhow::Result<bytes::Bytes> {
+    let url = format!("{}/v1/chat/completions", process.url());
+    let post = || {
+        http.post(&url)
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(HIT_REQUEST)
+            .send()
+    };
+    post().await?.bytes().await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let hit = post().await?;
+    let cache = hit
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    if cache != "HIT" {
+        bail!(
+            "the {name} origin's second answer was not a hit (x-cache: {cache:?}):\n{}",
+            process.log_tail()
+        );
+    }
+    Ok(hit.bytes().await?)
 }
