@@ -180,6 +180,14 @@ bench: setup bench-tools bench-build
 bench-origin: setup bench-tools bench-build
     target/release/gateway-bench --part origin-hit
 
+# Today's origin and edge hit paths beside those of an earlier revision REV, in one run (its
+# release origin and edge are built once into .local/baseline/REV); prints, writes nothing.
+bench-against REV: setup bench-tools bench-build
+    #!/usr/bin/env bash
+    set -euo pipefail
+    dir="$(scripts/bench-baseline.sh {{REV}})"
+    target/release/gateway-bench --part origin-hit --part edge-hit --baseline "$dir"
+
 # Also LiteLLM's Redis-cache hit as a peer (LiteLLM from PyPI in .local/bench-venv); not in CI.
 bench-peers: setup bench-tools bench-build
     #!/usr/bin/env bash

@@ -2,7 +2,8 @@
 //! answering the bytes of `hit.json`: the bench seeds the edge's KV store with an entry whose
 //! body is exactly those bytes. The edge runs twice: as deployed (one usage record per request
 //! to the `usage` log endpoint, which Viceroy writes to its output) and with `usage_log` off,
-//! so the report shows what metering costs a hit in the same run. Starts and stops the Viceroys.
+//! so the report shows what metering costs a hit in the same run; with a `baseline`, an earlier
+//! revision's edge wasm serves the same stores as one more subject. Starts and stops the Viceroys.
 
 use std::path::Path;
 
@@ -14,11 +15,16 @@ use gateway_e2e::entry::{kv_seed, now};
 use gateway_e2e::free_port;
 use gateway_e2e::stack::{SECRET, key_for};
 
+use crate::baseline::Baseline;
 use crate::compare::{self, Comparison};
 use crate::origin_hit::{API_KEY, HIT_REQUEST, json_target};
 use crate::viceroy::{HIT_BODY, start_bare};
 
-pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result<Comparison> {
+pub async fn run(
+    settings: &compare::Settings,
+    scratch: &Path,
+    baseline: Option<&Baseline>,
+) -> anyhow::Result<Comparison> {
     let request: serde_json::Value = serde_json::from_str(HIT_REQUEST)?;
     let key = key_for("acme", Route::ChatCompletions, &request);
     let entry = Entry {
@@ -44,23 +50,35 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
     config.populate_on_fallback = false;
     let mut quiet = config.clone();
     quiet.usage_log = false;
-    let (edge, unlogged, bare) = tokio::task::spawn_blocking(move || {
+    let earlier_wasm = baseline.map(|b| b.edge_wasm.clone());
+    let (edge, unlogged, bare, earlier) = tokio::task::spawn_blocking(move || {
         let edge = Edge::start(&config)?;
         let unlogged = Edge::start(&quiet)?;
         let bare = start_bare()?;
-        anyhow::Ok((edge, unlogged, bare))
+        // The earlier revision's edge, as deployed (usage log on), with the same stores.
+        let earlier = earlier_wasm
+            .map(|wasm| Edge::start_with_wasm(&config, &wasm))
+            .transpose()?;
+        anyhow::Ok((edge, unlogged, bare, earlier))
     })
     .await??;
+    let earlier_url = earlier
+        .as_ref()
+        .map(|e| format!("{}/v1/chat/completions", e.url()));
     let edge_url = format!("{}/v1/chat/completions", edge.url());
     let unlogged_url = format!("{}/v1/chat/completions", unlogged.url());
     let bare_url = format!("{}/v1/chat/completions", bare.url());
 
     let http = reqwest::Client::new();
-    for (name, url) in [
+    let mut answering = vec![
         ("edge", &edge_url),
         ("edge", &unlogged_url),
         ("bare service", &bare_url),
-    ] {
+    ];
+    if let Some(url) = &earlier_url {
+        answering.push(("edge", url));
+    }
+    for (name, url) in answering {
         let resp = http
             .post(url)
             .bearer_auth(API_KEY)
@@ -97,14 +115,23 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
         Some(API_KEY),
         &body,
     );
+    let mut subjects = vec![subject, without];
+    if let (Some(url), Some(baseline)) = (earlier_url, baseline) {
+        subjects.push(json_target(
+            &baseline.label("edge KV hit (Viceroy)"),
+            url,
+            Some(API_KEY),
+            &body,
+        ));
+    }
     let settings = settings.clone();
     let comparison = tokio::task::spawn_blocking(move || {
-        compare::compare(&settings, "edge hit", &floor, &[subject, without])
+        compare::compare(&settings, "edge hit", &floor, &subjects)
     })
     .await??;
     if !edge.log().contains("usage :: ") {
         bail!("the edge under test wrote no usage records");
     }
-    drop((edge, unlogged, bare));
+    drop((edge, unlogged, bare, earlier));
     Ok(comparison)
 }

@@ -2,6 +2,7 @@
 //! its floor), then writes `bench/REPORT.md` and `bench/latency.png`. `just bench` is the way in;
 //! `--part origin-hit` alone is `just bench-origin`, `--litellm PATH` adds the peer.
 
+mod baseline;
 mod chart;
 mod compare;
 mod edge_hit;
@@ -72,6 +73,11 @@ struct Args {
     /// The `litellm` executable: adds LiteLLM's Redis-cache hit as a peer (`just bench-peers`).
     #[arg(long)]
     litellm: Option<PathBuf>,
+    /// A directory from `scripts/bench-baseline.sh <rev>`: that revision's origin and edge join
+    /// the hit comparisons, and the report judges today's hits against them (`just
+    /// bench-against <rev>`).
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Where to write the markdown report (printed to stdout either way).
     #[arg(long)]
     report: Option<PathBuf>,
@@ -107,6 +113,11 @@ async fn main() -> anyhow::Result<()> {
     } else {
         args.parts.clone()
     };
+    let baseline = args
+        .baseline
+        .as_deref()
+        .map(baseline::Baseline::open)
+        .transpose()?;
     let oha = load::oha()?;
     let settings = compare::Settings {
         oha: oha.clone(),
@@ -147,14 +158,21 @@ async fn main() -> anyhow::Result<()> {
                 version("viceroy")
             ),
         ],
+        baseline: baseline.as_ref().map(|b| b.revision.clone()),
         ..Results::default()
     };
 
     let run = async {
         if parts.contains(&Part::OriginHit) {
-            let hit = origin_hit::run(&settings, &scratch, args.workers, args.litellm.as_deref())
-                .await
-                .context("origin hit")?;
+            let hit = origin_hit::run(
+                &settings,
+                &scratch,
+                args.workers,
+                args.litellm.as_deref(),
+                baseline.as_ref(),
+            )
+            .await
+            .context("origin hit")?;
             results.origin_hit = Some(hit.comparison);
             results.origin_hit_provider_calls = hit.provider_calls;
             results.memory = Some(hit.memory);
@@ -163,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         }
         if parts.contains(&Part::EdgeHit) {
             results.edge_hit = Some(
-                edge_hit::run(&settings, &scratch)
+                edge_hit::run(&settings, &scratch, baseline.as_ref())
                     .await
                     .context("edge hit")?,
             );

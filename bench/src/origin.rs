@@ -2,12 +2,11 @@
 //! file, so its peak RSS (`VmHWM`) is the origin's alone. Killed on drop; it logs to a file in
 //! its scratch directory, which goes with it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use gateway_common::tenant::TenantsFile;
 use gateway_e2e::stack::SECRET;
 use gateway_e2e::{free_port, repo_root};
 use gateway_fixtures::ChildProcess;
@@ -25,6 +24,9 @@ pub struct OriginConfig {
     pub provider_base_url: String,
     /// actix workers (the bare floor gets the same number).
     pub workers: usize,
+    /// Another revision's `gateway-origin` and its `tenants.json` (a `--baseline`); `None`
+    /// runs today's with `fixtures/tenants.json`.
+    pub revision: Option<(PathBuf, PathBuf)>,
 }
 
 /// A running `gateway-origin` process.
@@ -52,21 +54,25 @@ fn origin_binary() -> anyhow::Result<PathBuf> {
 /// The fixture tenants with their request-rate limit raised out of reach: the hit path still
 /// pays for the rate and budget accounting (one pipelined Redis call beside the cache read),
 /// but no request is refused, so every answer measured is a real hit.
-fn bench_tenants() -> anyhow::Result<String> {
-    let file = TenantsFile::parse(&std::fs::read(repo_root().join("fixtures/tenants.json"))?)
-        .map_err(anyhow::Error::msg)?;
-    let tenants: Vec<_> = file
-        .tenants
-        .into_iter()
-        .map(|mut t| {
-            t.requests_per_second = t.requests_per_second.map(|_| 1_000_000_000);
-            t.monthly_token_budget = t.monthly_token_budget.map(|_| u64::MAX / 4);
-            t
-        })
-        .collect();
-    Ok(serde_json::to_string(
-        &serde_json::json!({ "tenants": tenants }),
-    )?)
+fn bench_tenants(source: &Path) -> anyhow::Result<String> {
+    // Edited as JSON, not through today's tenant types: a baseline revision's file must reach
+    // its origin without the fields (and defaults) today's types would add.
+    let mut file: serde_json::Value = serde_json::from_slice(&std::fs::read(source)?)?;
+    let tenants = file
+        .get_mut("tenants")
+        .and_then(serde_json::Value::as_array_mut)
+        .with_context(|| format!("{}: no tenants array", source.display()))?;
+    for tenant in tenants {
+        for (field, out_of_reach) in [
+            ("requests_per_second", 1_000_000_000_u64),
+            ("monthly_token_budget", u64::MAX / 4),
+        ] {
+            if let Some(value) = tenant.get_mut(field).filter(|v| !v.is_null()) {
+                *value = out_of_reach.into();
+            }
+        }
+    }
+    Ok(serde_json::to_string(&file)?)
 }
 
 impl OriginConfig {
@@ -78,6 +84,7 @@ impl OriginConfig {
             redis_pool: None,
             provider_base_url,
             workers,
+            revision: None,
         }
     }
 
@@ -102,11 +109,14 @@ impl OriginConfig {
 
 impl OriginProcess {
     pub fn start(config: &OriginConfig) -> anyhow::Result<OriginProcess> {
-        let binary = origin_binary()?;
+        let (binary, tenants_source) = match &config.revision {
+            Some((binary, tenants)) => (binary.clone(), tenants.clone()),
+            None => (origin_binary()?, repo_root().join("fixtures/tenants.json")),
+        };
         let port = free_port()?;
         let mut process = ChildProcess::new("gw-bench-origin")?;
         let tenants = process.dir().join("tenants.json");
-        std::fs::write(&tenants, bench_tenants()?)?;
+        std::fs::write(&tenants, bench_tenants(&tenants_source)?)?;
         let q = |s: &str| serde_json::to_string(s).unwrap_or_default();
         let settings = format!(
             r#"dev_mode = true

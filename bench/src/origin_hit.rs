@@ -1,7 +1,8 @@
 //! The origin's Redis-hit path against a bare actix-web handler answering the same bytes, and
 //! the origin's peak RSS under that load; in the same run, the same hit with the other
 //! `redis.pool` (deadpool-redis or our multiplexed manager) and on a six-node Redis Cluster.
-//! With `peers`, LiteLLM's Redis-cache hit joins as a second comparison in the same run.
+//! With `peers`, LiteLLM's Redis-cache hit joins as a second comparison in the same run; with a
+//! `baseline`, an earlier revision's origin joins as one more subject.
 //! Starts and stops everything it uses.
 
 use std::path::Path;
@@ -11,6 +12,7 @@ use anyhow::{Context, bail};
 use gateway_fixtures::{MockProvider, ProviderConfig, RedisCluster, RedisServer};
 use gateway_origin::settings::{RedisPool, Settings};
 
+use crate::baseline::Baseline;
 use crate::compare::{self, Comparison};
 use crate::floor::BareActix;
 use crate::load::{Body, Target};
@@ -55,6 +57,7 @@ pub async fn run(
     scratch: &Path,
     workers: usize,
     litellm: Option<&Path>,
+    baseline: Option<&Baseline>,
 ) -> anyhow::Result<OriginHit> {
     let redis = RedisServer::start()?;
     let cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
@@ -73,10 +76,22 @@ pub async fn run(
         redis_cluster: cluster.urls(),
         ..config.clone()
     };
+    // The earlier revision's origin on the same Redis: its keys are its own, so the two never
+    // answer each other's entries.
+    let baseline_config = baseline.map(|b| OriginConfig {
+        revision: Some((b.origin.clone(), b.tenants.clone())),
+        ..config.clone()
+    });
     let origin = tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??;
     let other = tokio::task::spawn_blocking(move || OriginProcess::start(&other_config)).await??;
     let on_cluster =
         tokio::task::spawn_blocking(move || OriginProcess::start(&cluster_config)).await??;
+    let earlier = match baseline_config {
+        Some(config) => {
+            Some(tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??)
+        }
+        None => None,
+    };
     let origin_url = format!("{}/v1/chat/completions", origin.url());
     let idle_rss_kib = origin.rss_kib()?;
 
@@ -93,6 +108,9 @@ pub async fn run(
     let bytes = warm_hit(&http, &origin, "default").await?;
     for (name, process) in [("other pool", &other), ("cluster", &on_cluster)] {
         warm_hit(&http, process, name).await?;
+    }
+    if let Some(process) = &earlier {
+        warm_hit(&http, process, "baseline").await?;
     }
     let bare = BareActix::start(bytes.clone(), workers)?;
     let bare_answer = post(bare.url(), API_KEY).await?.bytes().await?;
@@ -126,13 +144,18 @@ pub async fn run(
         Some(API_KEY),
         &body,
     );
+    let mut subjects = vec![subject.clone(), other_subject, cluster_subject];
+    if let (Some(process), Some(baseline)) = (&earlier, baseline) {
+        subjects.push(json_target(
+            &baseline.label(&format!("origin Redis hit ({default_pool})")),
+            format!("{}/v1/chat/completions", process.url()),
+            Some(API_KEY),
+            &body,
+        ));
+    }
     let calls_before = provider.calls();
     let comparison = {
-        let (settings, floor, subjects) = (
-            settings.clone(),
-            floor.clone(),
-            [subject.clone(), other_subject, cluster_subject],
-        );
+        let (settings, floor) = (settings.clone(), floor.clone());
         tokio::task::spawn_blocking(move || {
             compare::compare(&settings, "origin hit", &floor, &subjects)
         })
@@ -187,6 +210,7 @@ pub async fn run(
     drop(origin);
     drop(other);
     drop(on_cluster);
+    drop(earlier);
     drop(cluster);
     provider.stop().await;
     drop(redis);

@@ -36,6 +36,8 @@ pub struct Results {
     pub peer_provider_calls: u64,
     /// Free text appended at the end (profiles, explanations).
     pub notes: Option<String>,
+    /// The revision a `--baseline` was built from: its hit subjects carry it in their names.
+    pub baseline: Option<String>,
     /// `--part semantic`.
     pub semantic: Option<crate::semantic::SemanticBench>,
 }
@@ -250,6 +252,53 @@ impl Results {
         )
     }
 
+    /// Today's hit (each comparison's first subject) against the same hit of `revision`, both
+    /// measured in every round: throughput ratio and p50 difference, paired round by round.
+    /// "Not slower" allows 5% of throughput: rounds of the same build differ by about that.
+    fn write_baseline_targets(&self, out: &mut String, revision: &str) -> std::fmt::Result {
+        let met = |ok: bool| if ok { "yes" } else { "**no**" };
+        let suffix = format!("({revision})");
+        for c in [self.origin_hit.as_ref(), self.edge_hit.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            let (Some(today), Some(earlier)) = (
+                c.subjects.first(),
+                c.subjects.iter().find(|s| s.name.ends_with(&suffix)),
+            ) else {
+                continue;
+            };
+            let mut shown = Vec::new();
+            let mut judged = None;
+            for p in &today.points {
+                let Some(base) = earlier.at(p.connections) else {
+                    continue;
+                };
+                let ratios = round_ratios(p, base);
+                let ratio = paired(&ratios, p.closed.rps / base.closed.rps);
+                let deltas = round_p50_deltas(p, base);
+                let delta = paired(&deltas, p.fixed.at("p50") - base.fixed.at("p50"));
+                shown.push(format!(
+                    "{ratio:.2}{} × throughput, {delta:+.3} ms{} p50 at {} conn",
+                    range(&ratios, 2, false),
+                    range(&deltas, 3, true),
+                    p.connections
+                ));
+                judged = Some(ratio);
+            }
+            let Some(judged) = judged else { continue };
+            writeln!(
+                out,
+                "| {} not slower than at {revision} ({}; judged on throughput at the highest connection count) | ≥ 0.95 × | {} | {} |",
+                c.tier,
+                earlier.name,
+                shown.join("; "),
+                met(judged >= 0.95)
+            )?;
+        }
+        Ok(())
+    }
+
     fn write_targets(&self, out: &mut String) -> std::fmt::Result {
         writeln!(out, "## Targets (issue 7)\n")?;
         writeln!(out, "| target | goal | measured | met |")?;
@@ -320,6 +369,9 @@ impl Results {
                     met(ok)
                 )?;
             }
+        }
+        if let Some(revision) = &self.baseline {
+            self.write_baseline_targets(out, revision)?;
         }
         if let Some(m) = &self.memory {
             let mib = m.origin_peak_rss_kib as f64 * KIB / MIB;

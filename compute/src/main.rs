@@ -32,6 +32,7 @@ use gateway_common::policy::{
 };
 use gateway_common::route::Route;
 use gateway_common::tenant::Tenant;
+use gateway_common::traceparent::TraceContext;
 
 use crate::auth::AuthError;
 use crate::log::LogLine;
@@ -41,12 +42,12 @@ use crate::settings::EdgeSettings;
 
 fn main() {
     let started = Instant::now();
-    let mut req = Request::from_client();
-    let span = trace::enter(&mut req);
+    let req = Request::from_client();
+    let span = trace::enter(&req);
     let mut log = LogLine::new(&req);
     log.trace_id = Some(span.trace_id());
     log.span = Some(span.record());
-    let reply = handle(req, &mut log);
+    let reply = handle(req, &mut log, span.downstream);
     match reply {
         Reply::Send(resp) => {
             log.finish(&resp, started);
@@ -85,7 +86,8 @@ fn fail(api: Option<Route>, err: &ApiError) -> Reply {
     Reply::Send(respond::error(api, err))
 }
 
-fn handle(mut req: Request, log: &mut LogLine) -> Reply {
+/// `trace`: what the origin is told to join, should the request go there.
+fn handle(mut req: Request, log: &mut LogLine, trace: TraceContext) -> Reply {
     let path = req.get_path().to_owned();
     if !path.starts_with("/v1/") {
         return fail(None, &ApiError::not_found(&path));
@@ -124,7 +126,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     let route = api.filter(|_| req.get_method() == Method::POST);
     let Some(route) = route else {
         // Models, cache purge and anything else: the origin decides, unchanged.
-        return pass_through(api, req, &settings, timing, log);
+        return pass_through(api, req, &settings, timing, log, trace);
     };
 
     let body = match read_body(&mut req, settings.max_body_bytes) {
@@ -213,6 +215,7 @@ fn handle(mut req: Request, log: &mut LogLine) -> Reply {
     req.set_body(body);
     let forward = Forward {
         edge_miss: plan.write && key.is_some(),
+        trace,
     };
     let origin_started = Instant::now();
     let routed = origin::send(req, &settings, forward);
@@ -459,6 +462,7 @@ fn pass_through(
     settings: &EdgeSettings,
     mut timing: ServerTiming,
     log: &mut LogLine,
+    trace: TraceContext,
 ) -> Reply {
     // Into memory (bounded), so another region can be tried with the same body.
     let body = match read_body(&mut req, settings.max_body_bytes) {
@@ -467,7 +471,11 @@ fn pass_through(
     };
     req.set_body(body);
     let started = Instant::now();
-    let routed = origin::send(req, settings, Forward { edge_miss: false });
+    let forward = Forward {
+        edge_miss: false,
+        trace,
+    };
+    let routed = origin::send(req, settings, forward);
     record(&mut timing, log, "origin", started);
     log.from_origin = routed.result.is_ok();
     let upstream = Upstream::of(&routed, log);

@@ -12,6 +12,7 @@ use fastly::http::HeaderValue;
 use fastly::http::request::SendErrorCause;
 use fastly::{Request, Response};
 use gateway_common::headers::{X_EDGE_MISS, X_EDGE_SECRET};
+use gateway_common::traceparent::{TRACEPARENT, TraceContext};
 
 use crate::region::{self, Attempt, Health, Region};
 use crate::settings::EdgeSettings;
@@ -46,6 +47,8 @@ pub struct Forward {
     /// The edge looked for a cacheable entry and had none: the origin should replicate its
     /// answer to the KV store.
     pub edge_miss: bool,
+    /// The trace the origin joins, as a child of the edge's span (`trace::EdgeSpan`).
+    pub trace: TraceContext,
 }
 
 /// The outcome of a forward over the regions.
@@ -74,6 +77,8 @@ impl Routed {
 pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Routed {
     req.remove_header(X_EDGE_MISS);
     req.remove_header(X_EDGE_SECRET);
+    // Replaces the client's, whose parent is the client's span, not the edge's.
+    req.set_header(TRACEPARENT, forward.trace.to_string());
     if forward.edge_miss {
         req.set_header(X_EDGE_MISS, "1");
     }

@@ -1,10 +1,10 @@
 //! The edge's place in a trace: accepts the client's W3C `traceparent` (or starts a trace when
-//! there is none or it is malformed), names the edge's own span, and hands the origin a
-//! `traceparent` whose parent is that span. Ids come from the host's randomness (WASI). The
+//! there is none or it is malformed), names the edge's own span, and gives the origin's
+//! `traceparent` (whose parent is that span). Ids come from the host's randomness (WASI). The
 //! span itself travels in the usage record (the edge has no OTLP client); its trace id is kept
 //! for the request's error lines ([`edge_log!`]).
 
-use std::cell::RefCell;
+use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fastly::Request;
@@ -33,7 +33,7 @@ impl EdgeSpan {
         SpanRecord {
             trace_id: self.downstream.trace_id_hex(),
             span_id: self.downstream.parent_id_hex(),
-            parent_id: self.client_parent.map(hex).unwrap_or_default(),
+            parent_id: self.client_parent.map(hex::encode).unwrap_or_default(),
             sampled: self.downstream.flags & 1 == 1,
             // A zero start is refused by the origin; one nanosecond marks a broken clock.
             start_unix_ns: self.start_unix_ns.max(1),
@@ -43,16 +43,13 @@ impl EdgeSpan {
 
 thread_local! {
     /// The trace id of the request this instance serves (one request per instance), for
-    /// [`edge_log!`]; empty before [`enter`].
-    static CURRENT: RefCell<String> = const { RefCell::new(String::new()) };
+    /// [`edge_log!`]; `None` before [`enter`]. Kept as bytes: only an error line formats it.
+    static CURRENT: Cell<Option<[u8; 16]>> = const { Cell::new(None) };
 }
 
 /// The trace id of the request in scope, `-` before one is.
 pub fn current() -> String {
-    CURRENT.with(|id| match id.borrow().as_str() {
-        "" => "-".to_owned(),
-        id => id.to_owned(),
-    })
+    CURRENT.with(|id| id.get().map_or_else(|| "-".to_owned(), hex::encode))
 }
 
 /// An `edge: ...` line on stderr ending with the trace id of the request in scope, so an
@@ -64,24 +61,24 @@ macro_rules! edge_log {
 }
 pub(crate) use edge_log;
 
-fn hex(id: [u8; 8]) -> String {
-    id.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Joins the client's trace or starts one, and sets the `traceparent` the origin will get on
-/// `req` (replacing the client's, whose parent is the client's span, not the edge's).
-pub fn enter(req: &mut Request) -> EdgeSpan {
+/// Joins the client's trace or starts one. Reads `req` only: the `traceparent` the origin
+/// gets ([`EdgeSpan::downstream`], parent = the edge's span) is set by `origin::send`, so a
+/// hit never pays for a header it does not send anywhere.
+pub fn enter(req: &Request) -> EdgeSpan {
     let start_unix_ns = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-    let span_id = random_id::<8>();
+    // One call to the host's randomness for both ids.
+    let ids = random_id::<24>();
+    let (span_id, trace_id) = ids.split_at(8);
+    let span_id: [u8; 8] = nonzero(span_id);
     let incoming = req
         .get_header_str(TRACEPARENT)
         .and_then(TraceContext::parse);
     let client_parent = incoming.map(|client| client.parent_id);
     let downstream = match incoming {
         Some(client) => client.child(span_id),
-        None => TraceContext::start(random_id::<16>(), span_id).unwrap_or(TraceContext {
+        None => TraceContext::start(nonzero(trace_id), span_id).unwrap_or(TraceContext {
             // The host's randomness failed twice over: a fixed, valid id still links the
             // tiers' log lines for this request.
             trace_id: [1; 16],
@@ -89,13 +86,23 @@ pub fn enter(req: &mut Request) -> EdgeSpan {
             flags: 1,
         }),
     };
-    req.set_header(TRACEPARENT, downstream.to_string());
-    CURRENT.with(|id| *id.borrow_mut() = downstream.trace_id_hex());
+    CURRENT.with(|id| id.set(Some(downstream.trace_id)));
     EdgeSpan {
         downstream,
         client_parent,
         start_unix_ns,
     }
+}
+
+/// `bytes` as an id of `N` bytes, never all zero (an all-zero id is invalid in W3C Trace
+/// Context).
+fn nonzero<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut id = [0u8; N];
+    id.copy_from_slice(&bytes[..N]);
+    if id == [0u8; N] {
+        id[N - 1] = 1;
+    }
+    id
 }
 
 /// `N` random bytes, never all zero (an all-zero id is invalid in W3C Trace Context).

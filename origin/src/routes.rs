@@ -89,7 +89,9 @@ async fn api(
         route = route.as_str(),
         trace_id = %trace.trace_id_display(),
     );
-    crate::telemetry::adopt(&span, &trace);
+    if crate::telemetry::exporting() {
+        crate::telemetry::adopt(&span, &trace);
+    }
     serve_api(route, &request, payload, service, start, trace)
         .instrument(span)
         .await

@@ -376,10 +376,14 @@ impl Service {
         ops.extend(self.budget.counter_ops(&tenant, now));
         let (values, looked) = match &key {
             Some(key) if plan.read => {
-                let (values, looked) = self
-                    .lookup(key, &ops)
-                    .instrument(tracing::info_span!("cache.read"))
-                    .await;
+                // Its own span only for an exporter: nobody else reads it, and every span
+                // costs the log layer a formatting pass on the hit path.
+                let read = self.lookup(key, &ops);
+                let (values, looked) = if crate::telemetry::exporting() {
+                    read.instrument(tracing::info_span!("cache.read")).await
+                } else {
+                    read.await
+                };
                 (values, Some(looked))
             }
             _ if ops.is_empty() => (Some(Vec::new()), None),

@@ -5,6 +5,7 @@
 //! service `gateway-edge` (`edge_span`). Owns the exporters' lifetime; decides nothing about
 //! requests.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use gateway_common::traceparent::TraceContext;
@@ -22,6 +23,17 @@ use tracing_subscriber::registry::LookupSpan;
 #[derive(Debug, thiserror::Error)]
 #[error("OTLP exporter: {0}")]
 pub struct TelemetryError(String);
+
+/// Set while an exporter is installed: without one, the hit path builds no span beyond the
+/// request's own (which carries the trace id into the log lines), because a span costs the
+/// log layer a formatting pass and the registry a slot even when nobody exports it.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported (`log.otlp_endpoint` is set). Spans that only an exporter
+/// reads are created when this is true.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// The service name the edge's spans are exported under.
 pub const EDGE_SERVICE: &str = "gateway-edge";
@@ -54,6 +66,7 @@ impl Telemetry {
         let edge = batched(endpoint, EDGE_SERVICE)?;
         crate::edge_span::install(Some(edge.tracer("gateway-edge")));
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("gateway-origin"));
+        EXPORTING.store(true, Ordering::Relaxed);
         Ok((Telemetry { provider, edge }, layer))
     }
 
@@ -69,6 +82,7 @@ impl Telemetry {
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
+        EXPORTING.store(false, Ordering::Relaxed);
         crate::edge_span::install(None);
         let _ = self.provider.shutdown();
         let _ = self.edge.shutdown();

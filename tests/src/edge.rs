@@ -124,8 +124,13 @@ pub fn edge_wasm() -> anyhow::Result<PathBuf> {
 impl Edge {
     /// Must run inside a Tokio runtime when `usage_ingest` is set (the forwarder runs on it).
     pub fn start(config: &EdgeConfig) -> anyhow::Result<Edge> {
-        let mut edge =
-            Edge::start_wasm(&edge_wasm()?, "gw-edge", |dir| manifest_toml(config, dir))?;
+        Edge::start_with_wasm(config, &edge_wasm()?)
+    }
+
+    /// `start` with another build of the edge (e.g. an earlier revision's, as a benchmark
+    /// baseline) under the same manifest.
+    pub fn start_with_wasm(config: &EdgeConfig, wasm: &Path) -> anyhow::Result<Edge> {
+        let mut edge = Edge::start_wasm(wasm, "gw-edge", |dir| manifest_toml(config, dir))?;
         if let Some((url, token)) = &config.usage_ingest {
             let mut forward = LogForwarderConfig::new(url.clone(), token.clone());
             // Short batches, so a test sees its records within a second.
