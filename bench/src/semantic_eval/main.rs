@@ -101,10 +101,8 @@ async fn main() -> anyhow::Result<()> {
     // The origin keys the words with the cache key secret and the tenant; any key compares alike.
     let key = WordKey::new(b"semantic-eval", "eval");
     let words: BTreeMap<&str, Words> = texts.keys().map(|t| (*t, key.words(t))).collect();
-    let refusals: Vec<Option<&'static str>> = pairs
-        .iter()
-        .map(|p| refusal(&p.a, &p.b, &words))
-        .collect();
+    let refusals: Vec<Option<&'static str>> =
+        pairs.iter().map(|p| refusal(&p.a, &p.b, &words)).collect();
     // What the origin does: a pair the guard or the word order refuses is never a hit.
     let score = |refused: &dyn Fn(Option<&str>) -> bool| -> Vec<f32> {
         cosines
@@ -215,7 +213,10 @@ fn listing(
          order check with a cosine of at least {lowest:.2}: a hit at every threshold up to its \
          cosine.\n"
     );
-    let _ = writeln!(out, "| cosine | category | first | second |\n|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| cosine | category | first | second |\n|---|---|---|---|"
+    );
     let mut none = true;
     for (c, p, r) in &rows {
         if p.label == Label::Different && r.is_none() {
@@ -253,7 +254,10 @@ fn listing(
          {lowest:.2} that the guard or the word order check refuses (the recall they cost), with \
          the part that refuses it.\n"
     );
-    let _ = writeln!(out, "| cosine | refused by | first | second |\n|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "| cosine | refused by | first | second |\n|---|---|---|---|"
+    );
     let mut none = true;
     for (c, p, r) in &rows {
         if let (Label::Same, Some(r)) = (p.label, r) {

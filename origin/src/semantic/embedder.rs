@@ -40,11 +40,7 @@ impl LocalEmbedder {
         max_concurrent: usize,
         timeout: Duration,
     ) -> Result<LocalEmbedder, EmbedderError> {
-        LocalEmbedder::new(
-            Arc::new(Embedding::load(dir)?),
-            max_concurrent,
-            timeout,
-        )
+        LocalEmbedder::new(Arc::new(Embedding::load(dir)?), max_concurrent, timeout)
     }
 
     pub fn new(

@@ -332,7 +332,10 @@ mod tests {
                 "How do I remove a user from the sudo group?",
             ),
             ("How do I install it?", "How do I uninstall it?"),
-            ("Upload a file to the server.", "Downloading a file from the server."),
+            (
+                "Upload a file to the server.",
+                "Downloading a file from the server.",
+            ),
             ("When should I buy shares?", "When should I sell shares?"),
             ("Start the container.", "Stopped the container."),
         ];

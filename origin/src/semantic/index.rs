@@ -114,7 +114,10 @@ impl Index {
     /// Records `vector` and `words` (its question's, `order.rs`) for the entry `member` (its
     /// cache key hex) written under purge `generation`, for `ttl_secs` (the entry's own TTL).
     /// One round trip.
-    #[allow(clippy::too_many_arguments, reason = "one write of one record's fields")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one write of one record's fields"
+    )]
     pub async fn insert(
         &self,
         store: &dyn Store,

@@ -30,11 +30,11 @@ const STOPWORDS: &[&str] = &[
     "with", "about", "as", "is", "are", "was", "were", "be", "been", "being", "am", "do", "does",
     "did", "doing", "have", "has", "had", "having", "can", "could", "should", "would", "will",
     "shall", "may", "might", "must", "i", "me", "my", "mine", "you", "your", "yours", "we", "us",
-    "our", "he", "him", "his", "she", "her", "it", "its", "they", "them", "their", "this",
-    "that", "these", "those", "there", "here", "what", "which", "who", "whom", "whose", "when",
-    "where", "why", "how", "whats", "hows", "whos", "s", "t", "ll", "re", "ve", "d", "m", "some",
-    "any", "one", "please", "tell", "explain", "way", "best", "just", "also", "very", "really",
-    "ways", "get", "use", "using", "make",
+    "our", "he", "him", "his", "she", "her", "it", "its", "they", "them", "their", "this", "that",
+    "these", "those", "there", "here", "what", "which", "who", "whom", "whose", "when", "where",
+    "why", "how", "whats", "hows", "whos", "s", "t", "ll", "re", "ve", "d", "m", "some", "any",
+    "one", "please", "tell", "explain", "way", "best", "just", "also", "very", "really", "ways",
+    "get", "use", "using", "make",
 ];
 
 /// A question's tokens in order: keyed hashes of its content words and `DIRECTION` marks.
@@ -222,7 +222,10 @@ mod tests {
                 "How do I send money from my bank to PayPal?",
             ),
             ("Is a cat bigger than a dog?", "Is a dog bigger than a cat?"),
-            ("Convert miles into kilometers.", "Convert kilometers into miles."),
+            (
+                "Convert miles into kilometers.",
+                "Convert kilometers into miles.",
+            ),
         ] {
             assert!(inverted(a, b), "{a} / {b}");
             assert!(inverted(b, a), "{b} / {a}");

@@ -101,7 +101,10 @@ async fn hard_negatives_other_tenants_and_other_system_prompts_are_misses() {
     ask(
         &stack,
         INITECH,
-        &with_system("Be brief.", "How do I convert a string to an integer in Java?"),
+        &with_system(
+            "Be brief.",
+            "How do I convert a string to an integer in Java?",
+        ),
     )
     .await;
     let calls = stack.provider.calls();
@@ -118,7 +121,10 @@ async fn hard_negatives_other_tenants_and_other_system_prompts_are_misses() {
     let swapped = ask(
         &stack,
         INITECH,
-        &with_system("Be brief.", "How do I convert an integer to a string in Java?"),
+        &with_system(
+            "Be brief.",
+            "How do I convert an integer to a string in Java?",
+        ),
     )
     .await;
     assert_eq!(header(&swapped, "x-cache"), "MISS");
