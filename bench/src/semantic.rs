@@ -15,6 +15,7 @@ use gateway_origin::metrics::Metrics;
 use gateway_origin::semantic::DEFAULT_MODEL_DIR;
 use gateway_origin::semantic::embed::{DIMENSIONS, Embedding};
 use gateway_origin::semantic::index::{Index, Place};
+use gateway_origin::semantic::order::WordKey;
 use gateway_origin::settings::{Secret, Settings};
 use gateway_origin::store::{RedisStore, Store};
 use serde_json::json;
@@ -98,10 +99,19 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
         .collect();
     questions.sort();
     questions.dedup();
+    let word_key = WordKey::new(b"bench", "bench");
     for (i, q) in questions.iter().enumerate() {
         let key = format!("{i:064x}");
         index
-            .insert(&*store, place, &key, &embedding.embed(q)?, 0, 3600)
+            .insert(
+                &*store,
+                place,
+                &key,
+                &embedding.embed(q)?,
+                &word_key.words(q),
+                0,
+                3600,
+            )
             .await?;
         store
             .set_ex(&format!("gw:v1:bench:{key}"), b"entry".to_vec(), 3600)
@@ -112,7 +122,11 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
         let query = format!("{} ({i})", questions[i % questions.len()]);
         let started = Instant::now();
         let vector = embedding.embed(&query)?;
-        if let Some(found) = index.nearest(&store, place, &vector, 0, 0.5).await? {
+        let words = word_key.words(&query);
+        if let Some(found) = index
+            .nearest(&store, place, &vector, &words, 0, 0.5)
+            .await?
+        {
             store.get(&format!("gw:v1:bench:{}", found.member)).await?;
         }
         lookup.push(started.elapsed().as_secs_f64() * 1000.0);

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use gateway_origin::semantic::guard::fingerprint;
 use gateway_origin::semantic::index::{Index, Place};
+use gateway_origin::semantic::order::Words;
 use gateway_origin::semantic::pool::dot;
 use gateway_origin::store::Store;
 
@@ -96,6 +97,8 @@ pub struct IndexRun {
     pub index_agrees: usize,
     /// Queries the index answered with an entry that is not labelled `same` for them.
     pub wrong_answers: usize,
+    /// Those wrong answers: (query, the cached question that answered it, similarity).
+    pub wrong: Vec<(String, String, f32)>,
     pub queries: usize,
     pub lookup_ms_p50: f64,
 }
@@ -114,6 +117,7 @@ pub async fn index_runs(
     store: &Arc<dyn Store>,
     pairs: &[Pair],
     vectors: &BTreeMap<&str, Vec<f32>>,
+    words: &BTreeMap<&str, Words>,
     dim: usize,
 ) -> anyhow::Result<Vec<IndexRun>> {
     let index = Index::new(dim);
@@ -129,7 +133,7 @@ pub async fn index_runs(
             scope: &scope,
         };
         index
-            .insert(&**store, place, id, &vectors[text], 0, 3600)
+            .insert(&**store, place, id, &vectors[text], &words[text], 0, 3600)
             .await?;
     }
     let same: std::collections::HashSet<(&str, &str)> = pairs
@@ -137,6 +141,7 @@ pub async fn index_runs(
         .filter(|p| p.label == Label::Same)
         .map(|p| (ids[p.a.as_str()].as_str(), p.b.as_str()))
         .collect();
+    let text_of: HashMap<&str, &str> = ids.iter().map(|(t, id)| (id.as_str(), *t)).collect();
     let mut queries: Vec<&str> = pairs.iter().map(|p| p.b.as_str()).collect();
     queries.sort_unstable();
     queries.dedup();
@@ -147,6 +152,7 @@ pub async fn index_runs(
             brute_answers: 0,
             index_agrees: 0,
             wrong_answers: 0,
+            wrong: Vec::new(),
             queries: queries.len(),
             lookup_ms_p50: 0.0,
         };
@@ -161,19 +167,30 @@ pub async fn index_runs(
             let brute = ids
                 .iter()
                 .filter(|(text, _)| scope_of(text) == scope)
+                .filter(|(text, _)| !words[query].inverted(&words[*text]))
                 .map(|(id_text, id)| (id.as_str(), dot(q, &vectors[id_text])))
                 .filter(|(_, s)| *s >= threshold)
                 .max_by(|a, b| a.1.total_cmp(&b.1))
                 .map(|(id, _)| id);
             let started = Instant::now();
-            let found = index.nearest(store, place, q, 0, threshold).await?;
+            let found = index
+                .nearest(store, place, q, &words[query], 0, threshold)
+                .await?;
             times.push(started.elapsed().as_secs_f64() * 1000.0);
             if let Some(brute) = brute {
                 run.brute_answers += 1;
                 run.index_agrees += usize::from(found.as_ref().is_some_and(|m| m.member == brute));
             }
+            // The very same text cached is the right answer (in the origin, an exact hit).
             if let Some(m) = found {
-                run.wrong_answers += usize::from(!same.contains(&(m.member.as_str(), *query)));
+                let right = same.contains(&(m.member.as_str(), *query))
+                    || text_of.get(m.member.as_str()) == Some(query);
+                if !right {
+                    run.wrong_answers += 1;
+                    let answer = text_of.get(m.member.as_str()).copied().unwrap_or_default();
+                    run.wrong
+                        .push(((*query).to_owned(), answer.to_owned(), m.similarity));
+                }
             }
         }
         times.sort_by(f64::total_cmp);
@@ -190,11 +207,12 @@ pub fn describe_index_runs(runs: &[IndexRun]) -> String {
         out,
         "Every distinct first question of the set is cached for one tenant, as if asked with the \
          same system prompt (so in the scope of its guard fingerprint); every second question is then asked of the \
-         index (LSH, {} tables of {} bits, candidates re-ranked by exact cosine) and of brute \
-         force over all cached vectors of its scope. Index recall: of the queries brute force answers, the \
-         share the index answers with the same entry. Wrong answers: queries the index answered \
-         with an entry not labelled a paraphrase of them (a false hit in a shared cache, which \
-         pair-level counts do not see). Lookup time: the index's two Redis round trips and \
+         index (LSH, {} tables of {} bits, candidates re-ranked by exact cosine, word order \
+         checked) and of brute force over all cached vectors of its scope (word order checked \
+         too). Index recall: of the queries brute force answers, the share the index answers \
+         with the same entry. Wrong answers: queries the index answered with an entry neither \
+         labelled a paraphrase of them nor the very same text (a false hit in a shared cache, \
+         which pair-level counts do not see). Lookup time: the index's two Redis round trips and \
          re-ranking, median.\n",
         gateway_origin::semantic::index::TABLES,
         gateway_origin::semantic::index::BITS,

@@ -7,6 +7,8 @@ use hmac::{Hmac, Mac};
 use serde_json::Value;
 use sha2::Sha256;
 
+use super::order::{WordKey, Words};
+
 /// The most messages a semantic request may hold (the system prompt and earlier turns must
 /// match exactly anyway; a long conversation's last turn leans on context the embedding of
 /// one message does not see).
@@ -54,12 +56,14 @@ impl NotSemantic {
     }
 }
 
-/// A request that may be answered by meaning: the text to embed and the scope (hex) that a
-/// candidate must share.
+/// A request that may be answered by meaning: the text to embed, the scope (hex) that a
+/// candidate must share, and the keyed words whose order a candidate must not invert
+/// (`order.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Question {
     pub text: String,
     pub scope: String,
+    pub words: Words,
 }
 
 /// The question in `canonical` (a chat request's canonical body), or why there is none.
@@ -113,6 +117,7 @@ pub fn question(
     let rest = serde_json::to_vec(&body).map_err(|_| NotSemantic::Shape)?;
     Ok(Question {
         text: trimmed.to_string(),
+        words: WordKey::new(secret, tenant).words(trimmed),
         scope: scope_hash(
             secret,
             tenant,
@@ -123,9 +128,11 @@ pub fn question(
     })
 }
 
-/// HMAC-SHA-256(secret, "sem1" 0x00 tenant 0x00 route 0x00 guard 0x00 rest), hex; first 32
+/// HMAC-SHA-256(secret, "sem2" 0x00 tenant 0x00 route 0x00 guard 0x00 rest), hex; first 32
 /// characters (128 bits: a collision would need 2^64 scopes). `guard` is the last message's
-/// lexical fingerprint (`guard.rs`).
+/// lexical fingerprint (`guard.rs`). "sem2": the guard gained its reversal parity and the
+/// index's vectors their words (`order.rs`), so no scope of "sem1" is ever read again; its
+/// keys expire with their entries.
 pub fn scope_hash(secret: &[u8], tenant: &str, route: Route, rest: &[u8], guard: &str) -> String {
     #[allow(
         clippy::expect_used,
@@ -134,7 +141,7 @@ pub fn scope_hash(secret: &[u8], tenant: &str, route: Route, rest: &[u8], guard:
     let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
         .expect("HMAC-SHA-256 accepts keys of any length");
     for part in [
-        b"sem1".as_slice(),
+        b"sem2".as_slice(),
         tenant.as_bytes(),
         route.path().as_bytes(),
         guard.as_bytes(),

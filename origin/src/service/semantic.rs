@@ -20,6 +20,7 @@ use crate::meter::Saving;
 use crate::router::UpstreamBody;
 use crate::semantic::embedder::LocalEmbedder;
 use crate::semantic::index::{Index, Place};
+use crate::semantic::order::Words;
 use crate::semantic::pool::normalize;
 use crate::semantic::scope::{self, Question};
 use crate::settings::{Settings, ms};
@@ -59,6 +60,8 @@ pub(super) struct Pending {
     /// The embedder-qualified scope (`Place::scope`).
     scope: String,
     vector: Vec<f32>,
+    /// The question's keyed words (`semantic/order.rs`), stored beside the vector.
+    words: Words,
 }
 
 /// What the semantic lookup found.
@@ -114,9 +117,17 @@ impl Service {
         let pending = Arc::new(Pending {
             scope: scope.clone(),
             vector,
+            words: question.words,
         });
         let found = index
-            .nearest(&self.store, place, &pending.vector, generation, threshold)
+            .nearest(
+                &self.store,
+                place,
+                &pending.vector,
+                &pending.words,
+                generation,
+                threshold,
+            )
             .await;
         let candidate = match found {
             Ok(Some(candidate)) => candidate,
@@ -178,6 +189,7 @@ impl Service {
                 place,
                 key.hex(),
                 &pending.vector,
+                &pending.words,
                 generation,
                 ttl_secs,
             )

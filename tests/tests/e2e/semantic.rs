@@ -1,7 +1,8 @@
 //! The semantic cache through the edge: a paraphrase of a cached question is answered by the
-//! origin from its entry (one provider call in total), then by the edge; hard negatives, other
-//! tenants, other system prompts and tenants without the opt-in miss; a missing model or a
-//! dead Redis makes it an exact miss, never a failure.
+//! origin from its entry (one provider call in total), then by the edge; hard negatives (a
+//! negation, a swap of two lowercase words), other tenants, other system prompts and tenants
+//! without the opt-in miss; a missing model or a dead Redis makes it an exact miss, never a
+//! failure.
 
 use gateway_common::route::Route;
 use gateway_e2e::stack::{
@@ -97,6 +98,15 @@ async fn hard_negatives_other_tenants_and_other_system_prompts_are_misses() {
     )
     .await;
     ask(&stack, INITECH, &with_system("Be brief.", QUESTION)).await;
+    ask(
+        &stack,
+        INITECH,
+        &with_system(
+            "Be brief.",
+            "How do I convert a string to an integer in Java?",
+        ),
+    )
+    .await;
     let calls = stack.provider.calls();
 
     // Negation, from the labelled set.
@@ -107,6 +117,17 @@ async fn hard_negatives_other_tenants_and_other_system_prompts_are_misses() {
     )
     .await;
     assert_eq!(header(&negation, "x-cache"), "MISS");
+    // The same words the other way round (a cosine above 0.98): the stored words' order.
+    let swapped = ask(
+        &stack,
+        INITECH,
+        &with_system(
+            "Be brief.",
+            "How do I convert an integer to a string in Java?",
+        ),
+    )
+    .await;
+    assert_eq!(header(&swapped, "x-cache"), "MISS");
     // Another system prompt: another scope.
     let other_system = ask(
         &stack,
@@ -118,7 +139,7 @@ async fn hard_negatives_other_tenants_and_other_system_prompts_are_misses() {
     // Another tenant with the same paraphrase (and the same system prompt).
     let other_tenant = ask(&stack, GLOBEX, &with_system("Be brief.", PARAPHRASE)).await;
     assert_eq!(header(&other_tenant, "x-cache"), "MISS");
-    assert_eq!(stack.provider.calls(), calls + 3);
+    assert_eq!(stack.provider.calls(), calls + 4);
     // The control: the same paraphrase for initech is a semantic hit.
     let control = ask(&stack, INITECH, &with_system("Be brief.", PARAPHRASE)).await;
     assert!(header(&control, "cache-status").contains("detail=semantic"));
