@@ -2,7 +2,9 @@
 //! answering the bytes of `hit.json`: the bench seeds the edge's KV store with an entry whose
 //! body is exactly those bytes. The edge runs twice: as deployed (one usage record per request
 //! to the `usage` log endpoint, which Viceroy writes to its output) and with `usage_log` off,
-//! so the report shows what metering costs a hit in the same run. Starts and stops the Viceroys.
+//! so the report shows what metering costs a hit in the same run; and once more with the same
+//! entry unsealed (entry version 1, as before sealing), so the report shows what opening a
+//! sealed entry costs a hit. Starts and stops the Viceroys.
 
 use std::path::Path;
 
@@ -10,7 +12,7 @@ use anyhow::bail;
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
 use gateway_common::route::Route;
 use gateway_e2e::edge::{Edge, EdgeConfig};
-use gateway_e2e::entry::{kv_seed, now};
+use gateway_e2e::entry::{kv_seed, kv_seed_plain, now};
 use gateway_e2e::free_port;
 use gateway_e2e::stack::{SECRET, key_for};
 
@@ -44,21 +46,26 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
     config.populate_on_fallback = false;
     let mut quiet = config.clone();
     quiet.usage_log = false;
-    let (edge, unlogged, bare) = tokio::task::spawn_blocking(move || {
+    let mut unsealed = config.clone();
+    unsealed.kv = vec![kv_seed_plain(&entry)];
+    let (edge, unlogged, plain, bare) = tokio::task::spawn_blocking(move || {
         let edge = Edge::start(&config)?;
         let unlogged = Edge::start(&quiet)?;
+        let plain = Edge::start(&unsealed)?;
         let bare = start_bare()?;
-        anyhow::Ok((edge, unlogged, bare))
+        anyhow::Ok((edge, unlogged, plain, bare))
     })
     .await??;
     let edge_url = format!("{}/v1/chat/completions", edge.url());
     let unlogged_url = format!("{}/v1/chat/completions", unlogged.url());
+    let plain_url = format!("{}/v1/chat/completions", plain.url());
     let bare_url = format!("{}/v1/chat/completions", bare.url());
 
     let http = reqwest::Client::new();
     for (name, url) in [
         ("edge", &edge_url),
         ("edge", &unlogged_url),
+        ("edge", &plain_url),
         ("bare service", &bare_url),
     ] {
         let resp = http
@@ -97,14 +104,20 @@ pub async fn run(settings: &compare::Settings, scratch: &Path) -> anyhow::Result
         Some(API_KEY),
         &body,
     );
+    let unsealed = json_target(
+        "edge KV hit, entry unsealed (v1) (Viceroy)",
+        plain_url,
+        Some(API_KEY),
+        &body,
+    );
     let settings = settings.clone();
     let comparison = tokio::task::spawn_blocking(move || {
-        compare::compare(&settings, "edge hit", &floor, &[subject, without])
+        compare::compare(&settings, "edge hit", &floor, &[subject, without, unsealed])
     })
     .await??;
     if !edge.log().contains("usage :: ") {
         bail!("the edge under test wrote no usage records");
     }
-    drop((edge, unlogged, bare));
+    drop((edge, unlogged, plain, bare));
     Ok(comparison)
 }
