@@ -249,10 +249,13 @@ async fn pop(proxy: &DelayProxy, api: &FakeFastlyApi, current: &str, previous: O
     config.kv = KvSeed::from_api(api);
     config.seal_key_current = Some(current.to_owned());
     config.seal_key_previous = previous.map(str::to_owned);
-    tokio::task::spawn_blocking(move || Edge::start(&config))
+    let edge = tokio::task::spawn_blocking(move || Edge::start(&config))
         .await
         .expect("join")
-        .expect("edge starts")
+        .expect("edge starts");
+    // Viceroy probes each backend once at start-up; let it, so counts start clean.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    edge
 }
 
 async fn chat_at(http: &reqwest::Client, url: &str, prompt: &str) -> (String, String) {
@@ -294,9 +297,10 @@ async fn after_a_key_rotation_old_entries_are_still_hits_and_new_ones_use_the_ne
     let http = &stack.http;
 
     // The old entry: an edge hit (KV, previous key), and an origin hit behind it.
+    let before = proxy.requests();
     let at = chat_at(http, &edge.url(), "sealed before the rotation").await;
     assert_eq!(at, ("HIT".to_owned(), "edge".to_owned()));
-    assert_eq!(proxy.requests(), 0, "the rotated POP answered alone");
+    assert_eq!(proxy.requests(), before, "the rotated POP answered alone");
     let at = chat_at(http, &proxy.url(), "sealed before the rotation").await;
     assert_eq!(at, ("HIT".to_owned(), "origin".to_owned()));
 
