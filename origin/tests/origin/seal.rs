@@ -85,7 +85,10 @@ async fn tampered_moved_and_foreign_key_entries_are_counted_misses_never_errors(
     stored[last] ^= 0x01;
     set(&stack, &key, &stored).await;
     ask(&stack, ACME, "acme", "flip a byte", "MISS").await;
-    assert_eq!(failures(&stack, "unopenable"), 1.0);
+    // Counted per read: a miss reads the entry twice (the lookup, then the flight's look for
+    // an entry another replica landed meanwhile), so one request counts one or two.
+    let flipped = failures(&stack, "unopenable");
+    assert!((1.0..=2.0).contains(&flipped), "{flipped}");
     ask(&stack, ACME, "acme", "flip a byte", "HIT").await;
 
     // Acme's entry under globex's key for the same prompt, its clear line rewritten to match.
@@ -100,7 +103,7 @@ async fn tampered_moved_and_foreign_key_entries_are_counted_misses_never_errors(
     let moved = [metadata.as_bytes(), b"\n", parts.value].concat();
     set(&stack, &globex_key, &moved).await;
     ask(&stack, GLOBEX, "globex", "move me", "MISS").await;
-    assert_eq!(failures(&stack, "unopenable"), 2.0);
+    assert!(failures(&stack, "unopenable") > flipped);
 
     // Sealed with a key id this origin does not hold.
     let key = ask(&stack, ACME, "acme", "foreign key", "MISS").await;
@@ -111,6 +114,6 @@ async fn tampered_moved_and_foreign_key_entries_are_counted_misses_never_errors(
         .tenant_key("acme");
     set(&stack, &key, &entry.seal(&foreign, &[3; 24]).expect("seals")).await;
     ask(&stack, ACME, "acme", "foreign key", "MISS").await;
-    assert_eq!(failures(&stack, "unknown_key_id"), 1.0);
+    assert!(failures(&stack, "unknown_key_id") >= 1.0);
     assert!(stack.metric("gateway_cache_decode_errors_total") >= 3.0);
 }
