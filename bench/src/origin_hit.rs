@@ -156,7 +156,12 @@ pub async fn run(
         let (settings, floor, subjects) = (
             settings.clone(),
             floor.clone(),
-            [subject.clone(), other_subject, cluster_subject, unsealed_subject],
+            [
+                subject.clone(),
+                other_subject,
+                cluster_subject,
+                unsealed_subject,
+            ],
         );
         tokio::task::spawn_blocking(move || {
             compare::compare(&settings, "origin hit", &floor, &subjects)

@@ -535,7 +535,13 @@ mod tests {
     fn a_sealed_entry_shows_nothing_of_the_answer_in_the_clear() {
         let k = key("acme", b"{}");
         let (value, metadata) = sealed_kv(&entry(&k));
-        for hidden in ["secret answer", "gpt-4o-mini", "openai", "application/json", "usage"] {
+        for hidden in [
+            "secret answer",
+            "gpt-4o-mini",
+            "openai",
+            "application/json",
+            "usage",
+        ] {
             assert!(!metadata.contains(hidden), "{hidden} in {metadata}");
             assert!(
                 !value.windows(hidden.len()).any(|w| w == hidden.as_bytes()),
@@ -559,7 +565,11 @@ mod tests {
             let mut flipped = value.clone();
             flipped[i] ^= 0x80;
             let got = Entry::decode_kv(&flipped, Some(metadata.as_bytes()), &k, &ring());
-            assert_eq!(got, Err(EntryError::Seal(SealError::Unopenable)), "byte {i}");
+            assert_eq!(
+                got,
+                Err(EntryError::Seal(SealError::Unopenable)),
+                "byte {i}"
+            );
             assert_eq!(got.unwrap_err().reason(), "unopenable");
         }
     }
@@ -593,7 +603,10 @@ mod tests {
         let decode = |meta: &str, expect: &CacheKey| {
             Entry::decode_kv(&value, Some(meta.as_bytes()), expect, &ring())
         };
-        assert_eq!(decode(&metadata, &other_tenant), Err(EntryError::WrongTenant));
+        assert_eq!(
+            decode(&metadata, &other_tenant),
+            Err(EntryError::WrongTenant)
+        );
         assert_eq!(decode(&metadata, &other_key), Err(EntryError::WrongKey));
         // With its metadata rewritten to match: it does not open.
         let renamed = metadata.replace("\"acme\"", "\"other\"");
@@ -636,7 +649,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(Entry::decode(&bytes, &k, &rotated).unwrap(), e);
-        let new = e.seal(&rotated.current().tenant_key("acme"), &NONCE).unwrap();
+        let new = e
+            .seal(&rotated.current().tenant_key("acme"), &NONCE)
+            .unwrap();
         assert_eq!(split(&new, &k).unwrap().header.kid.as_deref(), Some("k2"));
         assert!(Entry::decode(&new, &k, &ring()).is_err());
     }

@@ -24,7 +24,6 @@ pub use entry::{
     ENTRY_VERSION, Entry, EntryError, Envelope, Header, MAX_METADATA_BYTES, PLAIN_VERSION, Stored,
     Usage,
 };
-pub use seal::{KeySource, Keyring, NoKeys, SealError, SealKey, TenantKey};
 pub use error::ApiError;
 pub use headers::{CacheOutcome, CacheStatusMember, Fwd, Layer, ServerTiming};
 pub use key::{
@@ -32,6 +31,7 @@ pub use key::{
 };
 pub use policy::{Bypass, Freshness, Plan, RequestDirectives};
 pub use route::Route;
+pub use seal::{KeySource, Keyring, NoKeys, SealError, SealKey, TenantKey};
 pub use sse::{Assembler, ChatAssembler, SseError, replay, replay_chat};
 pub use tenant::{Tenant, TenantsFile};
 pub use traceparent::TraceContext;

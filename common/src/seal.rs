@@ -117,9 +117,11 @@ impl TenantKey {
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(nonce);
         out.extend_from_slice(plaintext);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(XNonce::from_slice(nonce), ad, &mut out[NONCE_LEN..]);
+        let tag = self.cipher.encrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            ad,
+            &mut out[NONCE_LEN..],
+        );
         match tag {
             Ok(tag) => out.extend_from_slice(&tag),
             // Only for a plaintext beyond 256 GiB, which no entry is; sealing to nothing then
@@ -139,12 +141,7 @@ impl TenantKey {
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
         let mut plaintext = ciphertext.to_vec();
         self.cipher
-            .decrypt_in_place_detached(
-                XNonce::from_slice(nonce),
-                ad,
-                &mut plaintext,
-                tag.into(),
-            )
+            .decrypt_in_place_detached(XNonce::from_slice(nonce), ad, &mut plaintext, tag.into())
             .map_err(|_| SealError::Unopenable)?;
         Ok(plaintext)
     }
@@ -234,7 +231,10 @@ mod tests {
         assert_eq!(k.open(b"ad", &sealed).unwrap(), b"the answer");
         assert_eq!(k.open(b"AD", &sealed), Err(SealError::Unopenable));
         let other_tenant = key("k1", b"secret").tenant_key("other");
-        assert_eq!(other_tenant.open(b"ad", &sealed), Err(SealError::Unopenable));
+        assert_eq!(
+            other_tenant.open(b"ad", &sealed),
+            Err(SealError::Unopenable)
+        );
         let other_id = key("k2", b"secret").tenant_key("acme");
         assert_eq!(other_id.open(b"ad", &sealed), Err(SealError::Unopenable));
         for i in 0..sealed.len() {

@@ -96,7 +96,13 @@ impl Case {
         hex::decode(&self.value_hex).unwrap()
     }
 
-    fn open(&self, value: &[u8], metadata: &str, as_key: &CacheKey, ring: &Keyring) -> Result<Entry, EntryError> {
+    fn open(
+        &self,
+        value: &[u8],
+        metadata: &str,
+        as_key: &CacheKey,
+        ring: &Keyring,
+    ) -> Result<Entry, EntryError> {
         Entry::decode_kv(value, Some(metadata.as_bytes()), as_key, ring)
     }
 }
@@ -132,7 +138,14 @@ fn a_flipped_byte_in_a_golden_value_is_refused() {
     let g = golden();
     for case in &g.cases {
         let value = case.value();
-        for i in [0, 23, 24, value.len() / 2, value.len() - 16, value.len() - 1] {
+        for i in [
+            0,
+            23,
+            24,
+            value.len() / 2,
+            value.len() - 16,
+            value.len() - 1,
+        ] {
             let mut flipped = value.clone();
             flipped[i] ^= 0x01;
             assert_eq!(
@@ -188,7 +201,12 @@ fn a_golden_entry_is_a_miss_where_its_key_id_is_unknown() {
         unknown
     );
     assert_eq!(
-        Entry::decode_kv(&case.value(), Some(case.metadata.as_bytes()), &case.cache_key(), &NoKeys),
+        Entry::decode_kv(
+            &case.value(),
+            Some(case.metadata.as_bytes()),
+            &case.cache_key(),
+            &NoKeys
+        ),
         unknown
     );
     let renamed = case.metadata.replace("\"kid\":\"k1\"", "\"kid\":\"k9\"");

@@ -347,7 +347,14 @@ mod tests {
             .seal(&[0; 24], b"", b"x");
         let opened = parse_seal_key(b"k1:hex:6162").unwrap().tenant_key("acme");
         assert_eq!(opened.open(b"", &sealed).unwrap(), b"x");
-        for bad in [&b"no-colon"[..], b":secret", b"k1:", b"K1:x", b"k1:hex:zz", b"\xff:x"] {
+        for bad in [
+            &b"no-colon"[..],
+            b":secret",
+            b"k1:",
+            b"K1:x",
+            b"k1:hex:zz",
+            b"\xff:x",
+        ] {
             assert!(parse_seal_key(bad).is_err(), "{bad:?}");
         }
     }

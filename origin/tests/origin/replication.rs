@@ -180,10 +180,14 @@ async fn an_edge_miss_is_written_to_kv_once_with_the_entrys_value_metadata_and_t
     let stored = redis_get(&stack.redis.url(), &key.redis_key())
         .await
         .expect("the Redis entry");
-    let from_redis =
-        Entry::decode(&stored, &key, &dev_keys()).expect("the Redis entry decodes");
+    let from_redis = Entry::decode(&stored, &key, &dev_keys()).expect("the Redis entry decodes");
     // Stored sealed, and copied to KV as it is: the same bytes in both tiers.
-    let stored_kv = [item.metadata.as_deref().unwrap_or_default().as_bytes(), b"\n", &item.value[..]].concat();
+    let stored_kv = [
+        item.metadata.as_deref().unwrap_or_default().as_bytes(),
+        b"\n",
+        &item.value[..],
+    ]
+    .concat();
     assert_eq!(stored, stored_kv);
     assert!(!String::from_utf8_lossy(&stored).contains("deterministic mock answer"));
     assert_eq!(from_kv, from_redis);

@@ -48,7 +48,10 @@ async fn ask(stack: &Stack, api_key: &str, tenant: &str, prompt: &str, cache: &s
     assert_eq!(header(&resp, "x-cache"), cache, "{prompt}");
     let key = CacheKey::from_hex(tenant, header(&resp, "x-cache-key")).expect("a key");
     let body = resp.text().await.expect("body");
-    assert!(body.contains("deterministic mock answer"), "{prompt}: {body}");
+    assert!(
+        body.contains("deterministic mock answer"),
+        "{prompt}: {body}"
+    );
     stack.settle().await;
     key
 }
@@ -67,7 +70,11 @@ async fn the_origin_stores_only_sealed_entries_and_opens_them_again() {
     assert!(!String::from_utf8_lossy(&stored).contains("deterministic mock answer"));
     let parts = split(&stored, &key).expect("an entry");
     assert_eq!(parts.header.kid.as_deref(), Some(DEV_SEAL_KEY_ID));
-    assert!(!parts.metadata.contains("gpt-4o-mini"), "{}", parts.metadata);
+    assert!(
+        !parts.metadata.contains("gpt-4o-mini"),
+        "{}",
+        parts.metadata
+    );
     let entry = Entry::decode(&stored, &key, &dev_keys()).expect("opens as the edge opens it");
     assert_eq!(entry.envelope.status, 200);
     ask(&stack, ACME, "acme", "seal this", "HIT").await;
@@ -112,7 +119,12 @@ async fn tampered_moved_and_foreign_key_entries_are_counted_misses_never_errors(
     let foreign = SealKey::new("k9", b"a key this origin does not hold")
         .expect("a key")
         .tenant_key("acme");
-    set(&stack, &key, &entry.seal(&foreign, &[3; 24]).expect("seals")).await;
+    set(
+        &stack,
+        &key,
+        &entry.seal(&foreign, &[3; 24]).expect("seals"),
+    )
+    .await;
     ask(&stack, ACME, "acme", "foreign key", "MISS").await;
     assert!(failures(&stack, "unknown_key_id") >= 1.0);
     assert!(stack.metric("gateway_cache_decode_errors_total") >= 3.0);

@@ -137,10 +137,16 @@ async fn no_answer_text_is_readable_in_redis_or_the_kv_api_after_a_realistic_run
     wait_for_kv(api, requests.len()).await;
     let redis = redis_dump(&stack.redis);
     let kv = kv_dump(api);
-    assert!(redis.contains("gw:v1:acme:"), "the dump reads the entries:\n{redis}");
+    assert!(
+        redis.contains("gw:v1:acme:"),
+        "the dump reads the entries:\n{redis}"
+    );
     assert!(kv.contains(&format!("\"kid\":\"{}\"", SEAL_KEY.0)), "{kv}");
     for (tier, dump) in [("Redis", &redis), ("KV", &kv)] {
-        assert!(!dump.contains(ANSWER_PHRASE), "an answer in {tier}:\n{dump}");
+        assert!(
+            !dump.contains(ANSWER_PHRASE),
+            "an answer in {tier}:\n{dump}"
+        );
         for tag in &tags {
             assert!(!dump.contains(tag.as_str()), "{tag} in {tier}:\n{dump}");
         }
@@ -177,7 +183,13 @@ async fn tampered_moved_and_foreign_key_entries_at_the_edge_are_counted_misses()
     let plain = completion("acme", "plain", t, 3600, "seeded-plain");
 
     let stack = Stack::start_with(StackOptions {
-        kv: vec![kv_seed(&good), flipped, moved, foreign, kv_seed_plain(&plain)],
+        kv: vec![
+            kv_seed(&good),
+            flipped,
+            moved,
+            foreign,
+            kv_seed_plain(&plain),
+        ],
         ..StackOptions::default()
     })
     .await
@@ -212,7 +224,11 @@ async fn tampered_moved_and_foreign_key_entries_at_the_edge_are_counted_misses()
         assert_eq!(line["kv"], "rejected", "{prompt}: {line}");
         assert_eq!(line["kv_reject"], reason, "{prompt}: {line}");
     }
-    assert_eq!(stack.provider.calls(), 3, "each refused entry cost one provider call");
+    assert_eq!(
+        stack.provider.calls(),
+        3,
+        "each refused entry cost one provider call"
+    );
 }
 
 /// An origin of its own on `redis`, replicating to `api`, sealing with `current` and opening
@@ -243,7 +259,12 @@ async fn rotated_origin(
 }
 
 /// A new POP in front of `proxy`, seeded with the KV API's items, holding these seal keys.
-async fn pop(proxy: &DelayProxy, api: &FakeFastlyApi, current: &str, previous: Option<&str>) -> Edge {
+async fn pop(
+    proxy: &DelayProxy,
+    api: &FakeFastlyApi,
+    current: &str,
+    previous: Option<&str>,
+) -> Edge {
     let mut config = EdgeConfig::new(proxy.url(), SECRET);
     config.populate_on_fallback = false;
     config.kv = KvSeed::from_api(api);
@@ -259,7 +280,15 @@ async fn pop(proxy: &DelayProxy, api: &FakeFastlyApi, current: &str, previous: O
 }
 
 async fn chat_at(http: &reqwest::Client, url: &str, prompt: &str) -> (String, String) {
-    let resp = post(http, url, "/v1/chat/completions", ACME, &chat_body(prompt), &[]).await;
+    let resp = post(
+        http,
+        url,
+        "/v1/chat/completions",
+        ACME,
+        &chat_body(prompt),
+        &[],
+    )
+    .await;
     assert_eq!(resp.status(), 200, "{prompt}");
     let at = (header(&resp, "x-cache"), header(&resp, "x-cache-layer"));
     let body = resp.text().await.expect("body");
@@ -283,7 +312,11 @@ async fn after_a_key_rotation_old_entries_are_still_hits_and_new_ones_use_the_ne
     assert_eq!(header(&first, "x-cache-layer"), "upstream");
     stack.settle().await;
     wait_for_kv(api, 1).await;
-    let old_key = key_for("acme", Route::ChatCompletions, &chat_body("sealed before the rotation"));
+    let old_key = key_for(
+        "acme",
+        Route::ChatCompletions,
+        &chat_body("sealed before the rotation"),
+    );
     assert_eq!(redis_metadata(&stack.redis, &old_key)["kid"], SEAL_KEY.0);
 
     // The rotation, edge first: a POP that knows the new key as current and the old one as
@@ -312,11 +345,23 @@ async fn after_a_key_rotation_old_entries_are_still_hits_and_new_ones_use_the_ne
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     wait_for_kv(api, 2).await;
-    let new_key = key_for("acme", Route::ChatCompletions, &chat_body("sealed after the rotation"));
+    let new_key = key_for(
+        "acme",
+        Route::ChatCompletions,
+        &chat_body("sealed after the rotation"),
+    );
     assert_eq!(redis_metadata(&stack.redis, &new_key)["kid"], K2.0);
     let item = api.get(&new_key.kv_key()).expect("replicated");
-    assert!(item.metadata.unwrap_or_default().contains(&format!("\"kid\":\"{}\"", K2.0)));
-    assert_eq!(stack.provider.calls(), calls + 1, "only the new prompt went upstream");
+    assert!(
+        item.metadata
+            .unwrap_or_default()
+            .contains(&format!("\"kid\":\"{}\"", K2.0))
+    );
+    assert_eq!(
+        stack.provider.calls(),
+        calls + 1,
+        "only the new prompt went upstream"
+    );
 
     // A POP started after the rotation serves both, one sealed under each key.
     let later = pop(&proxy, api, &k2, Some(&k1)).await;
