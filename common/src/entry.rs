@@ -635,7 +635,10 @@ mod tests {
             Entry::decode_kv(&value, Some(metadata.as_bytes()), &k, &NoKeys),
             unknown
         );
-        assert_eq!(unknown.unwrap_err().reason(), "unknown_key_id");
+        assert_eq!(
+            EntryError::Seal(SealError::UnknownKeyId("k1".into())).reason(),
+            "unknown_key_id"
+        );
     }
 
     #[test]
