@@ -120,11 +120,14 @@ test-cluster: build-edge
     GATEWAY_E2E_REDIS=cluster cargo test -p gateway-e2e --test e2e --no-fail-fast -- \
         walk:: isolation:: cross_replica:: dual_write:: tenant_purge:: streaming:: faults:: shared_state::
 
-# Golden vectors compiled to wasm32-wasip1 and run in Viceroy (edge and origin agree on keys),
+# Golden vectors compiled to wasm32-wasip1 and run in Viceroy (edge and origin agree on keys and
+# sealed entries),
 # and the edge's own unit tests, which only link for wasm32-wasip1.
 test-wasm:
     CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
         cargo test -p gateway-common --target wasm32-wasip1 --test golden
+    CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
+        cargo test -p gateway-common --target wasm32-wasip1 --test golden_seal
     CARGO_TARGET_WASM32_WASIP1_RUNNER="viceroy run" \
         cargo test -p gateway-compute --target wasm32-wasip1
 
@@ -171,6 +174,7 @@ bench-tools:
 bench-build: build-edge
     cargo build --release -p gateway-origin -p gateway-bench
     cargo build --release -p gateway-bench-bare-compute --target wasm32-wasip1
+    cargo build --release -p gateway-bench-seal-wasm --target wasm32-wasip1
 
 # Every tier against its floor in one run (~5 min); rewrites bench/REPORT.md and bench/latency.png.
 bench: setup bench-tools bench-build

@@ -2,8 +2,10 @@
 //! answering the bytes of `hit.json`: the bench seeds the edge's KV store with an entry whose
 //! body is exactly those bytes. The edge runs twice: as deployed (one usage record per request
 //! to the `usage` log endpoint, which Viceroy writes to its output) and with `usage_log` off,
-//! so the report shows what metering costs a hit in the same run; with a `baseline`, an earlier
-//! revision's edge wasm serves the same stores as one more subject. Starts and stops the Viceroys.
+//! so the report shows what metering costs a hit in the same run; once more with the same
+//! entry unsealed (entry version 1, as before sealing), so the report shows what opening a
+//! sealed entry costs a hit; and with a `baseline`, an earlier revision's edge wasm serves the
+//! unsealed entry as one more subject. Starts and stops the Viceroys.
 
 use std::path::Path;
 
@@ -11,7 +13,7 @@ use anyhow::bail;
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
 use gateway_common::route::Route;
 use gateway_e2e::edge::{Edge, EdgeConfig};
-use gateway_e2e::entry::{kv_seed, now};
+use gateway_e2e::entry::{kv_seed, kv_seed_plain, now};
 use gateway_e2e::free_port;
 use gateway_e2e::stack::{SECRET, key_for};
 
@@ -50,16 +52,21 @@ pub async fn run(
     config.populate_on_fallback = false;
     let mut quiet = config.clone();
     quiet.usage_log = false;
+    let mut unsealed = config.clone();
+    unsealed.kv = vec![kv_seed_plain(&entry)];
+    // The earlier revision predates sealing: it reads the unsealed entry.
+    let earlier_config = unsealed.clone();
     let earlier_wasm = baseline.map(|b| b.edge_wasm.clone());
-    let (edge, unlogged, bare, earlier) = tokio::task::spawn_blocking(move || {
+    let (edge, unlogged, plain, bare, earlier) = tokio::task::spawn_blocking(move || {
         let edge = Edge::start(&config)?;
         let unlogged = Edge::start(&quiet)?;
+        let plain = Edge::start(&unsealed)?;
         let bare = start_bare()?;
-        // The earlier revision's edge, as deployed (usage log on), with the same stores.
+        // The earlier revision's edge, as deployed (usage log on).
         let earlier = earlier_wasm
-            .map(|wasm| Edge::start_with_wasm(&config, &wasm))
+            .map(|wasm| Edge::start_with_wasm(&earlier_config, &wasm))
             .transpose()?;
-        anyhow::Ok((edge, unlogged, bare, earlier))
+        anyhow::Ok((edge, unlogged, plain, bare, earlier))
     })
     .await??;
     let earlier_url = earlier
@@ -67,12 +74,14 @@ pub async fn run(
         .map(|e| format!("{}/v1/chat/completions", e.url()));
     let edge_url = format!("{}/v1/chat/completions", edge.url());
     let unlogged_url = format!("{}/v1/chat/completions", unlogged.url());
+    let plain_url = format!("{}/v1/chat/completions", plain.url());
     let bare_url = format!("{}/v1/chat/completions", bare.url());
 
     let http = reqwest::Client::new();
     let mut answering = vec![
         ("edge", &edge_url),
         ("edge", &unlogged_url),
+        ("edge", &plain_url),
         ("bare service", &bare_url),
     ];
     if let Some(url) = &earlier_url {
@@ -115,7 +124,13 @@ pub async fn run(
         Some(API_KEY),
         &body,
     );
-    let mut subjects = vec![subject, without];
+    let unsealed = json_target(
+        "edge KV hit, entry unsealed (v1) (Viceroy)",
+        plain_url,
+        Some(API_KEY),
+        &body,
+    );
+    let mut subjects = vec![subject, without, unsealed];
     if let (Some(url), Some(baseline)) = (earlier_url, baseline) {
         subjects.push(json_target(
             &baseline.label("edge KV hit (Viceroy)"),
@@ -132,6 +147,6 @@ pub async fn run(
     if !edge.log().contains("usage :: ") {
         bail!("the edge under test wrote no usage records");
     }
-    drop((edge, unlogged, bare, earlier));
+    drop((edge, unlogged, plain, bare, earlier));
     Ok(comparison)
 }

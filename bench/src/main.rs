@@ -14,6 +14,7 @@ mod origin_hit;
 mod peers;
 mod replication;
 mod report;
+mod seal_wasm;
 mod semantic;
 mod viceroy;
 
@@ -35,6 +36,8 @@ enum Part {
     Replication,
     /// The semantic cache: embedding, lookup and hit latencies, RSS with the model.
     Semantic,
+    /// Sealing and opening an entry in wasm32-wasip1 under Viceroy, ns per KiB.
+    SealWasm,
 }
 
 #[derive(Debug, Parser)]
@@ -109,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
             Part::Miss,
             Part::Replication,
             Part::Semantic,
+            Part::SealWasm,
         ]
     } else {
         args.parts.clone()
@@ -199,6 +203,9 @@ async fn main() -> anyhow::Result<()> {
                     .await
                     .context("replicator")?,
             );
+        }
+        if parts.contains(&Part::SealWasm) {
+            results.seal_wasm = Some(seal_wasm::run().context("sealing in wasm")?);
         }
         if parts.contains(&Part::Semantic) {
             results.semantic = Some(

@@ -1,6 +1,7 @@
 //! The origin's Redis-hit path against a bare actix-web handler answering the same bytes, and
 //! the origin's peak RSS under that load; in the same run, the same hit with the other
-//! `redis.pool` (deadpool-redis or our multiplexed manager) and on a six-node Redis Cluster.
+//! `redis.pool` (deadpool-redis or our multiplexed manager), on a six-node Redis Cluster, and
+//! with the entry unsealed (entry version 1, as before sealing: what opening costs a hit).
 //! With `peers`, LiteLLM's Redis-cache hit joins as a second comparison in the same run; with a
 //! `baseline`, an earlier revision's origin joins as one more subject.
 //! Starts and stops everything it uses.
@@ -9,6 +10,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use gateway_common::entry::{Entry, Envelope, PLAIN_VERSION};
+use gateway_common::route::Route;
+use gateway_e2e::entry::now;
+use gateway_e2e::stack::key_for;
 use gateway_fixtures::{MockProvider, ProviderConfig, RedisCluster, RedisServer};
 use gateway_origin::settings::{RedisPool, Settings};
 
@@ -76,6 +81,11 @@ pub async fn run(
         redis_cluster: cluster.urls(),
         ..config.clone()
     };
+    let plain_redis = RedisServer::start()?;
+    let plain_config = OriginConfig {
+        redis_url: plain_redis.url(),
+        ..config.clone()
+    };
     // The earlier revision's origin on the same Redis: its keys are its own, so the two never
     // answer each other's entries.
     let baseline_config = baseline.map(|b| OriginConfig {
@@ -86,6 +96,8 @@ pub async fn run(
     let other = tokio::task::spawn_blocking(move || OriginProcess::start(&other_config)).await??;
     let on_cluster =
         tokio::task::spawn_blocking(move || OriginProcess::start(&cluster_config)).await??;
+    let unsealed =
+        tokio::task::spawn_blocking(move || OriginProcess::start(&plain_config)).await??;
     let earlier = match baseline_config {
         Some(config) => {
             Some(tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??)
@@ -108,6 +120,13 @@ pub async fn run(
     let bytes = warm_hit(&http, &origin, "default").await?;
     for (name, process) in [("other pool", &other), ("cluster", &on_cluster)] {
         warm_hit(&http, process, name).await?;
+    }
+    // The unsealed origin stores a sealed entry like any other; it is replaced by the same
+    // answer in the version-1 form, which every origin still reads.
+    warm_hit(&http, &unsealed, "unsealed").await?;
+    unseal(&plain_redis, &bytes)?;
+    if warm_hit(&http, &unsealed, "unsealed").await? != bytes {
+        bail!("the unsealed entry does not answer the same bytes");
     }
     if let Some(process) = &earlier {
         warm_hit(&http, process, "baseline").await?;
@@ -144,7 +163,18 @@ pub async fn run(
         Some(API_KEY),
         &body,
     );
-    let mut subjects = vec![subject.clone(), other_subject, cluster_subject];
+    let unsealed_subject = json_target(
+        &format!("origin Redis hit, entry unsealed (v1) ({default_pool})"),
+        format!("{}/v1/chat/completions", unsealed.url()),
+        Some(API_KEY),
+        &body,
+    );
+    let mut subjects = vec![
+        subject.clone(),
+        other_subject,
+        cluster_subject,
+        unsealed_subject,
+    ];
     if let (Some(process), Some(baseline)) = (&earlier, baseline) {
         subjects.push(json_target(
             &baseline.label(&format!("origin Redis hit ({default_pool})")),
@@ -210,6 +240,8 @@ pub async fn run(
     drop(origin);
     drop(other);
     drop(on_cluster);
+    drop(unsealed);
+    drop(plain_redis);
     drop(earlier);
     drop(cluster);
     provider.stop().await;
@@ -221,6 +253,32 @@ pub async fn run(
         peer_provider_calls,
         provider_calls,
     })
+}
+
+/// Overwrites the hit request's entry in `redis` with the same answer (`body`) in the plain
+/// version-1 form.
+fn unseal(redis: &RedisServer, body: &[u8]) -> anyhow::Result<()> {
+    let request: serde_json::Value = serde_json::from_str(HIT_REQUEST)?;
+    let key = key_for("acme", Route::ChatCompletions, &request);
+    let entry = Entry {
+        envelope: Envelope {
+            v: PLAIN_VERSION,
+            tenant: "acme".to_owned(),
+            key: key.hex().to_owned(),
+            created: now(),
+            ttl: 86_400,
+            status: 200,
+            content_type: "application/json".to_owned(),
+            model: "gpt-4o-mini".to_owned(),
+            provider: "mock".to_owned(),
+            usage: None,
+            generation: 0,
+        },
+        body: body.to_vec(),
+    };
+    let plain = String::from_utf8(entry.encode_plain()?)?;
+    redis.cli(&["SET", &key.redis_key(), &plain, "EX", "86400"])?;
+    Ok(())
 }
 
 /// Asks `process` the hit request twice (a miss that stores it, then the hit) and returns the

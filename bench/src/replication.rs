@@ -124,7 +124,11 @@ pub async fn run(entries: u64) -> anyhow::Result<Replication> {
         let key = CacheKey::from_hex(&entry.envelope.tenant, &entry.envelope.key)
             .ok_or_else(|| anyhow::anyhow!("a bench key is 64 hex digits"))?;
         requests
-            .set_ex(&key.redis_key(), entry.encode()?, 3600)
+            .set_ex(
+                &key.redis_key(),
+                gateway_e2e::entry::redis_sealed(entry),
+                3600,
+            )
             .await
             .map_err(|e| anyhow::anyhow!("storing the bench entries: {e}"))?;
     }

@@ -40,6 +40,8 @@ pub struct Results {
     pub baseline: Option<String>,
     /// `--part semantic`.
     pub semantic: Option<crate::semantic::SemanticBench>,
+    /// `--part seal-wasm`: ns per KiB by body size and cipher.
+    pub seal_wasm: Option<serde_json::Value>,
 }
 
 const KIB: f64 = 1024.0;
@@ -197,6 +199,9 @@ impl Results {
              percentiles of every target at the fixed rate, one panel per connection count, \
              log scale.\n"
         )?;
+        if let Some(figures) = &self.seal_wasm {
+            writeln!(out, "{}", crate::seal_wasm::markdown(figures))?;
+        }
         if let Some(semantic) = &self.semantic {
             writeln!(out, "{}", semantic.markdown())?;
         }

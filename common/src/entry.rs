@@ -1,15 +1,40 @@
 //! The stored cache entry: a response body plus a small versioned envelope, in its Redis form
-//! (one buffer) and its KV form (value + metadata). Must not decide freshness (see `policy`).
+//! (one buffer) and its KV form (value + metadata), sealed (version 2) or, for entries written
+//! before sealing, plain (version 1, read until they expire). Must not decide freshness (see
+//! `policy`) and must not pick nonces (the caller brings them).
+//!
+//! Version 2 splits the envelope in two. In the clear, as the metadata line, only what a tier
+//! must read before opening: `v`, `tenant`, `key` (which entry this is), `created`, `ttl`
+//! (freshness, the stale window, the KV TTL), `generation` (purges) and `kid` (which seal key
+//! opens it). None of it tells anything about the answer. Sealed, with the body: `status`,
+//! `content_type`, `model`, `provider` and `usage` (token counts hint at the answer's size and
+//! the model at what was asked). The value is `nonce ‖ XChaCha20-Poly1305(inner line ‖ '\n' ‖
+//! body) ‖ tag` under the tenant's key (`seal`); the associated data is a label and the
+//! metadata line itself, byte for byte, so an entry moved under another tenant's or key's name,
+//! or with any clear field changed (a longer TTL, a newer generation), does not open.
+//!
+//! Redis form: metadata line, b'\n', value; KV form: (value, metadata line). The two carry the
+//! same bytes, so the replicator copies an entry from Redis to KV without opening it (`split`).
 
 use serde::{Deserialize, Serialize};
 
 use crate::key::CacheKey;
+use crate::seal::{KeySource, NONCE_LEN, SealError, TenantKey};
 
-/// The envelope format version. A reader treats any other version as a miss.
-pub const ENTRY_VERSION: u32 = 1;
+/// The format version every writer writes: sealed. A reader treats any version other than
+/// this one and `PLAIN_VERSION` as a miss.
+pub const ENTRY_VERSION: u32 = 2;
+
+/// The unsealed format written before entries were sealed. Still read, so an upgrade does not
+/// empty the cache; nothing writes it. The reader goes once the longest TTL plus stale window
+/// (`ttl_cap_secs` + the largest `stale_if_error_secs`) has passed since the upgrade.
+pub const PLAIN_VERSION: u32 = 1;
 
 /// Fastly KV metadata limit, in bytes.
 pub const MAX_METADATA_BYTES: usize = 2000;
+
+/// Prepended to the metadata line to form the associated data of a version-2 entry.
+const AD_LABEL: &[u8] = b"gateway entry v2\n";
 
 /// Token counts of the cached answer, as reported by the provider.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,12 +44,12 @@ pub struct Usage {
     pub total_tokens: u64,
 }
 
-/// The envelope. Serialized as one line of JSON (the KV metadata). New fields are added with
-/// `#[serde(default)]` so older readers of the same version keep working; unknown fields are
-/// ignored on read.
+/// The envelope as both tiers use it once an entry is open (whatever its version). In version
+/// 1 it was the metadata line; in version 2 part of it is in the clear (`Header`) and the rest
+/// is sealed with the body. New fields are added with `#[serde(default)]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
-    /// `ENTRY_VERSION`.
+    /// The version the entry was read as (`ENTRY_VERSION` for a new one).
     pub v: u32,
     pub tenant: String,
     /// The key's hex.
@@ -50,11 +75,82 @@ fn is_zero(n: &u64) -> bool {
     *n == 0
 }
 
+/// What an entry shows without being opened (a version-2 metadata line, or the same fields of
+/// a version-1 one): enough to check it belongs to the request, judge freshness and purges,
+/// and pick the key that opens it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub v: u32,
+    pub tenant: String,
+    pub key: String,
+    pub created: u64,
+    pub ttl: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// The seal key id; `None` in version 1 (plain).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+}
+
+impl Header {
+    /// See `Entry::kv_expiry`.
+    pub fn kv_expiry(&self, stale_window_secs: u64) -> u64 {
+        self.created
+            .saturating_add(self.ttl)
+            .saturating_add(stale_window_secs)
+    }
+}
+
+/// The sealed part of a version-2 envelope.
+#[derive(Serialize, Deserialize)]
+struct Inner {
+    status: u16,
+    content_type: String,
+    model: String,
+    provider: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+/// Any metadata line, version 1 or 2, parsed once.
+#[derive(Deserialize)]
+struct Line {
+    v: u32,
+    tenant: String,
+    key: String,
+    created: u64,
+    ttl: u64,
+    #[serde(default)]
+    generation: u64,
+    #[serde(default)]
+    kid: Option<String>,
+    // Version 1 only.
+    #[serde(default)]
+    status: Option<u16>,
+    #[serde(default)]
+    content_type: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
 /// A cache entry: the envelope and the response body, byte for byte.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub envelope: Envelope,
     pub body: Vec<u8>,
+}
+
+/// A stored entry taken apart without opening it: its clear header and the exact bytes of its
+/// metadata line and value, which are its KV form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored<'a> {
+    pub header: Header,
+    pub metadata: &'a str,
+    pub value: &'a [u8],
 }
 
 /// Why an entry could not be encoded or used. Readers treat every variant as a miss.
@@ -78,58 +174,127 @@ pub enum EntryError {
     /// The KV value came without metadata.
     #[error("entry has no metadata")]
     Missing,
+    /// A sealed entry that does not open here: an unknown key id, a changed byte, moved.
+    #[error(transparent)]
+    Seal(#[from] SealError),
 }
 
-/// Only the version, read when an envelope does not parse, so a future envelope of another
-/// shape is reported as `UnknownVersion` rather than as malformed.
+impl EntryError {
+    /// A short label for counters and log lines (`unknown_key_id`, `unopenable`, ...).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            EntryError::MetadataTooLarge(_) => "metadata_too_large",
+            EntryError::Malformed(_) => "malformed",
+            EntryError::UnknownVersion(_) => "unknown_version",
+            EntryError::WrongTenant => "wrong_tenant",
+            EntryError::WrongKey => "wrong_key",
+            EntryError::Missing => "missing_metadata",
+            EntryError::Seal(SealError::UnknownKeyId(_)) => "unknown_key_id",
+            EntryError::Seal(SealError::TooShort(_) | SealError::Unopenable) => "unopenable",
+            EntryError::Seal(_) => "seal_key",
+        }
+    }
+
+    /// Whether this is a sealed entry that failed to open (what `reason` names then), as
+    /// opposed to an entry that is not this request's or not an entry at all.
+    pub fn is_seal_failure(&self) -> bool {
+        matches!(self, EntryError::Seal(_))
+    }
+}
+
+/// Only the version, read when a metadata line does not parse, so a future envelope of
+/// another shape is reported as `UnknownVersion` rather than as malformed.
 #[derive(Deserialize)]
 struct VersionProbe {
     v: u32,
 }
 
 impl Entry {
-    /// Redis form: metadata line, b'\n', body. Fails if the metadata would not also fit in KV,
-    /// so that every entry the origin stores can be replicated to the edge.
-    pub fn encode(&self) -> Result<Vec<u8>, EntryError> {
-        let metadata = self.metadata()?;
-        let mut out = Vec::with_capacity(metadata.len() + 1 + self.body.len());
+    /// Redis form, sealed with `key` (the tenant's current key) and `nonce` (24 random bytes,
+    /// never reused): metadata line, b'\n', sealed value. Fails if the metadata would not also
+    /// fit in KV, so that every entry the origin stores can be replicated to the edge.
+    pub fn seal(&self, key: &TenantKey, nonce: &[u8; NONCE_LEN]) -> Result<Vec<u8>, EntryError> {
+        let (value, metadata) = self.seal_kv(key, nonce)?;
+        let mut out = Vec::with_capacity(metadata.len() + 1 + value.len());
         out.extend_from_slice(metadata.as_bytes());
         out.push(b'\n');
-        out.extend_from_slice(&self.body);
+        out.extend_from_slice(&value);
         Ok(out)
     }
 
-    /// KV form: (value = body, metadata = one-line JSON <= 2000 bytes).
-    pub fn encode_kv(&self) -> Result<(Vec<u8>, String), EntryError> {
-        Ok((self.body.clone(), self.metadata()?))
+    /// KV form, sealed: (value = sealed content, metadata = the clear line, <= 2000 bytes).
+    pub fn seal_kv(
+        &self,
+        key: &TenantKey,
+        nonce: &[u8; NONCE_LEN],
+    ) -> Result<(Vec<u8>, String), EntryError> {
+        let env = &self.envelope;
+        let header = Header {
+            v: ENTRY_VERSION,
+            tenant: env.tenant.clone(),
+            key: env.key.clone(),
+            created: env.created,
+            ttl: env.ttl,
+            generation: env.generation,
+            kid: Some(key.id().to_owned()),
+        };
+        let metadata = one_line(&header)?;
+        let inner = Inner {
+            status: env.status,
+            content_type: env.content_type.clone(),
+            model: env.model.clone(),
+            provider: env.provider.clone(),
+            usage: env.usage.clone(),
+        };
+        let mut plaintext =
+            serde_json::to_vec(&inner).map_err(|e| EntryError::Malformed(e.to_string()))?;
+        plaintext.push(b'\n');
+        plaintext.extend_from_slice(&self.body);
+        let value = key.seal(nonce, &associated_data(metadata.as_bytes()), &plaintext);
+        Ok((value, metadata))
     }
 
-    /// Decode the Redis form and check version, tenant and key against the request's key. Any
-    /// failure -> Err (callers treat it as a miss).
-    pub fn decode(bytes: &[u8], expect: &CacheKey) -> Result<Entry, EntryError> {
-        let split = bytes
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| EntryError::Malformed("no metadata line".to_owned()))?;
-        let envelope = decode_envelope(&bytes[..split], expect)?;
-        Ok(Entry {
-            envelope,
-            body: bytes[split + 1..].to_vec(),
-        })
+    /// The version-1 (plain) Redis form. Nothing writes it any more: for tests of the
+    /// version-1 reader and the benchmark's unsealed baseline; goes with that reader.
+    pub fn encode_plain(&self) -> Result<Vec<u8>, EntryError> {
+        let (value, metadata) = self.encode_plain_kv()?;
+        let mut out = Vec::with_capacity(metadata.len() + 1 + value.len());
+        out.extend_from_slice(metadata.as_bytes());
+        out.push(b'\n');
+        out.extend_from_slice(&value);
+        Ok(out)
+    }
+
+    /// The version-1 (plain) KV form; see `encode_plain`.
+    pub fn encode_plain_kv(&self) -> Result<(Vec<u8>, String), EntryError> {
+        let envelope = Envelope {
+            v: PLAIN_VERSION,
+            ..self.envelope.clone()
+        };
+        Ok((self.body.clone(), one_line(&envelope)?))
+    }
+
+    /// Decode the Redis form (either version) and check version, tenant and key against the
+    /// request's key; a sealed entry is opened with the key `keys` gives for its key id. Any
+    /// failure -> Err (callers treat it as a miss and count `EntryError::reason`).
+    pub fn decode(
+        bytes: &[u8],
+        expect: &CacheKey,
+        keys: &dyn KeySource,
+    ) -> Result<Entry, EntryError> {
+        let (metadata, value) = split_redis(bytes)?;
+        open(metadata, value, expect, keys)
     }
 
     /// Decode the KV form (value and metadata) with the same checks as `decode`.
     pub fn decode_kv(
-        value: Vec<u8>,
+        value: &[u8],
         metadata: Option<&[u8]>,
         expect: &CacheKey,
+        keys: &dyn KeySource,
     ) -> Result<Entry, EntryError> {
         let metadata = metadata.ok_or(EntryError::Missing)?;
-        let envelope = decode_envelope(metadata, expect)?;
-        Ok(Entry {
-            envelope,
-            body: value,
-        })
+        open(metadata, value, expect, keys)
     }
 
     /// Seconds since the entry was created; 0 if `created` is in the future (clock skew).
@@ -148,49 +313,156 @@ impl Entry {
             .saturating_add(self.envelope.ttl)
             .saturating_add(stale_window_secs)
     }
-
-    fn metadata(&self) -> Result<String, EntryError> {
-        // serde_json escapes control characters in strings, so the output is one line.
-        let line = serde_json::to_string(&self.envelope)
-            .map_err(|e| EntryError::Malformed(e.to_string()))?;
-        if line.len() > MAX_METADATA_BYTES {
-            return Err(EntryError::MetadataTooLarge(line.len()));
-        }
-        Ok(line)
-    }
 }
 
-fn decode_envelope(metadata: &[u8], expect: &CacheKey) -> Result<Envelope, EntryError> {
-    // Every hit decodes an envelope: parse it once. Only when that fails is the version read
-    // alone, so a future envelope is still reported as `UnknownVersion`, not `Malformed`.
-    let envelope: Envelope = match serde_json::from_slice(metadata) {
-        Ok(envelope) => envelope,
+/// The Redis form taken apart without opening it, after the same version, tenant and key
+/// checks as `Entry::decode`: what the replicator copies to KV as it is.
+pub fn split<'a>(bytes: &'a [u8], expect: &CacheKey) -> Result<Stored<'a>, EntryError> {
+    let (metadata, value) = split_redis(bytes)?;
+    let line = parse_line(metadata, expect)?;
+    let metadata = std::str::from_utf8(metadata)
+        .map_err(|_| EntryError::Malformed("metadata is not UTF-8".to_owned()))?;
+    Ok(Stored {
+        header: Header {
+            v: line.v,
+            tenant: line.tenant,
+            key: line.key,
+            created: line.created,
+            ttl: line.ttl,
+            generation: line.generation,
+            kid: line.kid,
+        },
+        metadata,
+        value,
+    })
+}
+
+fn split_redis(bytes: &[u8]) -> Result<(&[u8], &[u8]), EntryError> {
+    let at = bytes
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or_else(|| EntryError::Malformed("no metadata line".to_owned()))?;
+    Ok((&bytes[..at], &bytes[at + 1..]))
+}
+
+fn associated_data(metadata: &[u8]) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(AD_LABEL.len() + metadata.len());
+    ad.extend_from_slice(AD_LABEL);
+    ad.extend_from_slice(metadata);
+    ad
+}
+
+fn one_line<T: Serialize>(value: &T) -> Result<String, EntryError> {
+    // serde_json escapes control characters in strings, so the output is one line.
+    let line = serde_json::to_string(value).map_err(|e| EntryError::Malformed(e.to_string()))?;
+    if line.len() > MAX_METADATA_BYTES {
+        return Err(EntryError::MetadataTooLarge(line.len()));
+    }
+    Ok(line)
+}
+
+fn open(
+    metadata: &[u8],
+    value: &[u8],
+    expect: &CacheKey,
+    keys: &dyn KeySource,
+) -> Result<Entry, EntryError> {
+    let line = parse_line(metadata, expect)?;
+    if line.v == PLAIN_VERSION {
+        let missing = || EntryError::Malformed("version 1 envelope without its fields".into());
+        return Ok(Entry {
+            envelope: Envelope {
+                v: line.v,
+                tenant: line.tenant,
+                key: line.key,
+                created: line.created,
+                ttl: line.ttl,
+                status: line.status.ok_or_else(missing)?,
+                content_type: line.content_type.ok_or_else(missing)?,
+                model: line.model.ok_or_else(missing)?,
+                provider: line.provider.ok_or_else(missing)?,
+                usage: line.usage,
+                generation: line.generation,
+            },
+            body: value.to_vec(),
+        });
+    }
+    let kid = line
+        .kid
+        .ok_or_else(|| EntryError::Malformed("sealed entry without a key id".to_owned()))?;
+    let key = keys
+        .tenant_key(&kid, &line.tenant)
+        .ok_or(SealError::UnknownKeyId(kid))?;
+    // The metadata bytes are authenticated exactly as they were read.
+    let plaintext = key.open(&associated_data(metadata), value)?;
+    let (inner, body) = split_redis(&plaintext)?;
+    let inner: Inner = serde_json::from_slice(inner)
+        .map_err(|e| EntryError::Malformed(format!("sealed envelope: {e}")))?;
+    let body = body.to_vec();
+    Ok(Entry {
+        envelope: Envelope {
+            v: line.v,
+            tenant: line.tenant,
+            key: line.key,
+            created: line.created,
+            ttl: line.ttl,
+            status: inner.status,
+            content_type: inner.content_type,
+            model: inner.model,
+            provider: inner.provider,
+            usage: inner.usage,
+            generation: line.generation,
+        },
+        body,
+    })
+}
+
+fn parse_line(metadata: &[u8], expect: &CacheKey) -> Result<Line, EntryError> {
+    // Every hit parses a metadata line: once. Only when that fails is the version read alone,
+    // so a future envelope is still reported as `UnknownVersion`, not `Malformed`.
+    let line: Line = match serde_json::from_slice(metadata) {
+        Ok(line) => line,
         Err(e) => {
             return Err(match serde_json::from_slice::<VersionProbe>(metadata) {
-                Ok(probe) if probe.v != ENTRY_VERSION => EntryError::UnknownVersion(probe.v),
+                Ok(probe) if !known_version(probe.v) => EntryError::UnknownVersion(probe.v),
                 _ => EntryError::Malformed(format!("envelope: {e}")),
             });
         }
     };
-    if envelope.v != ENTRY_VERSION {
-        return Err(EntryError::UnknownVersion(envelope.v));
+    if !known_version(line.v) {
+        return Err(EntryError::UnknownVersion(line.v));
     }
-    if envelope.tenant != expect.tenant() {
+    if line.tenant != expect.tenant() {
         return Err(EntryError::WrongTenant);
     }
-    if envelope.key != expect.hex() {
+    if line.key != expect.hex() {
         return Err(EntryError::WrongKey);
     }
-    Ok(envelope)
+    Ok(line)
+}
+
+fn known_version(v: u32) -> bool {
+    v == ENTRY_VERSION || v == PLAIN_VERSION
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::route::Route;
+    use crate::seal::{Keyring, NoKeys, SealKey};
+
+    const NONCE: [u8; NONCE_LEN] = [7; NONCE_LEN];
 
     fn key(tenant: &str, body: &[u8]) -> CacheKey {
         CacheKey::derive(b"secret", tenant, Route::ChatCompletions, body)
+    }
+
+    fn ring() -> Keyring {
+        Keyring::new(SealKey::new("k1", b"seal secret").unwrap(), None).unwrap()
+    }
+
+    fn tenant_key(tenant: &str) -> TenantKey {
+        ring().current().tenant_key(tenant)
     }
 
     fn entry(key: &CacheKey) -> Entry {
@@ -212,8 +484,12 @@ mod tests {
                 }),
                 generation: 0,
             },
-            body: b"{\"id\":\"x\"}\n\nwith newlines\n".to_vec(),
+            body: b"{\"id\":\"x\",\"secret answer\":1}\n\nwith newlines\n".to_vec(),
         }
+    }
+
+    fn sealed_kv(e: &Entry) -> (Vec<u8>, String) {
+        e.seal_kv(&tenant_key(&e.envelope.tenant), &NONCE).unwrap()
     }
 
     #[test]
@@ -230,67 +506,196 @@ mod tests {
     }
 
     #[test]
-    fn redis_form_round_trips_and_keeps_body_bytes() {
+    fn the_sealed_redis_form_round_trips_and_keeps_body_bytes() {
         let k = key("acme", b"{}");
         let e = entry(&k);
-        let bytes = e.encode().unwrap();
-        assert_eq!(Entry::decode(&bytes, &k).unwrap(), e);
+        let bytes = e.seal(&tenant_key("acme"), &NONCE).unwrap();
+        assert_eq!(Entry::decode(&bytes, &k, &ring()).unwrap(), e);
     }
 
     #[test]
-    fn kv_form_round_trips_with_one_line_metadata() {
+    fn the_sealed_kv_form_round_trips_and_is_the_redis_form_split() {
         let k = key("acme", b"{}");
         let mut e = entry(&k);
         e.envelope.model = "line\nbreak".to_owned();
-        let (value, metadata) = e.encode_kv().unwrap();
+        let (value, metadata) = sealed_kv(&e);
         assert!(!metadata.contains('\n'));
         assert_eq!(
-            Entry::decode_kv(value, Some(metadata.as_bytes()), &k).unwrap(),
+            Entry::decode_kv(&value, Some(metadata.as_bytes()), &k, &ring()).unwrap(),
             e
+        );
+        let redis = e.seal(&tenant_key("acme"), &NONCE).unwrap();
+        let stored = split(&redis, &k).unwrap();
+        assert_eq!((stored.value, stored.metadata), (&value[..], &metadata[..]));
+        assert_eq!(stored.header.kid.as_deref(), Some("k1"));
+        assert_eq!(stored.header.kv_expiry(10), e.kv_expiry(10));
+    }
+
+    #[test]
+    fn a_sealed_entry_shows_nothing_of_the_answer_in_the_clear() {
+        let k = key("acme", b"{}");
+        let (value, metadata) = sealed_kv(&entry(&k));
+        for hidden in [
+            "secret answer",
+            "gpt-4o-mini",
+            "openai",
+            "application/json",
+            "usage",
+        ] {
+            assert!(!metadata.contains(hidden), "{hidden} in {metadata}");
+            assert!(
+                !value.windows(hidden.len()).any(|w| w == hidden.as_bytes()),
+                "{hidden} in the value"
+            );
+        }
+        assert_eq!(
+            metadata,
+            format!(
+                r#"{{"v":2,"tenant":"acme","key":"{}","created":1700000000,"ttl":3600,"kid":"k1"}}"#,
+                k.hex()
+            )
         );
     }
 
     #[test]
-    fn the_generation_is_written_only_once_the_tenant_has_purged() {
+    fn a_flipped_byte_anywhere_in_the_value_does_not_open() {
+        let k = key("acme", b"{}");
+        let (value, metadata) = sealed_kv(&entry(&k));
+        for i in [0, NONCE_LEN, value.len() / 2, value.len() - 1] {
+            let mut flipped = value.clone();
+            flipped[i] ^= 0x80;
+            let got = Entry::decode_kv(&flipped, Some(metadata.as_bytes()), &k, &ring());
+            assert_eq!(
+                got,
+                Err(EntryError::Seal(SealError::Unopenable)),
+                "byte {i}"
+            );
+            assert_eq!(got.unwrap_err().reason(), "unopenable");
+        }
+    }
+
+    #[test]
+    fn a_changed_clear_field_does_not_open() {
+        let k = key("acme", b"{}");
+        let (value, metadata) = sealed_kv(&entry(&k));
+        for (from, to) in [
+            ("\"ttl\":3600", "\"ttl\":9600"),
+            ("\"created\":1700000000", "\"created\":1800000000"),
+            ("\"kid\":\"k1\"}", "\"kid\":\"k1\",\"generation\":9}"),
+        ] {
+            let changed = metadata.replace(from, to);
+            assert_ne!(changed, metadata);
+            assert_eq!(
+                Entry::decode_kv(&value, Some(changed.as_bytes()), &k, &ring()),
+                Err(EntryError::Seal(SealError::Unopenable)),
+                "{to}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_entry_moved_to_another_tenant_or_key_is_refused() {
+        let k = key("acme", b"{}");
+        let (value, metadata) = sealed_kv(&entry(&k));
+        // Copied as it is: the clear checks refuse it.
+        let other_tenant = CacheKey::from_hex("other", k.hex()).unwrap();
+        let other_key = key("acme", b"[]");
+        let decode = |meta: &str, expect: &CacheKey| {
+            Entry::decode_kv(&value, Some(meta.as_bytes()), expect, &ring())
+        };
+        assert_eq!(
+            decode(&metadata, &other_tenant),
+            Err(EntryError::WrongTenant)
+        );
+        assert_eq!(decode(&metadata, &other_key), Err(EntryError::WrongKey));
+        // With its metadata rewritten to match: it does not open.
+        let renamed = metadata.replace("\"acme\"", "\"other\"");
+        assert_eq!(
+            decode(&renamed, &other_tenant),
+            Err(EntryError::Seal(SealError::Unopenable))
+        );
+        let rekeyed = metadata.replace(k.hex(), other_key.hex());
+        assert_eq!(
+            decode(&rekeyed, &other_key),
+            Err(EntryError::Seal(SealError::Unopenable))
+        );
+    }
+
+    #[test]
+    fn an_unknown_key_id_or_no_keys_at_all_is_a_miss() {
+        let k = key("acme", b"{}");
+        let (value, metadata) = sealed_kv(&entry(&k));
+        let other = Keyring::new(SealKey::new("k2", b"seal secret").unwrap(), None).unwrap();
+        let unknown = Err(EntryError::Seal(SealError::UnknownKeyId("k1".into())));
+        assert_eq!(
+            Entry::decode_kv(&value, Some(metadata.as_bytes()), &k, &other),
+            unknown
+        );
+        assert_eq!(
+            Entry::decode_kv(&value, Some(metadata.as_bytes()), &k, &NoKeys),
+            unknown
+        );
+        assert_eq!(
+            EntryError::Seal(SealError::UnknownKeyId("k1".into())).reason(),
+            "unknown_key_id"
+        );
+    }
+
+    #[test]
+    fn after_a_rotation_the_previous_key_still_opens_its_entries() {
+        let k = key("acme", b"{}");
+        let e = entry(&k);
+        let bytes = e.seal(&tenant_key("acme"), &NONCE).unwrap();
+        let rotated = Keyring::new(
+            SealKey::new("k2", b"new secret").unwrap(),
+            Some(SealKey::new("k1", b"seal secret").unwrap()),
+        )
+        .unwrap();
+        assert_eq!(Entry::decode(&bytes, &k, &rotated).unwrap(), e);
+        let new = e
+            .seal(&rotated.current().tenant_key("acme"), &NONCE)
+            .unwrap();
+        assert_eq!(split(&new, &k).unwrap().header.kid.as_deref(), Some("k2"));
+        assert!(Entry::decode(&new, &k, &ring()).is_err());
+    }
+
+    #[test]
+    fn plain_version_1_entries_are_still_read_with_or_without_keys() {
+        let k = key("acme", b"{}");
+        let e = entry(&k);
+        let bytes = e.encode_plain().unwrap();
+        let read = Entry::decode(&bytes, &k, &NoKeys).unwrap();
+        assert_eq!(read.envelope.v, PLAIN_VERSION);
+        assert_eq!(read.body, e.body);
+        assert_eq!(read.envelope.usage, e.envelope.usage);
+        let (value, metadata) = e.encode_plain_kv().unwrap();
+        let stored = split(&bytes, &k).unwrap();
+        assert_eq!((stored.value, stored.metadata), (&value[..], &metadata[..]));
+        assert_eq!(stored.header.kid, None);
+    }
+
+    #[test]
+    fn the_generation_is_in_the_clear_only_once_the_tenant_has_purged() {
         let k = key("acme", b"{}");
         let mut e = entry(&k);
-        let (_, metadata) = e.encode_kv().unwrap();
-        assert!(
-            !metadata.contains("generation"),
-            "older readers see what they always saw"
-        );
+        let (_, metadata) = sealed_kv(&e);
+        assert!(!metadata.contains("generation"));
         e.envelope.generation = 3;
-        let (value, metadata) = e.encode_kv().unwrap();
+        let (value, metadata) = sealed_kv(&e);
         assert!(metadata.contains(r#""generation":3"#));
-        let back = Entry::decode_kv(value, Some(metadata.as_bytes()), &k).unwrap();
+        let back = Entry::decode_kv(&value, Some(metadata.as_bytes()), &k, &ring()).unwrap();
         assert_eq!(back.envelope.generation, 3);
     }
 
     #[test]
-    fn usage_is_optional_in_the_envelope() {
+    fn usage_is_optional_in_the_sealed_envelope() {
         let k = key("acme", b"{}");
         let mut e = entry(&k);
         e.envelope.usage = None;
-        let (_, metadata) = e.encode_kv().unwrap();
-        assert!(!metadata.contains("usage"));
+        let (value, metadata) = sealed_kv(&e);
         assert_eq!(
-            Entry::decode_kv(e.body.clone(), Some(metadata.as_bytes()), &k).unwrap(),
+            Entry::decode_kv(&value, Some(metadata.as_bytes()), &k, &ring()).unwrap(),
             e
-        );
-    }
-
-    #[test]
-    fn an_entry_for_another_tenant_or_key_is_refused() {
-        let k = key("acme", b"{}");
-        let bytes = entry(&k).encode().unwrap();
-        let other_tenant = CacheKey::from_hex("other", k.hex()).unwrap();
-        assert_eq!(
-            Entry::decode(&bytes, &other_tenant),
-            Err(EntryError::WrongTenant)
-        );
-        assert_eq!(
-            Entry::decode(&bytes, &key("acme", b"[]")),
-            Err(EntryError::WrongKey)
         );
     }
 
@@ -298,41 +703,48 @@ mod tests {
     fn unknown_versions_and_garbage_are_refused() {
         let k = key("acme", b"{}");
         let mut e = entry(&k);
-        e.envelope.v = 2;
-        let bytes = e.encode().unwrap();
+        e.envelope.v = 3;
+        let (value, metadata) = e.encode_plain_kv().unwrap();
+        let v3 = metadata.replacen("\"v\":1", "\"v\":3", 1);
         assert_eq!(
-            Entry::decode(&bytes, &k),
-            Err(EntryError::UnknownVersion(2))
+            Entry::decode_kv(&value, Some(v3.as_bytes()), &k, &ring()),
+            Err(EntryError::UnknownVersion(3))
         );
         // A future envelope of another shape is still an unknown version, not garbage.
         assert_eq!(
-            Entry::decode(b"{\"v\":3,\"shape\":\"new\"}\nbody", &k),
+            Entry::decode(b"{\"v\":3,\"shape\":\"new\"}\nbody", &k, &ring()),
             Err(EntryError::UnknownVersion(3))
         );
         assert!(matches!(
-            Entry::decode(b"no newline", &k),
+            Entry::decode(b"no newline", &k, &ring()),
             Err(EntryError::Malformed(_))
         ));
         assert!(matches!(
-            Entry::decode(b"{\"v\":1}\nbody", &k),
+            Entry::decode(b"{\"v\":1}\nbody", &k, &ring()),
+            Err(EntryError::Malformed(_))
+        ));
+        let sealed_without_kid = format!(
+            r#"{{"v":2,"tenant":"acme","key":"{}","created":1,"ttl":1}}"#,
+            k.hex()
+        );
+        assert!(matches!(
+            Entry::decode_kv(b"x", Some(sealed_without_kid.as_bytes()), &k, &ring()),
             Err(EntryError::Malformed(_))
         ));
         assert_eq!(
-            Entry::decode_kv(Vec::new(), None, &k),
+            Entry::decode_kv(&[], None, &k, &ring()),
             Err(EntryError::Missing)
         );
     }
 
     #[test]
-    fn future_fields_are_ignored_on_read() {
+    fn future_fields_of_a_plain_entry_are_ignored_on_read() {
         let k = key("acme", b"{}");
         let e = entry(&k);
-        let (_, metadata) = e.encode_kv().unwrap();
+        let (value, metadata) = e.encode_plain_kv().unwrap();
         let extended = metadata.replacen('{', "{\"later\":[1,2],", 1);
-        assert_eq!(
-            Entry::decode_kv(e.body.clone(), Some(extended.as_bytes()), &k).unwrap(),
-            e
-        );
+        let read = Entry::decode_kv(&value, Some(extended.as_bytes()), &k, &NoKeys).unwrap();
+        assert_eq!(read.body, e.body);
     }
 
     #[test]
@@ -340,9 +752,15 @@ mod tests {
         let k = key("acme", b"{}");
         let mut e = entry(&k);
         e.envelope.model = "m".repeat(MAX_METADATA_BYTES);
-        assert!(matches!(e.encode(), Err(EntryError::MetadataTooLarge(_))));
         assert!(matches!(
-            e.encode_kv(),
+            e.encode_plain(),
+            Err(EntryError::MetadataTooLarge(_))
+        ));
+        // Sealed, the model is inside the value: only the clear line is bounded.
+        assert!(e.seal(&tenant_key("acme"), &NONCE).is_ok());
+        e.envelope.tenant = "t".repeat(MAX_METADATA_BYTES);
+        assert!(matches!(
+            e.seal_kv(&tenant_key("acme"), &NONCE),
             Err(EntryError::MetadataTooLarge(_))
         ));
     }

@@ -120,6 +120,12 @@ impl LogLine {
             "cache": self.cache,
             "layer": self.layer,
             "kv": self.kv.map(KvRead::as_str),
+            // Why a KV entry was refused: a sealed one that did not open is `unopenable` or
+            // `unknown_key_id` (what an operator's log query counts); never served.
+            "kv_reject": self.kv.and_then(|kv| match kv {
+                KvRead::Miss(miss) => miss.reason(),
+                _ => None,
+            }),
             "tenant": self.tenant,
             "trace_id": self.trace_id,
             "key": self.key,

@@ -31,6 +31,7 @@ use gateway_common::policy::{
     plan, purged,
 };
 use gateway_common::route::Route;
+use gateway_common::seal::TenantKey;
 use gateway_common::tenant::Tenant;
 use gateway_common::traceparent::TraceContext;
 
@@ -57,12 +58,13 @@ fn main() {
             resp,
             key,
             entry,
+            seal,
             kv_ttl_secs,
         } => {
             log.finish(&resp, started);
             resp.send_to_client();
             // After the client has its answer: the insert is never on the response path.
-            kv::insert(&key, &entry, kv_ttl_secs);
+            kv::insert(&key, &entry, &seal, kv_ttl_secs);
         }
     }
     log.emit();
@@ -77,6 +79,8 @@ enum Reply {
         resp: Response,
         key: CacheKey,
         entry: Box<Entry>,
+        /// The tenant's current seal key: the edge never stores an unsealed entry.
+        seal: Box<TenantKey>,
         kv_ttl_secs: u64,
     },
 }
@@ -158,7 +162,7 @@ fn handle(mut req: Request, log: &mut LogLine, trace: TraceContext) -> Reply {
     let mut stale: Option<Entry> = None;
     if let (true, Some(key)) = (plan.read, &key) {
         let kv_started = Instant::now();
-        let found = kv::lookup(key);
+        let found = kv::lookup(key, &settings);
         record(&mut timing, log, "kv", kv_started);
         let read = match found {
             // Written before the tenant's last purge: never served, not even stale.
@@ -296,11 +300,13 @@ impl Upstream {
                 resp,
                 key,
                 entry,
+                seal,
                 kv_ttl_secs,
             } => Reply::SendThenPopulate {
                 resp: tag(resp),
                 key,
                 entry,
+                seal,
                 kv_ttl_secs,
             },
         }
@@ -327,7 +333,15 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     // one the origin declined to keep (its policy decides), and never a fresh upstream answer
     // whose Redis write may have failed. Locally this gives the walk MISS -> origin HIT -> edge HIT.
     let streamed = d.parsed.stream;
-    let populate = d.settings.fallback().populate_on_fallback
+    // Stored only sealed: an edge without a seal key stores nothing.
+    let seal = d
+        .settings
+        .fallback()
+        .populate_on_fallback
+        .then(|| d.settings.seal_current())
+        .flatten()
+        .map(|k| k.tenant_key(&d.tenant.id));
+    let populate = seal.is_some()
         && d.plan.write
         && d.key.is_some()
         && (!streamed || populate::from_stream(d.parsed.route))
@@ -359,7 +373,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         resp.set_header(X_CACHE_KEY, key.hex());
     }
 
-    let Some(key) = d.key.filter(|_| populate) else {
+    let (Some(key), Some(seal)) = (d.key.filter(|_| populate), seal) else {
         // Streams flow through as they arrive: the host splices the origin's body to the client.
         return Reply::Send(resp);
     };
@@ -410,6 +424,7 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         resp: resp.with_body(body),
         key,
         entry: Box::new(entry),
+        seal: Box::new(seal),
         kv_ttl_secs,
     }
 }

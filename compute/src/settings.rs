@@ -5,13 +5,14 @@ use std::cell::OnceCell;
 use std::time::Duration;
 
 use fastly::{ConfigStore, SecretStore};
+use gateway_common::seal::{KeySource, SealKey, TenantKey};
 
 use crate::region::{Region, RegionMap};
 use crate::trace::edge_log;
 
 /// Config Store holding the edge's tunables (string values).
 pub const EDGE_CONFIG_STORE: &str = "edge_config";
-/// Secret Store holding the cache key secret and the origin's shared secret.
+/// Secret Store holding the cache key secret, the seal keys and the origin's shared secret.
 pub const SECRET_STORE: &str = "gateway_secrets";
 
 /// `ttl_cap_secs` when `edge_config` does not set it: one day.
@@ -42,6 +43,11 @@ pub struct EdgeSettings {
     pub usage_log: bool,
     config: Option<ConfigStore>,
     secrets: Option<SecretStore>,
+    /// `seal_key_current`: opens entries sealed with it and seals what this edge stores.
+    seal_current: OnceCell<Option<SealKey>>,
+    /// `seal_key_previous`: opens entries sealed before the last rotation; only read for an
+    /// entry that names it.
+    seal_previous: OnceCell<Option<SealKey>>,
     fallback: OnceCell<Fallback>,
     rate_limit: OnceCell<RateLimit>,
 }
@@ -121,6 +127,8 @@ impl EdgeSettings {
             usage_log: true,
             config,
             secrets,
+            seal_current: OnceCell::new(),
+            seal_previous: OnceCell::new(),
             fallback: OnceCell::new(),
             rate_limit: OnceCell::new(),
         };
@@ -135,6 +143,28 @@ impl EdgeSettings {
             );
         }
         s
+    }
+
+    /// The seal key new entries are sealed with (`seal_key_current`, read on first use);
+    /// `None` when missing or invalid (logged): then every sealed entry is a miss and the
+    /// edge stores nothing, never an unsealed entry.
+    pub fn seal_current(&self) -> Option<&SealKey> {
+        self.seal_current
+            .get_or_init(|| self.seal_key("seal_key_current"))
+            .as_ref()
+    }
+
+    fn seal_previous(&self) -> Option<&SealKey> {
+        self.seal_previous
+            .get_or_init(|| self.seal_key("seal_key_previous"))
+            .as_ref()
+    }
+
+    fn seal_key(&self, name: &str) -> Option<SealKey> {
+        let value = secret(self.secrets.as_ref()?, name)?;
+        parse_seal_key(&value)
+            .map_err(|reason| edge_log!("secret {name} is invalid ({reason}); not used"))
+            .ok()
     }
 
     /// The fallback settings, read on first use.
@@ -222,6 +252,31 @@ impl EdgeSettings {
     }
 }
 
+/// The opening keys are this edge's current and previous seal keys, whichever the entry names.
+impl KeySource for EdgeSettings {
+    fn tenant_key(&self, key_id: &str, tenant: &str) -> Option<TenantKey> {
+        let current = self.seal_current().filter(|k| k.id() == key_id);
+        current
+            .or_else(|| self.seal_previous().filter(|k| k.id() == key_id))
+            .map(|k| k.tenant_key(tenant))
+    }
+}
+
+/// A seal key secret: `<id>:<secret>`, the secret's UTF-8 bytes or, after `hex:`, hex digits.
+/// One value carries both, so a rotation changes the id and the secret in one write.
+fn parse_seal_key(value: &[u8]) -> Result<SealKey, String> {
+    let value = std::str::from_utf8(value).map_err(|_| "not UTF-8".to_owned())?;
+    let (id, secret) = value
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| "expected <id>:<secret>".to_owned())?;
+    let secret = match secret.strip_prefix("hex:") {
+        Some(digits) => hex::decode(digits).map_err(|e| format!("bad hex: {e}"))?,
+        None => secret.as_bytes().to_vec(),
+    };
+    SealKey::new(id, &secret).map_err(|e| e.to_string())
+}
+
 fn secret(store: &SecretStore, name: &str) -> Option<Vec<u8>> {
     match store.try_get(name) {
         Ok(Some(secret)) => match secret.try_plaintext() {
@@ -278,6 +333,31 @@ fn parse_bool(v: &str) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_seal_key_secret_names_its_id_before_the_secret() {
+        let key = parse_seal_key(b"k2:some secret:with colon").unwrap();
+        assert_eq!(key.id(), "k2");
+        let hex = parse_seal_key(b"k1:hex:00ff").unwrap();
+        assert_eq!(hex.id(), "k1");
+        // The same secret in hex and as text derives the same tenant keys.
+        let sealed = parse_seal_key(b"k1:ab")
+            .unwrap()
+            .tenant_key("acme")
+            .seal(&[0; 24], b"", b"x");
+        let opened = parse_seal_key(b"k1:hex:6162").unwrap().tenant_key("acme");
+        assert_eq!(opened.open(b"", &sealed).unwrap(), b"x");
+        for bad in [
+            &b"no-colon"[..],
+            b":secret",
+            b"k1:",
+            b"K1:x",
+            b"k1:hex:zz",
+            b"\xff:x",
+        ] {
+            assert!(parse_seal_key(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn booleans_accept_the_usual_spellings() {

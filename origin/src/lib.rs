@@ -21,6 +21,7 @@ pub mod replicate;
 pub mod replicator;
 pub mod router;
 pub mod routes;
+pub mod seal;
 pub mod semantic;
 pub mod service;
 pub mod settings;

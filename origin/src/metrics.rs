@@ -39,6 +39,10 @@ pub struct Metrics {
     pub cache_writes: IntCounterVec,
     /// Entries read from Redis that failed to decode (treated as misses).
     pub cache_decode_errors: IntCounter,
+    /// reason (unknown_key_id|unopenable): sealed entries that did not open here (a changed
+    /// byte, an entry moved under another tenant's or key's name, a key id this origin does
+    /// not hold). Each is also a decode error, served as a miss.
+    pub seal_open_failures: IntCounterVec,
     /// outcome (hit|miss|error|not_semantic), reason: what a semantic-cache lookup found
     /// (`service/semantic.rs`); errors and refusals are served as exact misses.
     pub semantic_lookups: IntCounterVec,
@@ -153,6 +157,11 @@ impl Metrics {
             cache_decode_errors: single(
                 "cache_decode_errors_total",
                 "Entries that did not decode or did not match the request (served as misses)",
+            )?,
+            seal_open_failures: counter(
+                "seal_open_failures_total",
+                "Sealed entries that did not open (served as misses), by reason",
+                &["reason"],
             )?,
             semantic_lookups: counter(
                 "semantic_lookups_total",

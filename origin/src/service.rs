@@ -28,6 +28,7 @@ use crate::peers::{PeerMetrics, Peers};
 use crate::provider_api::Passthrough;
 use crate::replicate::Replicator;
 use crate::router::Router;
+use crate::seal::Sealer;
 use crate::settings::{Secret, Settings, ms};
 use crate::store::{CounterOp, Store, ThrottledLog};
 use crate::stream::ClientStream;
@@ -163,6 +164,8 @@ struct Looked {
 pub enum ServiceError {
     #[error(transparent)]
     Router(#[from] crate::router::RouterSetupError),
+    #[error(transparent)]
+    Settings(#[from] crate::settings::SettingsError),
 }
 
 pub struct Service {
@@ -202,6 +205,8 @@ pub struct Service {
     peer_metrics: PeerMetrics,
     /// The semantic cache (`service/semantic.rs`).
     semantic: semantic::Semantic,
+    /// Seals what this service writes to Redis and opens what it reads (`[seal]`).
+    sealer: Sealer,
 }
 
 /// This origin's region, for the service: its peers' outboxes and its metrics.
@@ -250,7 +255,9 @@ impl Service {
             .count();
         let generation_ttl_secs =
             generation::ttl_secs(settings.cache.ttl_cap_secs, longest_stale.unwrap_or(0));
+        let sealer = Sealer::new(settings.seal.keyring(settings.dev_mode)?);
         Ok(Arc::new(Service {
+            sealer,
             tenants,
             store,
             router,
@@ -559,7 +566,7 @@ impl Service {
         let Some(bytes) = got else {
             return (None, false);
         };
-        match Entry::decode(&bytes, key) {
+        match Entry::decode(&bytes, key, &self.sealer) {
             Ok(entry) if policy::purged(entry.envelope.generation, generation) => (None, false),
             Ok(entry) => {
                 let env = &entry.envelope;
@@ -579,12 +586,24 @@ impl Service {
                 }
             }
             Err(error) => {
-                self.metrics.cache_decode_errors.inc();
+                self.count_decode_error(&error);
                 if let Some(suppressed) = self.decode_log.admit() {
                     tracing::warn!(%error, suppressed, "cache entry did not decode; serving as a miss");
                 }
                 (None, false)
             }
+        }
+    }
+
+    /// An entry read from Redis that is not served: counted, and for a sealed entry that did
+    /// not open, counted by reason too (`gateway_seal_open_failures_total`).
+    fn count_decode_error(&self, error: &gateway_common::entry::EntryError) {
+        self.metrics.cache_decode_errors.inc();
+        if error.is_seal_failure() {
+            self.metrics
+                .seal_open_failures
+                .with_label_values(&[error.reason()])
+                .inc();
         }
     }
 

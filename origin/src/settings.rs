@@ -11,10 +11,12 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 
 mod region;
+mod seal;
 mod usage;
 mod validate;
 
 pub use region::{PeerSettings, RegionSettings, valid_region_name};
+pub use seal::{DEV_SEAL_KEY_ID, DEV_SEAL_SECRET, SealKeySettings, SealSettings};
 pub use usage::{ModelPrice, Pricing, UsageSettings};
 
 use validate::decode_key_secret;
@@ -97,6 +99,8 @@ peers = []
 peer_timeout_ms = 2000
 peer_retry_ms = 1000
 peer_outbox_capacity = 100000
+[seal]
+
 [semantic]
 model_dir = ".local/models/all-minilm-l6-v2"
 max_concurrent = 2
@@ -173,6 +177,8 @@ pub struct Settings {
     #[serde(default)]
     pub pricing: Pricing,
     pub semantic: SemanticSettings,
+    /// The keys cache entries are sealed with (`[seal]`).
+    pub seal: SealSettings,
 }
 
 /// The semantic cache's model and bounds (which tenants use it is in the tenant records).

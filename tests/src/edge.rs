@@ -10,41 +10,29 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use gateway_fixtures::{
-    ChildProcess, LogForwarder, LogForwarderConfig, LogSource, ViceroyExport, free_port,
+    ChildProcess, FakeFastlyApi, LogForwarder, LogForwarderConfig, LogSource, free_port,
 };
 
 use crate::repo_root;
 
-/// One KV entry to preload, exactly as Viceroy's JSON seed format takes it.
+/// One KV entry to preload. Values are bytes (sealed entries are binary): each is written to
+/// a file of its own that Viceroy's JSON seed names (`"file"`), since its `"data"` is a string.
 #[derive(Debug, Clone)]
 pub struct KvSeed {
     pub key: String,
-    pub data: String,
+    pub data: Vec<u8>,
     pub metadata: Option<String>,
 }
 
 impl KvSeed {
-    /// The entries of a fake Fastly API export, to seed a new POP with. Fails on an export that
-    /// had to leave keys out (non-UTF-8 values): a POP seeded from it would silently miss them.
-    pub fn from_export(export: &ViceroyExport) -> anyhow::Result<Vec<KvSeed>> {
-        if !export.skipped.is_empty() {
-            bail!("the export left out non-UTF-8 values: {:?}", export.skipped);
-        }
-        let items = export
-            .json
-            .as_object()
-            .context("a Viceroy KV export is a JSON object")?;
-        items
-            .iter()
-            .map(|(key, item)| {
-                Ok(KvSeed {
-                    key: key.clone(),
-                    data: item["data"]
-                        .as_str()
-                        .with_context(|| format!("{key}: data is a string"))?
-                        .to_owned(),
-                    metadata: item["metadata"].as_str().map(str::to_owned),
-                })
+    /// Every live item of a fake Fastly API, to seed a new POP with.
+    pub fn from_api(api: &FakeFastlyApi) -> Vec<KvSeed> {
+        api.entries()
+            .into_iter()
+            .map(|item| KvSeed {
+                key: item.key,
+                data: item.value.to_vec(),
+                metadata: item.metadata,
             })
             .collect()
     }
@@ -57,6 +45,11 @@ pub struct EdgeConfig {
     pub origin_url: String,
     pub populate_on_fallback: bool,
     pub cache_key_secret: String,
+    /// `seal_key_current` (`<id>:<secret>`): [`crate::stack::SEAL_KEY`] by default; `None`
+    /// leaves it out (an edge that can open no sealed entry and stores nothing).
+    pub seal_key_current: Option<String>,
+    /// `seal_key_previous`, during a rotation.
+    pub seal_key_previous: Option<String>,
     pub edge_shared_secret: Option<String>,
     /// Entries the "POP" starts with (e.g. exported from the fake Fastly KV API).
     pub kv: Vec<KvSeed>,
@@ -87,6 +80,11 @@ impl EdgeConfig {
             origin_url: origin_url.into(),
             populate_on_fallback: true,
             cache_key_secret: cache_key_secret.into(),
+            seal_key_current: Some(crate::stack::edge_seal_secret(
+                crate::stack::SEAL_KEY.0,
+                crate::stack::SEAL_KEY.1,
+            )),
+            seal_key_previous: None,
             edge_shared_secret: None,
             kv: Vec::new(),
             origin_connect_timeout_ms: 1000,
@@ -219,17 +217,18 @@ impl Edge {
 }
 
 fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
-    let seed: BTreeMap<&str, serde_json::Value> = config
-        .kv
-        .iter()
-        .map(|e| {
-            let mut item = serde_json::json!({ "data": e.data });
-            if let Some(m) = &e.metadata {
-                item["metadata"] = serde_json::Value::String(m.clone());
-            }
-            (e.key.as_str(), item)
-        })
-        .collect();
+    let values = dir.join("kv-values");
+    std::fs::create_dir_all(&values)?;
+    let mut seed: BTreeMap<&str, serde_json::Value> = BTreeMap::new();
+    for (i, e) in config.kv.iter().enumerate() {
+        let file = values.join(format!("{i}.bin"));
+        std::fs::write(&file, &e.data)?;
+        let mut item = serde_json::json!({ "file": file.to_string_lossy() });
+        if let Some(m) = &e.metadata {
+            item["metadata"] = serde_json::Value::String(m.clone());
+        }
+        seed.insert(e.key.as_str(), item);
+    }
     let seed_file = dir.join("kv-seed.json");
     std::fs::write(&seed_file, serde_json::to_vec(&seed)?)?;
     let tenants = match &config.tenants_store {
@@ -318,6 +317,18 @@ fn manifest_toml(config: &EdgeConfig, dir: &Path) -> anyhow::Result<String> {
         "[[local_server.secret_stores.gateway_secrets]]\nkey = \"cache_key_secret\""
     )?;
     writeln!(t, "data = {}\n", q(&config.cache_key_secret))?;
+    for (name, value) in [
+        ("seal_key_current", &config.seal_key_current),
+        ("seal_key_previous", &config.seal_key_previous),
+    ] {
+        if let Some(value) = value {
+            writeln!(
+                t,
+                "[[local_server.secret_stores.gateway_secrets]]\nkey = \"{name}\"\ndata = {}\n",
+                q(value)
+            )?;
+        }
+    }
     if let Some(secret) = &config.edge_shared_secret {
         writeln!(
             t,

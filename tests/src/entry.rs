@@ -5,8 +5,10 @@ use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
 use gateway_common::route::Route;
 use serde_json::json;
 
+use gateway_common::seal::{NONCE_LEN, SealKey};
+
 use crate::edge::KvSeed;
-use crate::stack::{chat_body, key_for};
+use crate::stack::{SEAL_KEY, chat_body, key_for};
 
 /// A well-formed cached chat completion of `prompt` for `tenant` whose answer is `content`,
 /// created at `created` (Unix seconds) and fresh for `ttl` seconds.
@@ -35,15 +37,49 @@ pub fn completion(tenant: &str, prompt: &str, created: u64, ttl: u64, content: &
     }
 }
 
-/// The KV item the origin's dual-write would store for `entry`: value = body, metadata =
-/// envelope, under `v1/<tenant>/<key>`. Panics if the entry does not encode (a test bug).
+/// The KV item the origin's dual-write would store for `entry`, sealed with the tests' seal
+/// key ([`SEAL_KEY`]), under `v1/<tenant>/<key>`. Panics if the entry does not encode (a
+/// test bug).
 pub fn kv_seed(entry: &Entry) -> KvSeed {
+    kv_seed_sealed(entry, SEAL_KEY.0, SEAL_KEY.1.as_bytes())
+}
+
+/// As [`kv_seed`], sealed with the key (`id`, `secret`).
+pub fn kv_seed_sealed(entry: &Entry, id: &str, secret: &[u8]) -> KvSeed {
+    let key = SealKey::new(id, secret)
+        .unwrap_or_else(|e| panic!("bad test seal key: {e}"))
+        .tenant_key(&entry.envelope.tenant);
+    let nonce: [u8; NONCE_LEN] = rand::random();
     let (value, metadata) = entry
-        .encode_kv()
+        .seal_kv(&key, &nonce)
         .unwrap_or_else(|e| panic!("seed entry does not encode: {e}"));
+    seed(entry, value, metadata)
+}
+
+/// The Redis form of `entry` as the origin stores it, sealed with [`SEAL_KEY`].
+pub fn redis_sealed(entry: &Entry) -> Vec<u8> {
+    let key = SealKey::new(SEAL_KEY.0, SEAL_KEY.1.as_bytes())
+        .unwrap_or_else(|e| panic!("bad test seal key: {e}"))
+        .tenant_key(&entry.envelope.tenant);
+    let nonce: [u8; NONCE_LEN] = rand::random();
+    entry
+        .seal(&key, &nonce)
+        .unwrap_or_else(|e| panic!("entry does not encode: {e}"))
+}
+
+/// The KV item of `entry` in the plain format of version 1 (written before sealing; read
+/// until it expires).
+pub fn kv_seed_plain(entry: &Entry) -> KvSeed {
+    let (value, metadata) = entry
+        .encode_plain_kv()
+        .unwrap_or_else(|e| panic!("seed entry does not encode: {e}"));
+    seed(entry, value, metadata)
+}
+
+fn seed(entry: &Entry, value: Vec<u8>, metadata: String) -> KvSeed {
     KvSeed {
         key: format!("v1/{}/{}", entry.envelope.tenant, entry.envelope.key),
-        data: String::from_utf8(value).unwrap_or_else(|e| panic!("seed body is not UTF-8: {e}")),
+        data: value,
         metadata: Some(metadata),
     }
 }

@@ -18,7 +18,7 @@ use crate::edge::{Edge, EdgeConfig, KvSeed};
 use crate::origin_config::{OriginConfig, inline_table, quote};
 use crate::replicas::{ReplicaOptions, Replicas, SettingsHook, metric_total};
 use crate::repo_root;
-use crate::stack::{SECRET, chat_body, post};
+use crate::stack::{SEAL_KEY, SECRET, chat_body, post};
 
 /// The environment variable the replicas read the fake Fastly API's token from.
 pub const FASTLY_TOKEN_ENV: &str = "FASTLY_API_TOKEN";
@@ -183,6 +183,15 @@ impl ReplicaStack {
             // A replica opens its pool's connections cold, many at once, on a busy machine.
             .set("redis", "connect_timeout_ms", "1000")
             .set_str("cache", "key_secret", SECRET)
+            .set(
+                "seal",
+                "current",
+                format!(
+                    "{{ id = {}, secret = {} }}",
+                    quote(SEAL_KEY.0),
+                    quote(SEAL_KEY.1)
+                ),
+            )
             .set_str("tenants", "file", &tenants_file.to_string_lossy())
             .set("router", "breaker_cooldown_ms", "500")
             .set_str("log", "format", "text")
@@ -220,7 +229,7 @@ impl ReplicaStack {
     pub async fn start_pop(&self) -> anyhow::Result<Edge> {
         let mut config = EdgeConfig::new(self.replicas.proxy_url(), SECRET);
         config.populate_on_fallback = false;
-        config.kv = KvSeed::from_export(&self.fastly_api.export_viceroy_json())?;
+        config.kv = KvSeed::from_api(&self.fastly_api);
         config.tenants_store = Some(self.fastly_api.export_viceroy_config_json().to_string());
         tokio::task::spawn_blocking(move || Edge::start(&config)).await?
     }

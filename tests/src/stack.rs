@@ -34,6 +34,22 @@ pub const INITECH: &str = "sk-dev-initech";
 /// The cache key secret both tiers get in tests.
 pub const SECRET: &str = "e2e-cache-key-secret-0123456789";
 
+/// The seal key (id, secret) both tiers get in tests, unless a test rotates.
+pub const SEAL_KEY: (&str, &str) = ("e2e1", "e2e-seal-secret-0123456789abcdef");
+
+/// The edge's secret `seal_key_current` / `seal_key_previous` for a key: `<id>:<secret>`.
+pub fn edge_seal_secret(id: &str, secret: &str) -> String {
+    format!("{id}:{secret}")
+}
+
+/// The origin's `[seal]` key for (id, secret).
+pub fn origin_seal_key(id: &str, secret: &str) -> gateway_origin::settings::SealKeySettings {
+    gateway_origin::settings::SealKeySettings {
+        id: id.to_owned(),
+        secret: Secret::new(secret),
+    }
+}
+
 /// A last change to the origin's settings, made just before it starts.
 pub type AdjustSettings = Box<dyn FnOnce(&mut Settings) + Send>;
 
@@ -114,6 +130,7 @@ pub fn origin_settings(redis: &RedisDeployment, providers: &[&MockProvider]) -> 
     let mut settings = Settings::for_tests();
     point_at(&mut settings, redis);
     settings.cache.key_secret = Some(Secret::new(SECRET));
+    settings.seal.current = Some(origin_seal_key(SEAL_KEY.0, SEAL_KEY.1));
     settings.tenants.file = Some(tenants_file());
     // The model as `just setup` installs it (the default path is relative to the repository).
     settings.semantic.model_dir = repo_root().join(gateway_origin::semantic::DEFAULT_MODEL_DIR);

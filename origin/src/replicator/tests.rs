@@ -61,7 +61,11 @@ impl Rig {
     /// Stores `entry` in Redis as the origin does (before offering it).
     async fn put(&self, entry: &Entry) {
         let key = CacheKey::from_hex(&entry.envelope.tenant, &entry.envelope.key).unwrap();
-        let bytes = entry.encode().unwrap();
+        let seal = gateway_common::seal::SealKey::new("t1", b"test seal secret").unwrap();
+        let nonce: [u8; 24] = rand::random();
+        let bytes = entry
+            .seal(&seal.tenant_key(&entry.envelope.tenant), &nonce)
+            .unwrap();
         self.store
             .set_ex(&key.redis_key(), bytes, 60)
             .await

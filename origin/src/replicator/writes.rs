@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use gateway_common::entry::Entry;
+use gateway_common::entry;
 use gateway_common::key::CacheKey;
 use gateway_common::policy;
 use sha1::{Digest, Sha1};
@@ -220,21 +220,20 @@ impl WriteLane {
                 self.caller.metrics.count_dropped("gone", 1);
                 continue;
             };
-            let Ok(entry) = Entry::decode(&value, &key) else {
+            // Copied as stored, never opened: the KV form is the Redis form's two pieces, so
+            // the replicator needs no seal key and a sealed entry stays sealed on the way.
+            let Ok(stored) = entry::split(&value, &key) else {
                 self.caller.metrics.count_dropped("invalid", 1);
                 continue;
             };
             let tenant_generation = generation.get(key.tenant()).copied().unwrap_or(0);
-            if policy::purged(entry.envelope.generation, tenant_generation) {
+            if policy::purged(stored.header.generation, tenant_generation) {
                 self.caller.metrics.count_dropped("purged", 1);
                 continue;
             }
-            let Ok((body, metadata)) = entry.encode_kv() else {
-                self.caller.metrics.count_dropped("unencodable", 1);
-                continue;
-            };
+            let (body, metadata) = (stored.value.to_vec(), stored.metadata.to_owned());
             let stale = self.stale_windows.get(key.tenant()).copied().unwrap_or(0);
-            let expires_unix = entry.kv_expiry(stale);
+            let expires_unix = stored.header.kv_expiry(stale);
             if expires_unix <= now {
                 self.caller.metrics.count_dropped("expired", 1);
                 continue;

@@ -401,11 +401,13 @@ impl Service {
             // Followers on other replicas take what is not cached from here.
             match &shared {
                 Ok(answer) if answer.entry.is_none() => {
-                    lock.publish(key, answer, job.generation).await
+                    lock.publish(key, answer, job.generation, &self.sealer)
+                        .await
                 }
                 Err(refusal) => {
                     let answer = refusal_answer(refusal, "gateway");
-                    lock.publish(key, &answer, job.generation).await
+                    lock.publish(key, &answer, job.generation, &self.sealer)
+                        .await
                 }
                 Ok(_) => {}
             }
@@ -491,7 +493,7 @@ impl Service {
     #[tracing::instrument(name = "cache.write", skip_all)]
     /// Whether the entry is in Redis now.
     async fn write(&self, key: &CacheKey, entry: &Entry) -> bool {
-        let bytes = match entry.encode() {
+        let bytes = match self.sealer.seal(entry) {
             Ok(bytes) => bytes,
             Err(error) => {
                 self.metrics

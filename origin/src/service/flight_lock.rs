@@ -17,6 +17,7 @@ use gateway_common::policy::{self, Freshness};
 use super::flight::Answer;
 use super::{Refusal, Service};
 use crate::budget::unix_now;
+use crate::seal::Sealer;
 use crate::store::{Claim, Store};
 
 /// How long a flight lock lives unless its holder renews it (every third of it); a crashed
@@ -69,8 +70,15 @@ pub(super) struct FlightLock {
 
 impl FlightLock {
     /// Publishes an answer that will not be cached (an error, an uncacheable body) for the
-    /// followers, before the lock is released.
-    pub(super) async fn publish(&self, key: &CacheKey, answer: &Answer, generation: u64) {
+    /// followers, before the lock is released: sealed like an entry, since it is an answer
+    /// in Redis all the same.
+    pub(super) async fn publish(
+        &self,
+        key: &CacheKey,
+        answer: &Answer,
+        generation: u64,
+        sealer: &Sealer,
+    ) {
         let envelope = Envelope {
             v: ENTRY_VERSION,
             tenant: key.tenant().to_string(),
@@ -88,7 +96,7 @@ impl FlightLock {
             envelope,
             body: answer.body.to_vec(),
         };
-        if let Ok(bytes) = result.encode() {
+        if let Ok(bytes) = sealer.seal(&result) {
             let ttl = RESULT_TTL.as_millis() as u64;
             let _ = self.store.set_px(&self.result_key, bytes, ttl).await;
         }
@@ -163,7 +171,7 @@ impl Service {
                     return Crossed::Followed(answer);
                 }
                 if let Some(bytes) = watched.result
-                    && let Some(answer) = published(key, &bytes, started)
+                    && let Some(answer) = self.published(key, &bytes, started)
                 {
                     return Crossed::Followed(answer);
                 }
@@ -203,7 +211,13 @@ impl Service {
         generation: u64,
         started: Instant,
     ) -> Option<Arc<Answer>> {
-        let entry = Entry::decode(&bytes, key).ok()?;
+        let entry = match Entry::decode(&bytes, key, &self.sealer) {
+            Ok(entry) => entry,
+            Err(error) => {
+                self.count_decode_error(&error);
+                return None;
+            }
+        };
         let env = &entry.envelope;
         if policy::purged(env.generation, generation) {
             return None;
@@ -220,13 +234,21 @@ impl Service {
     }
 }
 
-/// The answer a leader published for its followers (not cached).
-fn published(key: &CacheKey, bytes: &[u8], started: Instant) -> Option<Arc<Answer>> {
-    let result = Entry::decode(bytes, key).ok()?;
-    let mut answer = Answer::followed(result, waited_ms(started));
-    // Only its entry was meant for caching; a published result never is.
-    answer.entry = None;
-    Some(Arc::new(answer))
+impl Service {
+    /// The answer a leader published for its followers (not cached).
+    fn published(&self, key: &CacheKey, bytes: &[u8], started: Instant) -> Option<Arc<Answer>> {
+        let result = match Entry::decode(bytes, key, &self.sealer) {
+            Ok(result) => result,
+            Err(error) => {
+                self.count_decode_error(&error);
+                return None;
+            }
+        };
+        let mut answer = Answer::followed(result, waited_ms(started));
+        // Only its entry was meant for caching; a published result never is.
+        answer.entry = None;
+        Some(Arc::new(answer))
+    }
 }
 
 fn waited_ms(started: Instant) -> f64 {

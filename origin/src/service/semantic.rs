@@ -323,7 +323,7 @@ impl Service {
                 .saved(&tenant.id, Tier::Origin, unix_now(), saving);
         }
         if let Some((own, copy)) = copy
-            && let Ok(bytes) = copy.encode()
+            && let Ok(bytes) = self.sealer.seal(&copy)
         {
             // Kept only as long as the answering entry: same created-at and TTL.
             if self

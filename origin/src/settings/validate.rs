@@ -113,6 +113,10 @@ impl Settings {
                 "required when security.require_edge_secret = true",
             ));
         }
+        // Outside dev_mode a missing key is named with the rest in `check_production`.
+        if self.dev_mode || self.seal.current.is_some() {
+            self.seal.keyring(self.dev_mode)?;
+        }
         self.usage.validate(self.dev_mode)?;
         super::usage::validate_pricing(&self.pricing)?;
         if !self.dev_mode {
@@ -216,6 +220,11 @@ impl Settings {
         }
         if self.security.edge_secret.is_none() {
             missing.push("security.edge_secret: the edge's edge_shared_secret");
+        }
+        if self.seal.current.is_none() {
+            missing.push(
+                "seal.current: the key cache entries are sealed with (the edge's seal_key_current holds it too)",
+            );
         }
         if self.security.admin_token.is_none() {
             missing.push(
@@ -353,6 +362,8 @@ mod tests {
         format!(
             r#"[cache]
 key_secret = "0123456789abcdef-key"
+[seal]
+current = {{ id = "k1", secret = "seal-secret-0123456789abcdef-0123456789" }}
 [tenants]
 file = "/etc/gateway/tenants.json"
 [security]
@@ -393,6 +404,7 @@ admin_token = "admin-token-0123456789"
             "security.require_edge_secret",
             "security.edge_secret",
             "security.admin_token",
+            "seal.current",
         ] {
             assert!(err.contains(key), "{key} not named in: {err}");
         }
@@ -438,7 +450,15 @@ admin_token = "admin-token-0123456789"
         ] {
             env.insert(key.to_string(), value.to_string());
         }
+        let err = Settings::load(Some(&path), &env).unwrap_err().to_string();
+        assert!(err.contains("seal.current"), "{err}");
+        env.insert("GATEWAY__SEAL__CURRENT__ID".into(), "k1".into());
+        env.insert(
+            "GATEWAY__SEAL__CURRENT__SECRET".into(),
+            format!("hex:{}", "5a".repeat(32)),
+        );
         let s = Settings::load(Some(&path), &env).unwrap();
+        assert_eq!(s.seal.keyring(false).unwrap().current().id(), "k1");
         assert!(!s.dev_mode && s.security.require_edge_secret && s.replication.enabled);
     }
 

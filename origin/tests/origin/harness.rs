@@ -25,6 +25,15 @@ pub const ACME: &str = "sk-dev-acme";
 pub const GLOBEX: &str = "sk-dev-globex";
 pub const PROVIDER_KEY: &str = "sk-provider-test";
 
+/// The seal keys of an origin in `dev_mode` without `[seal]` (every stack here): to open
+/// what it stored, as the edge would.
+pub fn dev_keys() -> gateway_common::seal::Keyring {
+    use gateway_origin::settings::{DEV_SEAL_KEY_ID, DEV_SEAL_SECRET};
+    let key = gateway_common::seal::SealKey::new(DEV_SEAL_KEY_ID, DEV_SEAL_SECRET.as_bytes())
+        .expect("the development seal key is valid");
+    gateway_common::seal::Keyring::new(key, None).expect("one key")
+}
+
 /// The shared fixture `redis-server` (configured as a cache, stopped on drop), with the few
 /// helpers these tests use. Panics with a clear message when Redis is not installed.
 pub struct Redis(RedisServer);

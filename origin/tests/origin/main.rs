@@ -16,6 +16,7 @@ mod purge;
 mod redis_outage;
 mod replicas;
 mod replication;
+mod seal;
 mod shutdown;
 mod stream_usage;
 mod streaming;

@@ -253,6 +253,7 @@ models = { "m" = "m" }
         "security.require_edge_secret",
         "security.edge_secret",
         "security.admin_token",
+        "seal.current",
     ] {
         assert!(stderr.contains(key), "{key} not named: {stderr}");
     }

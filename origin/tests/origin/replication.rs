@@ -16,7 +16,7 @@ use gateway_fixtures::{FakeFastlyApi, FastlyApiConfig};
 use gateway_origin::settings::{ReplicationSettings, Secret};
 use serde_json::Value;
 
-use crate::harness::{ACME, GLOBEX, Options, Stack, chat_body, header};
+use crate::harness::{ACME, GLOBEX, Options, Stack, chat_body, dev_keys, header};
 
 pub(crate) const EDGE_MISS: [(&str, &str); 1] = [("x-gateway-edge-miss", "1")];
 
@@ -171,15 +171,25 @@ async fn an_edge_miss_is_written_to_kv_once_with_the_entrys_value_metadata_and_t
     // What the edge will read equals what Redis holds.
     let item = api.get(&key.kv_key()).expect("the KV item");
     let from_kv = Entry::decode_kv(
-        item.value.to_vec(),
+        &item.value,
         item.metadata.as_deref().map(str::as_bytes),
         &key,
+        &dev_keys(),
     )
     .expect("the KV item decodes as the edge decodes it");
     let stored = redis_get(&stack.redis.url(), &key.redis_key())
         .await
         .expect("the Redis entry");
-    let from_redis = Entry::decode(&stored, &key).expect("the Redis entry decodes");
+    let from_redis = Entry::decode(&stored, &key, &dev_keys()).expect("the Redis entry decodes");
+    // Stored sealed, and copied to KV as it is: the same bytes in both tiers.
+    let stored_kv = [
+        item.metadata.as_deref().unwrap_or_default().as_bytes(),
+        b"\n",
+        &item.value[..],
+    ]
+    .concat();
+    assert_eq!(stored, stored_kv);
+    assert!(!String::from_utf8_lossy(&stored).contains("deterministic mock answer"));
     assert_eq!(from_kv, from_redis);
     // The KV TTL: the entry's freshness plus the tenant's stale-if-error window, counted from
     // its creation (acme: 3600 + 86400).
@@ -459,9 +469,10 @@ async fn a_refused_batch_endpoint_falls_back_to_single_key_writes() {
         let item = api.get(&key.kv_key()).expect("the KV item");
         assert!(item.ttl_sec.is_some_and(|ttl| ttl > 3600));
         let entry = Entry::decode_kv(
-            item.value.to_vec(),
+            &item.value,
             item.metadata.as_deref().map(str::as_bytes),
             key,
+            &dev_keys(),
         )
         .expect("a single-key write decodes like a batch line");
         assert_eq!(entry.envelope.tenant, "acme");

@@ -25,23 +25,7 @@ async fn wait_for_entries(api: &FakeFastlyApi, count: usize, within: Duration) {
 
 /// The fake API's contents in the form a fresh Viceroy is seeded with.
 fn exported(api: &FakeFastlyApi) -> Vec<KvSeed> {
-    let export = api.export_viceroy_json();
-    assert!(
-        export.skipped.is_empty(),
-        "every value is UTF-8 JSON: {:?}",
-        export.skipped
-    );
-    let Value::Object(items) = export.json else {
-        panic!("the export is a JSON object")
-    };
-    items
-        .into_iter()
-        .map(|(key, item)| KvSeed {
-            key,
-            data: item["data"].as_str().expect("data").to_owned(),
-            metadata: item["metadata"].as_str().map(str::to_owned),
-        })
-        .collect()
+    KvSeed::from_api(api)
 }
 
 /// Ask a POP started with `Stack::start_pop` for `prompt` as acme.

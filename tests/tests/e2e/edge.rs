@@ -109,14 +109,18 @@ async fn kv_entries_that_do_not_belong_to_the_request_are_never_served() {
 
     let mut other_tenant = completion("acme", "other tenant", t, 3600, "seeded-bad");
     other_tenant.envelope.tenant = "globex".to_owned();
-    let mut unknown_version = completion("acme", "unknown version", t, 3600, "seeded-bad");
-    unknown_version.envelope.v = ENTRY_VERSION + 1;
+    let unknown_version = completion("acme", "unknown version", t, 3600, "seeded-bad");
     let expired = completion("acme", "expired", t - 7200, 3600, "seeded-bad");
 
-    let mut seeds: Vec<KvSeed> = [&good, &unknown_version, &expired]
-        .into_iter()
-        .map(kv_seed)
-        .collect();
+    let mut seeds: Vec<KvSeed> = [&good, &expired].into_iter().map(kv_seed).collect();
+    let mut future = kv_seed(&unknown_version);
+    let metadata = future.metadata.take().unwrap_or_default();
+    future.metadata = Some(metadata.replacen(
+        &format!("\"v\":{ENTRY_VERSION}"),
+        &format!("\"v\":{}", ENTRY_VERSION + 1),
+        1,
+    ));
+    seeds.push(future);
     // Metadata naming another tenant, stored under acme's key.
     let mut misfiled = kv_seed(&other_tenant);
     misfiled.key = format!("v1/acme/{}", other_tenant.envelope.key);
@@ -124,7 +128,7 @@ async fn kv_entries_that_do_not_belong_to_the_request_are_never_served() {
     let corrupt_key = key_for("acme", Route::ChatCompletions, &chat_body("corrupt"));
     seeds.push(KvSeed {
         key: corrupt_key.kv_key(),
-        data: "{\"choices\":[".to_owned(),
+        data: b"{\"choices\":[".to_vec(),
         metadata: Some("{not json".to_owned()),
     });
     let bare = completion("acme", "no metadata", t, 3600, "seeded-bad");

@@ -21,6 +21,7 @@ mod isolation;
 mod openai_client;
 mod regions;
 mod replicas;
+mod seal;
 mod semantic;
 mod shared_state;
 mod streaming;
