@@ -10,16 +10,15 @@
 use std::path::Path;
 
 use anyhow::bail;
-use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
-use gateway_common::route::Route;
+use gateway_common::entry::ENTRY_VERSION;
 use gateway_e2e::edge::{Edge, EdgeConfig};
-use gateway_e2e::entry::{kv_seed, kv_seed_plain, now};
+use gateway_e2e::entry::{kv_seed, kv_seed_plain};
 use gateway_e2e::free_port;
-use gateway_e2e::stack::{SECRET, key_for};
+use gateway_e2e::stack::SECRET;
 
 use crate::baseline::Baseline;
 use crate::compare::{self, Comparison};
-use crate::origin_hit::{API_KEY, HIT_REQUEST, json_target};
+use crate::origin_hit::{API_KEY, HIT_REQUEST, hit_entry, json_target};
 use crate::viceroy::{HIT_BODY, start_bare};
 
 pub async fn run(
@@ -27,24 +26,7 @@ pub async fn run(
     scratch: &Path,
     baseline: Option<&Baseline>,
 ) -> anyhow::Result<Comparison> {
-    let request: serde_json::Value = serde_json::from_str(HIT_REQUEST)?;
-    let key = key_for("acme", Route::ChatCompletions, &request);
-    let entry = Entry {
-        envelope: Envelope {
-            v: ENTRY_VERSION,
-            tenant: "acme".to_owned(),
-            key: key.hex().to_owned(),
-            created: now(),
-            ttl: 86_400,
-            status: 200,
-            content_type: "application/json".to_owned(),
-            model: "gpt-4o-mini".to_owned(),
-            provider: "mock".to_owned(),
-            usage: None,
-            generation: 0,
-        },
-        body: HIT_BODY.to_vec(),
-    };
+    let (_, entry) = hit_entry(ENTRY_VERSION, HIT_BODY)?;
     // A hit never reaches the origin; its backend points at a closed port, so a miss would
     // show up as an error in the figures rather than pass unnoticed.
     let mut config = EdgeConfig::new(format!("http://127.0.0.1:{}", free_port()?), SECRET);

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use gateway_common::entry::{Entry, Envelope, PLAIN_VERSION};
+use gateway_common::key::CacheKey;
 use gateway_common::route::Route;
 use gateway_e2e::entry::now;
 use gateway_e2e::stack::key_for;
@@ -255,14 +256,14 @@ pub async fn run(
     })
 }
 
-/// Overwrites the hit request's entry in `redis` with the same answer (`body`) in the plain
-/// version-1 form.
-fn unseal(redis: &RedisServer, body: &[u8]) -> anyhow::Result<()> {
+/// The entry that answers the hit request for tenant `acme`: `body`, written now, in envelope
+/// version `v` (sealed or plain).
+pub fn hit_entry(v: u32, body: &[u8]) -> anyhow::Result<(CacheKey, Entry)> {
     let request: serde_json::Value = serde_json::from_str(HIT_REQUEST)?;
     let key = key_for("acme", Route::ChatCompletions, &request);
     let entry = Entry {
         envelope: Envelope {
-            v: PLAIN_VERSION,
+            v,
             tenant: "acme".to_owned(),
             key: key.hex().to_owned(),
             created: now(),
@@ -276,6 +277,13 @@ fn unseal(redis: &RedisServer, body: &[u8]) -> anyhow::Result<()> {
         },
         body: body.to_vec(),
     };
+    Ok((key, entry))
+}
+
+/// Overwrites the hit request's entry in `redis` with the same answer (`body`) in the plain
+/// version-1 form.
+fn unseal(redis: &RedisServer, body: &[u8]) -> anyhow::Result<()> {
+    let (key, entry) = hit_entry(PLAIN_VERSION, body)?;
     let plain = String::from_utf8(entry.encode_plain()?)?;
     redis.cli(&["SET", &key.redis_key(), &plain, "EX", "86400"])?;
     Ok(())

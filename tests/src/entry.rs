@@ -2,6 +2,7 @@
 //! Test data only: nothing here reads or writes a store.
 
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope};
+use gateway_common::key::CacheKey;
 use gateway_common::route::Route;
 use serde_json::json;
 
@@ -85,6 +86,14 @@ fn seed(entry: &Entry, value: Vec<u8>, metadata: String) -> KvSeed {
 }
 
 /// Unix seconds now.
+/// A KV item (value, metadata) opened as the edge opens it, with the tests' seal key
+/// ([`SEAL_KEY`]); plain version-1 items open too. `None` when it does not open for `key`.
+pub fn open_kv(key: &CacheKey, value: &[u8], metadata: Option<&str>) -> Option<Entry> {
+    let current = SealKey::new(SEAL_KEY.0, SEAL_KEY.1.as_bytes()).ok()?;
+    let ring = gateway_common::seal::Keyring::new(current, None).ok()?;
+    Entry::decode_kv(value, metadata.map(str::as_bytes), key, &ring).ok()
+}
+
 pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

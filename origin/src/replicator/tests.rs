@@ -61,7 +61,7 @@ impl Rig {
     /// Stores `entry` in Redis as the origin does (before offering it).
     async fn put(&self, entry: &Entry) {
         let key = CacheKey::from_hex(&entry.envelope.tenant, &entry.envelope.key).unwrap();
-        let seal = gateway_common::seal::SealKey::new("t1", b"test seal secret").unwrap();
+        let seal = test_seal_key();
         let nonce: [u8; 24] = rand::random();
         let bytes = entry
             .seal(&seal.tenant_key(&entry.envelope.tenant), &nonce)
@@ -77,10 +77,26 @@ impl Rig {
         self.store.delete(&key.redis_key()).await.unwrap();
     }
 
-    /// The body the fake KV store holds under `entry`'s key.
+    /// The body the fake KV store holds under `entry`'s key, opened as the edge opens it
+    /// (the store holds it sealed, as `put` wrote it to Redis).
     fn kv_body(&self, entry: &Entry) -> Option<Vec<u8>> {
-        self.api.get(&kv_key(entry)).map(|item| item.value.to_vec())
+        let item = self.api.get(&kv_key(entry))?;
+        let key = CacheKey::from_hex(&entry.envelope.tenant, &entry.envelope.key).unwrap();
+        let ring = gateway_common::seal::Keyring::new(test_seal_key(), None).unwrap();
+        let opened = Entry::decode_kv(
+            &item.value,
+            item.metadata.as_deref().map(str::as_bytes),
+            &key,
+            &ring,
+        )
+        .expect("the KV copy opens");
+        Some(opened.body)
     }
+}
+
+/// The key `put` seals with.
+fn test_seal_key() -> gateway_common::seal::SealKey {
+    gateway_common::seal::SealKey::new("t1", b"test seal secret").unwrap()
 }
 
 fn redis_store(redis: &RedisServer) -> RedisStore {

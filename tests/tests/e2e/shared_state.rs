@@ -67,7 +67,8 @@ async fn edge_miss(
 /// The `id` of the answer the fake KV store holds under `key`.
 fn kv_id(stack: &ReplicaStack, key: &CacheKey) -> Option<String> {
     let item = stack.fastly_api.get(&key.kv_key())?;
-    let body: Value = serde_json::from_slice(&item.value).ok()?;
+    let entry = gateway_e2e::entry::open_kv(key, &item.value, item.metadata.as_deref())?;
+    let body: Value = serde_json::from_slice(&entry.body).ok()?;
     body["id"].as_str().map(str::to_string)
 }
 
