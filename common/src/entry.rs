@@ -368,37 +368,35 @@ fn open(
     keys: &dyn KeySource,
 ) -> Result<Entry, EntryError> {
     let line = parse_line(metadata, expect)?;
-    if line.v == PLAIN_VERSION {
+    // What the envelope keeps besides the clear line's fields: in the line itself (version 1)
+    // or sealed in front of the body (version 2).
+    let (inner, body) = if line.v == PLAIN_VERSION {
         let missing = || EntryError::Malformed("version 1 envelope without its fields".into());
-        return Ok(Entry {
-            envelope: Envelope {
-                v: line.v,
-                tenant: line.tenant,
-                key: line.key,
-                created: line.created,
-                ttl: line.ttl,
-                status: line.status.ok_or_else(missing)?,
-                content_type: line.content_type.ok_or_else(missing)?,
-                model: line.model.ok_or_else(missing)?,
-                provider: line.provider.ok_or_else(missing)?,
-                usage: line.usage,
-                generation: line.generation,
-            },
-            body: value.to_vec(),
-        });
-    }
-    let kid = line
-        .kid
-        .ok_or_else(|| EntryError::Malformed("sealed entry without a key id".to_owned()))?;
-    let key = keys
-        .tenant_key(&kid, &line.tenant)
-        .ok_or(SealError::UnknownKeyId(kid))?;
-    // The metadata bytes are authenticated exactly as they were read.
-    let plaintext = key.open(&associated_data(metadata), value)?;
-    let (inner, body) = split_redis(&plaintext)?;
-    let inner: Inner = serde_json::from_slice(inner)
-        .map_err(|e| EntryError::Malformed(format!("sealed envelope: {e}")))?;
-    let body = body.to_vec();
+        let inner = Inner {
+            status: line.status.ok_or_else(missing)?,
+            content_type: line.content_type.ok_or_else(missing)?,
+            model: line.model.ok_or_else(missing)?,
+            provider: line.provider.ok_or_else(missing)?,
+            usage: line.usage,
+        };
+        (inner, value.to_vec())
+    } else {
+        let kid = line
+            .kid
+            .ok_or_else(|| EntryError::Malformed("sealed entry without a key id".to_owned()))?;
+        let key = keys
+            .tenant_key(&kid, &line.tenant)
+            .ok_or(SealError::UnknownKeyId(kid))?;
+        // The metadata bytes are authenticated exactly as they were read.
+        let mut plaintext = key.open(&associated_data(metadata), value)?;
+        let (inner, _) = split_redis(&plaintext)?;
+        let at = inner.len() + 1;
+        let inner: Inner = serde_json::from_slice(inner)
+            .map_err(|e| EntryError::Malformed(format!("sealed envelope: {e}")))?;
+        // The body is the rest of the opened buffer: moved down in place, not copied out.
+        plaintext.drain(..at);
+        (inner, plaintext)
+    };
     Ok(Entry {
         envelope: Envelope {
             v: line.v,
