@@ -15,7 +15,8 @@ const MAX_CACHED_KEYS: usize = 4096;
 /// The keyring and its derived-key cache. Not `Debug`: it holds secrets.
 pub struct Sealer {
     ring: Keyring,
-    derived: Mutex<HashMap<(String, String), TenantKey>>,
+    /// Key id → tenant → derived key: looked up by `&str` on every hit, no key built.
+    derived: Mutex<HashMap<String, HashMap<String, TenantKey>>>,
 }
 
 impl Sealer {
@@ -43,17 +44,19 @@ impl Sealer {
     }
 
     fn key(&self, key_id: &str, tenant: &str) -> Option<TenantKey> {
-        let lookup = (key_id.to_owned(), tenant.to_owned());
         // A poisoned map only ever holds complete derived keys: keep using it.
         let mut derived = self.derived.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(key) = derived.get(&lookup) {
+        if let Some(key) = derived.get(key_id).and_then(|tenants| tenants.get(tenant)) {
             return Some(key.clone());
         }
         let key = self.ring.get(key_id)?.tenant_key(tenant);
-        if derived.len() >= MAX_CACHED_KEYS {
+        if derived.values().map(HashMap::len).sum::<usize>() >= MAX_CACHED_KEYS {
             derived.clear();
         }
-        derived.insert(lookup, key.clone());
+        derived
+            .entry(key_id.to_owned())
+            .or_default()
+            .insert(tenant.to_owned(), key.clone());
         Some(key)
     }
 }
