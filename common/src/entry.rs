@@ -180,6 +180,20 @@ pub enum EntryError {
 }
 
 impl EntryError {
+    /// Every label [`EntryError::reason`] gives: a counter fed by another tier's word (the
+    /// edge's usage records) keeps to these, so a bad record cannot add label values.
+    pub const REASONS: [&'static str; 9] = [
+        "metadata_too_large",
+        "malformed",
+        "unknown_version",
+        "wrong_tenant",
+        "wrong_key",
+        "missing_metadata",
+        "unknown_key_id",
+        "unopenable",
+        "seal_key",
+    ];
+
     /// A short label for counters and log lines (`unknown_key_id`, `unopenable`, ...).
     pub fn reason(&self) -> &'static str {
         match self {
@@ -768,5 +782,24 @@ mod tests {
         let e = entry(&key("acme", b"{}"));
         assert_eq!(e.age(1_700_000_010), 10);
         assert_eq!(e.age(1_600_000_000), 0);
+    }
+
+    #[test]
+    fn every_reason_is_listed() {
+        let errors = [
+            EntryError::MetadataTooLarge(1),
+            EntryError::Malformed(String::new()),
+            EntryError::UnknownVersion(9),
+            EntryError::WrongTenant,
+            EntryError::WrongKey,
+            EntryError::Missing,
+            EntryError::Seal(SealError::UnknownKeyId("k9".into())),
+            EntryError::Seal(SealError::TooShort(3)),
+            EntryError::Seal(SealError::Unopenable),
+            EntryError::Seal(SealError::EmptySecret),
+        ];
+        for error in &errors {
+            assert!(EntryError::REASONS.contains(&error.reason()), "{error:?}");
+        }
     }
 }

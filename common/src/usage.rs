@@ -159,6 +159,12 @@ pub struct UsageRecord {
     /// OTLP client); absent in records of edges that predate it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub span: Option<SpanRecord>,
+    /// Why the edge refused the KV entry it found for this request (`EntryError::reason`:
+    /// `unopenable`, `unknown_key_id`, `wrong_tenant`, ...), so the origin counts at the edge
+    /// what it counts for Redis; empty when nothing was refused (and in records of edges that
+    /// predate it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub kv_reject: String,
 }
 
 /// The edge's span of one request: its W3C ids and when it started. It ends `total_ms` after
@@ -335,6 +341,7 @@ mod tests {
             pop: String::new(),
             region: String::new(),
             span: None,
+            kv_reject: String::new(),
         }
     }
 
@@ -365,7 +372,19 @@ mod tests {
         // A line written before the span and region existed.
         let old = r#"{"v":1,"ts":1764500000,"tenant":"acme","route":"messages","layer":"edge","outcome":"hit","status":200,"bytes":3,"total_ms":1.0}"#;
         let parsed = UsageRecord::parse_line(old.as_bytes()).unwrap();
-        assert_eq!((parsed.span, parsed.region.as_str()), (None, ""));
+        assert_eq!(
+            (
+                parsed.span,
+                parsed.region.as_str(),
+                parsed.kv_reject.as_str()
+            ),
+            (None, "", "")
+        );
+        let mut refused = record();
+        refused.kv_reject = "unopenable".into();
+        let line = refused.to_line();
+        assert!(line.contains(r#""kv_reject":"unopenable""#), "{line}");
+        assert_eq!(UsageRecord::parse_line(line.as_bytes()).unwrap(), refused);
     }
 
     #[test]

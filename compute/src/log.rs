@@ -109,6 +109,16 @@ impl LogLine {
         }
     }
 
+    /// Why a KV entry was refused: a sealed one that did not open is `unopenable` or
+    /// `unknown_key_id` (what the origin counts from the usage record, and an operator's log
+    /// query from this line); such an entry is never served.
+    fn kv_reject(&self) -> Option<&'static str> {
+        match self.kv? {
+            KvRead::Miss(miss) => miss.reason(),
+            _ => None,
+        }
+    }
+
     /// The stdout line (Fastly's log tailing; the tests read it under Viceroy).
     pub fn emit(&self) {
         let mut line = serde_json::json!({
@@ -122,10 +132,7 @@ impl LogLine {
             "kv": self.kv.map(KvRead::as_str),
             // Why a KV entry was refused: a sealed one that did not open is `unopenable` or
             // `unknown_key_id` (what an operator's log query counts); never served.
-            "kv_reject": self.kv.and_then(|kv| match kv {
-                KvRead::Miss(miss) => miss.reason(),
-                _ => None,
-            }),
+            "kv_reject": self.kv_reject(),
             "tenant": self.tenant,
             "trace_id": self.trace_id,
             "key": self.key,
@@ -183,6 +190,7 @@ impl LogLine {
                 .filter(|region| region != "none")
                 .unwrap_or_default(),
             span: self.span.clone(),
+            kv_reject: self.kv_reject().unwrap_or_default().to_owned(),
         })
     }
 

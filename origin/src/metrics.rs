@@ -43,6 +43,9 @@ pub struct Metrics {
     /// byte, an entry moved under another tenant's or key's name, a key id this origin does
     /// not hold). Each is also a decode error, served as a miss.
     pub seal_open_failures: IntCounterVec,
+    /// reason (`EntryError::reason`, or `other`): KV entries the edge refused and served as
+    /// misses, as its usage records report them (the edge has no counters of its own).
+    pub edge_kv_rejects: IntCounterVec,
     /// outcome (hit|miss|error|not_semantic), reason: what a semantic-cache lookup found
     /// (`service/semantic.rs`); errors and refusals are served as exact misses.
     pub semantic_lookups: IntCounterVec,
@@ -161,6 +164,11 @@ impl Metrics {
             seal_open_failures: counter(
                 "seal_open_failures_total",
                 "Sealed entries that did not open (served as misses), by reason",
+                &["reason"],
+            )?,
+            edge_kv_rejects: counter(
+                "edge_kv_rejects_total",
+                "KV entries the edge refused (served as misses), by reason, from its usage records",
                 &["reason"],
             )?,
             semantic_lookups: counter(

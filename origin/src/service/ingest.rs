@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use gateway_common::entry::Usage;
+use gateway_common::entry::{EntryError, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::key::bearer_token;
 use gateway_common::usage::{Tier, UsageRecord};
@@ -127,10 +127,20 @@ impl Service {
         Ok(report)
     }
 
-    /// One accepted record: the edge's latency by tier for every record; the answer and its
-    /// savings only for what the edge answered itself (the origin counted the rest when it
-    /// answered).
+    /// One accepted record: the edge's latency by tier and the KV entry it refused, for every
+    /// record; the answer and its savings only for what the edge answered itself (the origin
+    /// counted the rest when it answered).
     fn fold(&self, record: &UsageRecord, now: u64) {
+        if !record.kv_reject.is_empty() {
+            let reason = EntryError::REASONS
+                .into_iter()
+                .find(|r| *r == record.kv_reject)
+                .unwrap_or("other");
+            self.metrics
+                .edge_kv_rejects
+                .with_label_values(&[reason])
+                .inc();
+        }
         self.metrics
             .edge_duration
             .with_label_values(&[record.layer.as_str()])

@@ -41,6 +41,7 @@ fn record(tenant: &str, layer: Tier, outcome: Outcome, saved: (u64, u64)) -> Usa
         pop: String::new(),
         region: String::new(),
         span: None,
+        kv_reject: String::new(),
     }
 }
 
@@ -311,4 +312,35 @@ async fn the_dashboard_needs_the_admin_token_and_shows_what_metrics_count() {
         hex::encode(sha2::Sha256::digest(b"SU1Z0isxPaozGVKXdv0eY"))
     };
     assert_eq!(challenge.trim(), expected);
+}
+
+#[tokio::test]
+async fn entries_the_edge_refused_are_counted_by_reason_with_unknown_reasons_as_other() {
+    let stack = stack().await;
+    let refused = |reason: &str| {
+        let mut r = record("acme", Tier::Upstream, Outcome::Miss, (0, 0));
+        r.kv_reject = reason.into();
+        r
+    };
+    let records = [
+        refused("unopenable"),
+        refused("unopenable"),
+        refused("unknown_key_id"),
+        refused("a label an old or hostile edge made up"),
+        record("acme", Tier::Edge, Outcome::Hit, (5, 2)),
+    ];
+    let (status, report) = ingest(&stack, Some(TOKEN), lines(&records)).await;
+    assert_eq!(status, StatusCode::OK, "{report}");
+    assert_eq!(report["accepted"], 5);
+    let m = |s: &str| stack.metric(s);
+    assert_eq!(
+        m(r#"gateway_edge_kv_rejects_total{reason="unopenable"}"#),
+        2.0
+    );
+    assert_eq!(
+        m(r#"gateway_edge_kv_rejects_total{reason="unknown_key_id"}"#),
+        1.0
+    );
+    assert_eq!(m(r#"gateway_edge_kv_rejects_total{reason="other"}"#), 1.0);
+    assert_eq!(stack.metric_sum("gateway_edge_kv_rejects_total"), 4.0);
 }

@@ -1,6 +1,7 @@
 //! Sealed entries end to end: after a realistic run neither Redis nor the KV store shows an
-//! answer; a tampered, moved or foreign-key entry at the edge is a counted miss, never served;
-//! a key rotation keeps the entries sealed under the previous key served at both tiers.
+//! answer; a tampered, moved or foreign-key entry at the edge is a miss, never served, that the
+//! origin counts from the edge's usage records; a key rotation keeps the entries sealed under
+//! the previous key served at both tiers.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -14,6 +15,7 @@ use gateway_e2e::stack::{
     ACME, GLOBEX, SEAL_KEY, SECRET, Stack, StackOptions, chat_body, edge_seal_secret, header,
     key_for, origin_seal_key, origin_settings, post,
 };
+use gateway_fixtures::provider::Fault;
 use gateway_fixtures::{DelayProxy, FakeFastlyApi, RedisDeployment};
 use gateway_origin::Application;
 use serde_json::{Value, json};
@@ -127,15 +129,29 @@ async fn no_answer_text_is_readable_in_redis_or_the_kv_api_after_a_realistic_run
             assert!(walks.contains(&format!("{path} {layer}")), "{walks:?}");
         }
     }
+    // A stream that ends cleanly but cannot be assembled is not cached: its leader publishes
+    // the answer in Redis for followers on other replicas (`gw:flight:…:result`, 10 s).
+    stack.provider.set_fault(Fault::DropFinish, Some(1));
+    let mut unassembled = chat_body("seal me, a flight result");
+    unassembled["stream"] = json!(true);
+    let resp = stack
+        .edge_post("/v1/chat/completions", ACME, &unassembled, &[])
+        .await;
+    assert_eq!(resp.status(), 200, "the unassembled stream");
+    answered.push_str(&resp.text().await.expect("stream"));
     let tags = answer_tags(&answered);
     assert!(
-        answered.contains(ANSWER_PHRASE) && tags.len() >= 3,
+        answered.contains(ANSWER_PHRASE) && tags.len() >= 4,
         "the clients read the answers: {tags:?}"
     );
 
     let api = stack.kv_api.as_ref().expect("replication is on");
     wait_for_kv(api, requests.len()).await;
     let redis = redis_dump(&stack.redis);
+    assert!(
+        redis.contains(":result => "),
+        "the dump holds the flight result:\n{redis}"
+    );
     let kv = kv_dump(api);
     assert!(
         redis.contains("gw:v1:acme:"),
@@ -190,6 +206,7 @@ async fn tampered_moved_and_foreign_key_entries_at_the_edge_are_counted_misses()
             foreign,
             kv_seed_plain(&plain),
         ],
+        usage: true,
         ..StackOptions::default()
     })
     .await
@@ -229,6 +246,21 @@ async fn tampered_moved_and_foreign_key_entries_at_the_edge_are_counted_misses()
         3,
         "each refused entry cost one provider call"
     );
+    // Counted at the origin from the edge's usage records, as the origin counts its own.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let counted = |reason: &str| {
+        let label = format!("reason=\"{reason}\"");
+        stack.metric("gateway_edge_kv_rejects_total", &[label.as_str()])
+    };
+    while (counted("unopenable"), counted("unknown_key_id")) != (2.0, 1.0) {
+        assert!(
+            Instant::now() < deadline,
+            "edge rejects counted: unopenable {}, unknown_key_id {}",
+            counted("unopenable"),
+            counted("unknown_key_id")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An origin of its own on `redis`, replicating to `api`, sealing with `current` and opening
