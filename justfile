@@ -7,7 +7,7 @@ export PATH := env_var_or_default("CARGO_HOME", env_var("HOME") + "/.cargo") + "
 
 viceroy_version := "0.22.0"
 fastly_cli_version := "16.1.0"
-wasm := "target/wasm32-wasip1/release/gateway-compute.wasm"
+wasm := "target/wasm32-wasip1/edge/gateway-compute.wasm"
 
 default:
     @just --list
@@ -80,9 +80,9 @@ python-venv:
 build:
     cargo build --all-targets
 
-# Build the edge wasm (release, size-optimized).
+# Build the edge wasm (the `edge` profile: release, size-optimized; Cargo.toml says why).
 build-edge:
-    cargo build -p gateway-compute --release --target wasm32-wasip1
+    cargo build -p gateway-compute --profile edge --target wasm32-wasip1
     @ls -l {{wasm}} | awk '{print "build-edge: " $9 " " $5 " bytes"}'
 
 # fmt check, the ops files (check-ops), clippy -D warnings on the host crates and on compute for wasm32-wasip1.
@@ -173,7 +173,7 @@ bench-tools:
 # Build what the benchmarks run: the origin and bench binaries (release), both wasm services.
 bench-build: build-edge
     cargo build --release -p gateway-origin -p gateway-bench
-    cargo build --release -p gateway-bench-bare-compute --target wasm32-wasip1
+    cargo build --profile edge -p gateway-bench-bare-compute --target wasm32-wasip1
     cargo build --release -p gateway-bench-seal-wasm --target wasm32-wasip1
 
 # Every tier against its floor in one run (~5 min); rewrites bench/REPORT.md and bench/latency.png.

@@ -21,14 +21,19 @@ fi
 rm -rf "$root/src"
 mkdir -p "$root/src" "$out"
 git archive "$rev" | tar -x -C "$root/src"
+# The edge as that revision built it: its `edge` profile once it had one, release before.
+profile=release
+if grep -q '^\[profile\.edge\]' "$root/src/Cargo.toml"; then
+    profile=edge
+fi
 (
     cd "$root/src"
     export CARGO_TARGET_DIR="$PWD/../target"
     cargo build --release -q -p gateway-origin >&2
-    cargo build --release -q -p gateway-compute --target wasm32-wasip1 >&2
+    cargo build --profile "$profile" -q -p gateway-compute --target wasm32-wasip1 >&2
 )
 cp "$root/target/release/gateway-origin" "$out/"
-cp "$root/target/wasm32-wasip1/release/gateway-compute.wasm" "$out/"
+cp "$root/target/wasm32-wasip1/$profile/gateway-compute.wasm" "$out/"
 # Its own tenants file: today's may carry fields the revision does not know (and refuses).
 cp "$root/src/fixtures/tenants.json" "$out/"
 echo "$rev" > "$out/REVISION"

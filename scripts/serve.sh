@@ -209,7 +209,7 @@ fi
 run "edge    " 35 env USAGE_INGEST_TOKEN="$USAGE_INGEST_TOKEN" bash -c \
     'ingest=$1; shift; exec "$@" > >(exec target/release/usage-forwarder --ingest-url "$ingest") 2>&1' \
     edge "http://127.0.0.1:$ORIGIN_PORT/ingest/edge-usage" \
-    viceroy -C "$STATE/fastly.toml" --addr "127.0.0.1:$EDGE_PORT" target/wasm32-wasip1/release/gateway-compute.wasm
+    viceroy -C "$STATE/fastly.toml" --addr "127.0.0.1:$EDGE_PORT" target/wasm32-wasip1/edge/gateway-compute.wasm
 wait_port edge "$EDGE_PORT"
 
 cat <<BANNER

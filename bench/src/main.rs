@@ -223,11 +223,11 @@ async fn main() -> anyhow::Result<()> {
     for (name, path) in [
         (
             "gateway-compute.wasm",
-            "target/wasm32-wasip1/release/gateway-compute.wasm",
+            "target/wasm32-wasip1/edge/gateway-compute.wasm",
         ),
         (
             "gateway-bench-bare-compute.wasm",
-            "target/wasm32-wasip1/release/gateway-bench-bare-compute.wasm",
+            "target/wasm32-wasip1/edge/gateway-bench-bare-compute.wasm",
         ),
     ] {
         if let Ok(meta) = std::fs::metadata(repo_root().join(path)) {

@@ -10,13 +10,13 @@ use gateway_e2e::repo_root;
 /// The bytes the bare service answers, which the bench also seeds as the edge's cached body.
 pub const HIT_BODY: &[u8] = include_bytes!("../bare-compute/src/hit.json");
 
-/// The release wasm of the bare service (`cargo build -p gateway-bench-bare-compute --release
-/// --target wasm32-wasip1`, which `just bench` runs).
+/// The wasm of the bare service, built as the edge is (`cargo build -p
+/// gateway-bench-bare-compute --profile edge --target wasm32-wasip1`, which `just bench` runs).
 pub fn bare_wasm() -> anyhow::Result<PathBuf> {
-    let wasm = repo_root().join("target/wasm32-wasip1/release/gateway-bench-bare-compute.wasm");
+    let wasm = repo_root().join("target/wasm32-wasip1/edge/gateway-bench-bare-compute.wasm");
     if !wasm.exists() {
         bail!(
-            "{} is missing: `cargo build -p gateway-bench-bare-compute --release --target wasm32-wasip1` (`just bench` does it)",
+            "{} is missing: `cargo build -p gateway-bench-bare-compute --profile edge --target wasm32-wasip1` (`just bench` does it)",
             wasm.display()
         );
     }

@@ -107,9 +107,9 @@ pub struct Edge {
     forwarder: Option<LogForwarder>,
 }
 
-/// The release wasm `just build-edge` produces.
+/// The wasm `just build-edge` produces (the `edge` profile).
 pub fn edge_wasm() -> anyhow::Result<PathBuf> {
-    let wasm = repo_root().join("target/wasm32-wasip1/release/gateway-compute.wasm");
+    let wasm = repo_root().join("target/wasm32-wasip1/edge/gateway-compute.wasm");
     if !wasm.exists() {
         bail!(
             "{} is missing: run `just build-edge` (or `just test`, which builds it)",
