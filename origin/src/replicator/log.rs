@@ -319,7 +319,7 @@ impl Log {
             get.arg(key);
             batch.push(key, get);
         }
-        let values = self.redis.run_batch("repl_values", &batch).await?;
+        let values = self.redis.run_batch("repl_values", batch).await?;
         let values: Vec<Option<Vec<u8>>> = values
             .iter()
             .map(|v| redis::from_redis_value(v).unwrap_or(None))
@@ -348,7 +348,7 @@ impl Log {
             eval.arg(DIGEST).arg(1).arg(key);
             batch.push(key, eval);
         }
-        let values = self.redis.run_batch("repl_digests", &batch).await?;
+        let values = self.redis.run_batch("repl_digests", batch).await?;
         Ok(values
             .iter()
             .map(|v| redis::from_redis_value(v).unwrap_or(None))

@@ -57,62 +57,64 @@ impl Batch {
     }
 
     /// Sends the batch; one reply per command not ignored, in order. An error in any part
-    /// fails the whole batch (callers treat it as a miss).
-    pub async fn query(&self, conn: &Conn) -> RedisResult<Vec<Value>> {
+    /// fails the whole batch (callers treat it as a miss). Consumes the batch: its commands
+    /// move into their pipelines rather than being copied there.
+    pub async fn query(self, conn: &Conn) -> RedisResult<Vec<Value>> {
         if self.commands.is_empty() {
             return Ok(Vec::new());
         }
         match conn {
-            Conn::Single(_) => {
-                let indices: Vec<usize> = (0..self.commands.len()).collect();
-                self.query_part(conn.clone(), &indices).await
-            }
+            Conn::Single(_) => query_part(conn.clone(), self.commands).await,
             Conn::Cluster(_) => {
-                let mut groups: Vec<(u16, Vec<usize>)> = Vec::new();
-                for (i, command) in self.commands.iter().enumerate() {
-                    match groups.iter_mut().find(|(s, _)| *s == command.slot) {
-                        Some((_, group)) => group.push(i),
-                        None => groups.push((command.slot, vec![i])),
-                    }
+                // Per slot: the commands, and the positions of their kept replies.
+                let mut groups: Vec<(u16, Vec<Command>, Vec<usize>)> = Vec::new();
+                let mut kept = 0;
+                for command in self.commands {
+                    let at = (!command.ignored).then(|| {
+                        kept += 1;
+                        kept - 1
+                    });
+                    let group = match groups.iter().position(|(s, _, _)| *s == command.slot) {
+                        Some(g) => &mut groups[g],
+                        None => {
+                            groups.push((command.slot, Vec::new(), Vec::new()));
+                            let last = groups.len() - 1;
+                            &mut groups[last]
+                        }
+                    };
+                    group.2.extend(at);
+                    group.1.push(command);
                 }
                 if groups.len() == 1 {
-                    return self.query_part(conn.clone(), &groups[0].1).await;
+                    let (_, commands, _) = groups.swap_remove(0);
+                    return query_part(conn.clone(), commands).await;
                 }
-                let parts = try_join_all(
-                    groups
-                        .iter()
-                        .map(|(_, group)| self.query_part(conn.clone(), group)),
-                )
-                .await?;
-                let mut replies: Vec<Option<Value>> = vec![None; self.commands.len()];
-                for ((_, group), part) in groups.iter().zip(parts) {
-                    let kept = group.iter().filter(|&&i| !self.commands[i].ignored);
-                    for (&i, value) in kept.zip(part) {
-                        replies[i] = Some(value);
+                let (commands, positions): (Vec<_>, Vec<_>) =
+                    groups.into_iter().map(|(_, c, p)| (c, p)).unzip();
+                let parts =
+                    try_join_all(commands.into_iter().map(|c| query_part(conn.clone(), c))).await?;
+                let mut replies: Vec<Value> = vec![Value::Nil; kept];
+                for (positions, part) in positions.iter().zip(parts) {
+                    for (&at, value) in positions.iter().zip(part) {
+                        replies[at] = value;
                     }
                 }
-                Ok(replies
-                    .into_iter()
-                    .zip(&self.commands)
-                    .filter(|(_, c)| !c.ignored)
-                    .map(|(v, _)| v.unwrap_or(Value::Nil))
-                    .collect())
+                Ok(replies)
             }
         }
     }
+}
 
-    /// One pipeline of the commands at `indices`; the replies of those not ignored.
-    async fn query_part(&self, mut conn: Conn, indices: &[usize]) -> RedisResult<Vec<Value>> {
-        let mut pipe = redis::Pipeline::with_capacity(indices.len());
-        for &i in indices {
-            let command = &self.commands[i];
-            pipe.add_command(command.cmd.clone());
-            if command.ignored {
-                pipe.ignore();
-            }
+/// One pipeline of `commands`; the replies of those not ignored.
+async fn query_part(mut conn: Conn, commands: Vec<Command>) -> RedisResult<Vec<Value>> {
+    let mut pipe = redis::Pipeline::with_capacity(commands.len());
+    for command in commands {
+        pipe.add_command(command.cmd);
+        if command.ignored {
+            pipe.ignore();
         }
-        pipe.query_async(&mut conn).await
     }
+    pipe.query_async(&mut conn).await
 }
 
 /// The cluster slot of `key`: CRC16 (XMODEM) of its hash tag (the part between the first `{`

@@ -93,7 +93,7 @@ impl RedisStore {
     pub(crate) async fn run_batch(
         &self,
         op: &'static str,
-        batch: &Batch,
+        batch: Batch,
     ) -> Result<Vec<Value>, StoreError> {
         self.run(op, move |c| async move { batch.query(&c).await })
             .await
@@ -178,7 +178,7 @@ impl Store for RedisStore {
         async move {
             let mut batch = Batch::new();
             push_counter_ops(&mut batch, ops);
-            let values = self.run_batch("counters", &batch).await?;
+            let values = self.run_batch("counters", batch).await?;
             Ok(values.iter().map(counter_value).collect())
         }
         .boxed()
@@ -196,14 +196,15 @@ impl Store for RedisStore {
             let mut batch = Batch::new();
             batch.push(key, cmd1("GET", key));
             push_counter_ops(&mut batch, ops);
-            let values = self.run_batch("get", &batch).await?;
-            let mut values = values.iter();
+            let mut values = self.run_batch("get", batch).await?.into_iter();
             let value = match values.next() {
-                Some(v) => redis::from_redis_value::<Option<Vec<u8>>>(v)
+                // The entry's bytes are taken out of the reply, not copied.
+                Some(Value::BulkString(bytes)) => Some(bytes),
+                Some(v) => redis::from_redis_value::<Option<Vec<u8>>>(&v)
                     .map_err(|e| StoreError::Redis(e.to_string()))?,
                 None => None,
             };
-            Ok((value, values.map(counter_value).collect()))
+            Ok((value, values.map(|v| counter_value(&v)).collect()))
         }
         .boxed()
     }
@@ -223,7 +224,7 @@ impl Store for RedisStore {
             let mut set = cmd1("SET", lock_key);
             set.arg(holder).arg("NX").arg("PX").arg(ttl_ms.max(1));
             batch.push(lock_key, set);
-            let values = self.run_batch("flight", &batch).await?;
+            let values = self.run_batch("flight", batch).await?;
             let (entry, locked): (Option<Vec<u8>>, Option<String>) = match values.as_slice() {
                 [entry, locked] => (from_value(entry)?, from_value(locked)?),
                 _ => return Err(StoreError::Redis("short flight reply".into())),
@@ -255,7 +256,7 @@ impl Store for RedisStore {
                 .push(entry_key, cmd1("GET", entry_key))
                 .push(result_key, cmd1("GET", result_key))
                 .push(lock_key, cmd1("EXISTS", lock_key));
-            let values = self.run_batch("flight", &batch).await?;
+            let values = self.run_batch("flight", batch).await?;
             match values.as_slice() {
                 [entry, result, held] => Ok(Watched {
                     entry: from_value(entry)?,

@@ -54,7 +54,7 @@ impl RedisStore {
                         batch.push(key, eval);
                     }
                     deleted += self
-                        .run_batch("unlink", &batch)
+                        .run_batch("unlink", batch)
                         .await?
                         .iter()
                         .filter_map(|v| redis::from_redis_value::<u64>(v).ok())
