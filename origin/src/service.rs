@@ -566,9 +566,9 @@ impl Service {
         let Some(bytes) = got else {
             return (None, false);
         };
-        match Entry::decode(&bytes, key, &self.sealer) {
-            Ok(entry) if policy::purged(entry.envelope.generation, generation) => (None, false),
-            Ok(entry) => {
+        match self.open_stored(&bytes, key) {
+            Some(entry) if policy::purged(entry.envelope.generation, generation) => (None, false),
+            Some(entry) => {
                 let env = &entry.envelope;
                 // The cap applies to what is read too: an entry written under a larger cap
                 // (before the setting was lowered) is not served past the current one.
@@ -585,19 +585,19 @@ impl Service {
                     Freshness::Stale { .. } | Freshness::Expired => (None, true),
                 }
             }
-            Err(error) => {
-                self.count_decode_error(&error);
-                if let Some(suppressed) = self.decode_log.admit() {
-                    tracing::warn!(%error, suppressed, "cache entry did not decode; serving as a miss");
-                }
-                (None, false)
-            }
+            None => (None, false),
         }
     }
 
-    /// An entry read from Redis that is not served: counted, and for a sealed entry that did
-    /// not open, counted by reason too (`gateway_seal_open_failures_total`).
-    fn count_decode_error(&self, error: &gateway_common::entry::EntryError) {
+    /// An entry (or published flight result) read from Redis, opened for `key`; `None` when
+    /// it does not decode or open, which is counted (`gateway_cache_decode_errors_total`, and
+    /// by reason in `gateway_seal_open_failures_total` for a sealed entry that did not open),
+    /// logged (throttled) and served as a miss.
+    pub(super) fn open_stored(&self, bytes: &[u8], key: &CacheKey) -> Option<Entry> {
+        let error = match Entry::decode(bytes, key, &self.sealer) {
+            Ok(entry) => return Some(entry),
+            Err(error) => error,
+        };
         self.metrics.cache_decode_errors.inc();
         if error.is_seal_failure() {
             self.metrics
@@ -605,6 +605,10 @@ impl Service {
                 .with_label_values(&[error.reason()])
                 .inc();
         }
+        if let Some(suppressed) = self.decode_log.admit() {
+            tracing::warn!(%error, suppressed, "cache entry did not decode; serving as a miss");
+        }
+        None
     }
 
     /// Logs `entry` for the edge tier (one Redis command).

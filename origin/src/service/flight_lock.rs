@@ -211,13 +211,7 @@ impl Service {
         generation: u64,
         started: Instant,
     ) -> Option<Arc<Answer>> {
-        let entry = match Entry::decode(&bytes, key, &self.sealer) {
-            Ok(entry) => entry,
-            Err(error) => {
-                self.count_decode_error(&error);
-                return None;
-            }
-        };
+        let entry = self.open_stored(&bytes, key)?;
         let env = &entry.envelope;
         if policy::purged(env.generation, generation) {
             return None;
@@ -232,18 +226,10 @@ impl Service {
         self.metrics.coalesced_remote.inc();
         Some(Arc::new(Answer::followed(entry, waited_ms(started))))
     }
-}
 
-impl Service {
     /// The answer a leader published for its followers (not cached).
     fn published(&self, key: &CacheKey, bytes: &[u8], started: Instant) -> Option<Arc<Answer>> {
-        let result = match Entry::decode(bytes, key, &self.sealer) {
-            Ok(result) => result,
-            Err(error) => {
-                self.count_decode_error(&error);
-                return None;
-            }
-        };
+        let result = self.open_stored(bytes, key)?;
         let mut answer = Answer::followed(result, waited_ms(started));
         // Only its entry was meant for caching; a published result never is.
         answer.entry = None;
