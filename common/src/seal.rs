@@ -7,6 +7,8 @@
 //! (`just bench`, part seal-wasm); the X variant costs the same per KiB and its 192-bit nonce
 //! makes a random nonce per entry safe at any volume, with no nonce state to keep anywhere.
 
+use std::sync::Arc;
+
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use hkdf::Hkdf;
@@ -54,7 +56,9 @@ pub enum SealError {
 /// One seal secret and the id entries name it by. Not `Debug`: it holds the secret.
 #[derive(Clone)]
 pub struct SealKey {
-    id: String,
+    /// Shared with every key derived from it: cloning a derived key (the origin's cache hands
+    /// out a clone per read) copies no string.
+    id: Arc<str>,
     secret: Vec<u8>,
 }
 
@@ -67,7 +71,7 @@ impl SealKey {
             return Err(SealError::EmptySecret);
         }
         Ok(SealKey {
-            id: id.to_owned(),
+            id: Arc::from(id),
             secret: secret.to_vec(),
         })
     }
@@ -88,7 +92,7 @@ impl SealKey {
             &mut okm,
         );
         TenantKey {
-            id: self.id.clone(),
+            id: Arc::clone(&self.id),
             cipher: XChaCha20Poly1305::new(Key::from_slice(&okm)),
             #[cfg(test)]
             raw: okm,
@@ -99,7 +103,7 @@ impl SealKey {
 /// A tenant's derived key under one key id: what seals and opens that tenant's entries.
 #[derive(Clone)]
 pub struct TenantKey {
-    id: String,
+    id: Arc<str>,
     cipher: XChaCha20Poly1305,
     #[cfg(test)]
     raw: [u8; 32],
@@ -166,7 +170,7 @@ impl Keyring {
         if let Some(previous) = &previous
             && previous.id == current.id
         {
-            return Err(SealError::DuplicateKeyId(current.id));
+            return Err(SealError::DuplicateKeyId(current.id.to_string()));
         }
         Ok(Keyring { current, previous })
     }
@@ -180,7 +184,7 @@ impl Keyring {
     pub fn get(&self, id: &str) -> Option<&SealKey> {
         std::iter::once(&self.current)
             .chain(&self.previous)
-            .find(|k| k.id == id)
+            .find(|k| &*k.id == id)
     }
 }
 
