@@ -104,20 +104,23 @@ check-ops:
     promtool test rules ops/prometheus/alerts.test.yml
     python3 ops/grafana/check.py ops/grafana/gateway.json
 
-# (The multi-replica e2e tests run gateway-origin as processes, and `cargo test -p gateway-e2e`
-# alone rebuilds only the library they link: the binary is built first.)
 # Run every test: unit, property, golden (host and wasm under Viceroy), integration, end-to-end.
+# (The multi-replica e2e tests run target/debug/gateway-origin as processes; `cargo test
+# --workspace` builds it, since the origin has integration tests of its own.)
 test: setup build-edge
-    cargo build -p gateway-origin --bins
     cargo test --workspace --no-fail-fast
     just test-wasm
     just test-cluster
 
 # The cache-behaviour e2e modules again with every stack on a local six-node Redis Cluster
 # (GATEWAY_E2E_REDIS=cluster); the origin's own cluster tests (kill -9, reshard) are in `test`.
+# Every cargo command here selects the whole workspace, as `test` does: the features cargo
+# unifies then match (the origin's dev-dependencies turn on tokio's test-util), so after `test`
+# nothing is compiled again, where `-p gateway-e2e` built a second copy of the origin and its
+# dependencies. `--no-run` builds target/debug/gateway-origin, which the e2e stacks start.
 test-cluster: build-edge
-    cargo build -p gateway-origin --bins
-    GATEWAY_E2E_REDIS=cluster cargo test -p gateway-e2e --test e2e --no-fail-fast -- \
+    cargo test --workspace --no-run
+    GATEWAY_E2E_REDIS=cluster cargo test --workspace --test e2e --no-fail-fast -- \
         walk:: isolation:: cross_replica:: dual_write:: tenant_purge:: streaming:: faults:: shared_state::
 
 # Golden vectors compiled to wasm32-wasip1 and run in Viceroy (edge and origin agree on keys and

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 
 use crate::repo_root;
 
-const BUILD_HINT: &str = "run `cargo build -p gateway-origin --bins` (`just test` does)";
+const BUILD_HINT: &str = "run `cargo build -p gateway-origin --bins` (`just test` builds it)";
 
 /// `target/<profile>/gateway-origin` of the profile this test binary was built with.
 pub fn origin_binary() -> anyhow::Result<PathBuf> {
