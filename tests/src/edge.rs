@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 
 use gateway_fixtures::{
     ChildProcess, FakeFastlyApi, LogForwarder, LogForwarderConfig, LogSource, free_port,
+    retry_taken_port,
 };
 
 use crate::repo_root;
@@ -153,11 +154,20 @@ impl Edge {
 
     /// Any Compute wasm under Viceroy on a free port, with the manifest `manifest` writes
     /// for a scratch directory (e.g. a bare service as a benchmark floor). `label` names the
-    /// scratch directory and the log in it.
+    /// scratch directory and the log in it. Started again on fresh ports if Viceroy found its
+    /// port taken.
     pub fn start_wasm(
         wasm: &Path,
         label: &str,
-        manifest: impl FnOnce(&Path) -> anyhow::Result<String>,
+        manifest: impl Fn(&Path) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Edge> {
+        retry_taken_port(|| Edge::spawn_wasm(wasm, label, &manifest))
+    }
+
+    fn spawn_wasm(
+        wasm: &Path,
+        label: &str,
+        manifest: &impl Fn(&Path) -> anyhow::Result<String>,
     ) -> anyhow::Result<Edge> {
         let port = free_port()?;
         let mut process = ChildProcess::new(label)?;
