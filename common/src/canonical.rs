@@ -380,9 +380,16 @@ fn write_number(out: &mut String, n: Number) -> Result<(), Inexact> {
 /// Write `s` as a JSON string exactly as `serde_json::to_string(&str)` does: `"` and `\`
 /// escaped, control characters as `\b \t \n \f \r` or `\u00xx` (lowercase hex), everything
 /// else (including non-ASCII) as raw UTF-8.
-pub(crate) fn write_json_string(out: &mut String, s: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
+pub fn write_json_string(out: &mut String, s: &str) {
     out.push('"');
+    write_json_string_contents(out, s);
+    out.push('"');
+}
+
+/// [`write_json_string`] without the quotes, for a string written in pieces (e.g. through
+/// `fmt::Write`).
+pub fn write_json_string_contents(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut start = 0;
     for (i, byte) in s.bytes().enumerate() {
         let short = match byte {
@@ -408,7 +415,6 @@ pub(crate) fn write_json_string(out: &mut String, s: &str) {
         start = i + 1;
     }
     out.push_str(&s[start..]);
-    out.push('"');
 }
 
 /// One step of the path to a value, for duplicate-key messages.

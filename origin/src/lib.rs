@@ -12,6 +12,7 @@ pub mod error;
 pub mod fanout;
 pub mod generation;
 pub mod kv_api;
+pub mod log_format;
 pub mod meter;
 pub mod metrics;
 pub mod peers;

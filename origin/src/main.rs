@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use gateway_origin::Application;
+use gateway_origin::log_format;
 use gateway_origin::settings::{LogFormat, Settings};
 use gateway_origin::telemetry::Telemetry;
 use tracing_subscriber::layer::SubscriberExt;
@@ -42,16 +43,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match settings.log.format {
-        // The spans in scope (the request's, with its trace id) once per line, not twice:
-        // the current span again beside the list cost the hit path a second parse of its
-        // fields on every line.
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_current_span(false),
-            )
-            .init(),
+        LogFormat::Json => registry.with(log_format::json_lines()).init(),
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
     let app = Application::build(settings)?;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use gateway_e2e::stack::{ACME, Stack, StackOptions, chat_body, header, post};
 use gateway_fixtures::{OtlpReceiver, ReceivedSpan};
+use gateway_origin::log_format::json_lines;
 use gateway_origin::telemetry::Telemetry;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -46,11 +47,7 @@ fn observed() -> &'static Observed {
         // loudly, rather than silently passing.
         let _ = tracing_subscriber::registry()
             .with(tracing_subscriber::EnvFilter::new("gateway_origin=info"))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(move || Capture(Arc::clone(&sink))),
-            )
+            .with(json_lines().with_writer(move || Capture(Arc::clone(&sink))))
             .with(otel)
             .try_init();
         Observed {
