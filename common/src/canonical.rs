@@ -390,6 +390,15 @@ pub fn write_json_string(out: &mut String, s: &str) {
 /// `fmt::Write`).
 pub fn write_json_string_contents(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    // Most strings need no escape: one pass that the compiler vectorises (no early exit)
+    // decides it, and the string is copied whole.
+    let escapes = s.bytes().fold(false, |any, b| {
+        any | (b < 0x20) | (b == b'"') | (b == b'\\')
+    });
+    if !escapes {
+        out.push_str(s);
+        return;
+    }
     let mut start = 0;
     for (i, byte) in s.bytes().enumerate() {
         let short = match byte {

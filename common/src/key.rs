@@ -65,7 +65,7 @@ impl CacheKey {
         mac.update(canonical);
         CacheKey {
             tenant: tenant.to_owned(),
-            hex: hex::encode(mac.finalize().into_bytes()),
+            hex: digest_hex(&mac.finalize().into_bytes().into()),
         }
     }
 
@@ -126,7 +126,19 @@ pub fn bearer_token(authorization: &str) -> Option<&str> {
 
 /// sha256 hex (lowercase) of an API key (how tenants.json stores keys).
 pub fn api_key_digest(api_key: &str) -> String {
-    hex::encode(Sha256::digest(api_key.as_bytes()))
+    digest_hex(&Sha256::digest(api_key.as_bytes()).into())
+}
+
+/// Lowercase hex of a SHA-256 digest. `hex::encode` collects its digits a `char` at a time
+/// through an iterator: ~1.7k instructions a call, twice on every origin hit.
+fn digest_hex(digest: &[u8; 32]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for byte in digest {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0F)]));
+    }
+    out
 }
 
 #[cfg(test)]
