@@ -129,16 +129,13 @@ pub fn api_key_digest(api_key: &str) -> String {
     digest_hex(&Sha256::digest(api_key.as_bytes()).into())
 }
 
-/// Lowercase hex of a SHA-256 digest. `hex::encode` collects its digits a `char` at a time
-/// through an iterator: ~1.7k instructions a call, twice on every origin hit.
+/// Lowercase hex of a SHA-256 digest, encoded on the stack. `hex::encode` collects its digits
+/// a `char` at a time through an iterator: ~1.7k instructions a call, twice on every origin hit.
 fn digest_hex(digest: &[u8; 32]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(64);
-    for byte in digest {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0x0F)]));
-    }
-    out
+    let mut digits = [0u8; 64];
+    // The lengths match, and hex digits are ASCII: neither conversion can lose anything.
+    let _ = hex::encode_to_slice(digest, &mut digits);
+    String::from_utf8_lossy(&digits).into_owned()
 }
 
 #[cfg(test)]
