@@ -27,7 +27,8 @@ pub use entry::{
 pub use error::ApiError;
 pub use headers::{CacheOutcome, CacheStatusMember, Fwd, Layer, ServerTiming};
 pub use key::{
-    CacheKey, KEY_VERSION, TenantIdError, api_key_digest, bearer_token, validate_tenant_id,
+    CacheKey, KEY_VERSION, KeySecret, TenantIdError, api_key_digest, bearer_token,
+    validate_tenant_id,
 };
 pub use policy::{Bypass, Freshness, Plan, RequestDirectives};
 pub use route::Route;

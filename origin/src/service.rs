@@ -11,7 +11,7 @@ use gateway_common::echo;
 use gateway_common::entry::Entry;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{CacheOutcome, CacheStatusMember, Fwd, Layer};
-use gateway_common::key::CacheKey;
+use gateway_common::key::{CacheKey, KeySecret};
 use gateway_common::policy::{self, Freshness};
 use gateway_common::route::Route;
 use gateway_common::sse;
@@ -177,7 +177,9 @@ pub struct Service {
     meter: Arc<Meter>,
     replicator: Arc<dyn Replicator>,
     metrics: Metrics,
+    /// The cache key secret: raw for the semantic scope, prepared for the exact key.
     key_secret: Vec<u8>,
+    key_hmac: KeySecret,
     max_body_bytes: usize,
     /// Most bytes read from a provider answer, streamed or not.
     max_upstream_body_bytes: usize,
@@ -266,6 +268,7 @@ impl Service {
             meter,
             replicator,
             metrics,
+            key_hmac: KeySecret::new(&settings.cache_key_secret()),
             key_secret: settings.cache_key_secret(),
             max_body_bytes: settings.server.max_body_bytes,
             max_upstream_body_bytes: settings.server.max_upstream_body_bytes,
@@ -360,12 +363,9 @@ impl Service {
         );
         let plan = policy::plan(directives, &parsed, &tenant);
         let key = match &parsed.canonical {
-            Some(canonical) if plan.read || plan.write => Some(CacheKey::derive(
-                &self.key_secret,
-                &tenant.id,
-                request.route,
-                canonical,
-            )),
+            Some(canonical) if plan.read || plan.write => {
+                Some(self.key_hmac.derive(&tenant.id, request.route, canonical))
+            }
             _ => None,
         };
         trace.key = key.as_ref().map(|k| k.hex().to_string());
