@@ -1,5 +1,5 @@
-//! The semantic cache's costs: embedding time (short and long prompts, the model called
-//! directly), the time a semantic lookup adds to an exact miss (embed, the index's two Redis
+//! The semantic cache's costs: embedding time (short and long prompts, through the origin's
+//! embedder: its thread pool of the default `max_concurrent`, as a request embeds), the time a semantic lookup adds to an exact miss (embed, the index's two Redis
 //! round trips, the candidate's GET, on a redis-server holding the labelled set's questions),
 //! the semantic hit through the origin binary over HTTP, and that origin's RSS with the
 //! model loaded. Sequential requests, one at a time: latencies, not throughput.
@@ -14,6 +14,7 @@ use gateway_fixtures::{MockProvider, ProviderConfig, RedisServer};
 use gateway_origin::metrics::Metrics;
 use gateway_origin::semantic::DEFAULT_MODEL_DIR;
 use gateway_origin::semantic::embed::{DIMENSIONS, Embedding};
+use gateway_origin::semantic::embedder::LocalEmbedder;
 use gateway_origin::semantic::index::{Index, Place};
 use gateway_origin::semantic::order::WordKey;
 use gateway_origin::settings::{Secret, Settings};
@@ -49,6 +50,8 @@ pub struct SemanticBench {
     pub embed_long: Spread,
     pub lookup: Spread,
     pub indexed: usize,
+    /// The embedder's threads.
+    pub threads: usize,
     pub hit: Spread,
     pub exact_hit: Spread,
     pub hits_seen: usize,
@@ -60,22 +63,29 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
     let embedding = Arc::new(
         Embedding::load(&root.join(DEFAULT_MODEL_DIR)).context("the model (run `just setup`)")?,
     );
+    let defaults = Settings::for_tests().semantic;
+    let embedder = LocalEmbedder::new(
+        embedding,
+        defaults.max_concurrent,
+        // Generous: this measures the embedding, it does not test the timeout.
+        Duration::from_secs(10),
+    )?;
     let long = "Explain, step by step and with examples, how a Rust program should handle \
         errors that come from reading a configuration file, parsing it, validating its fields \
         and connecting to a database whose address it names, and when to prefer an error enum "
         .repeat(3);
     let long_words = long.split_whitespace().count();
-    let time = |text: &str| -> anyhow::Result<Vec<f64>> {
-        (0..samples)
-            .map(|_| {
-                let started = Instant::now();
-                embedding.embed(text)?;
-                Ok(started.elapsed().as_secs_f64() * 1000.0)
-            })
-            .collect()
+    let time = async |text: &str| -> anyhow::Result<Vec<f64>> {
+        let mut times = Vec::with_capacity(samples);
+        for _ in 0..samples {
+            let started = Instant::now();
+            embedder.embed(text.to_owned()).await?;
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        Ok(times)
     };
-    let embed_short = spread(time(SHORT)?);
-    let embed_long = spread(time(&long)?);
+    let embed_short = spread(time(SHORT).await?);
+    let embed_long = spread(time(&long).await?);
 
     // The lookup a semantic tenant's exact miss adds, on a Redis holding the set's questions.
     let redis = RedisServer::start()?;
@@ -107,7 +117,7 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
                 &*store,
                 place,
                 &key,
-                &embedding.embed(q)?,
+                &embedder.embed(q.clone()).await?,
                 &word_key.words(q),
                 0,
                 3600,
@@ -121,7 +131,7 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
     for i in 0..samples {
         let query = format!("{} ({i})", questions[i % questions.len()]);
         let started = Instant::now();
-        let vector = embedding.embed(&query)?;
+        let vector = embedder.embed(query.clone()).await?;
         let words = word_key.words(&query);
         if let Some(found) = index
             .nearest(&store, place, &vector, &words, 0, 0.5)
@@ -212,6 +222,7 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
         embed_long,
         lookup: spread(lookup),
         indexed: questions.len(),
+        threads: defaults.max_concurrent,
         hit: spread(hit),
         exact_hit: spread(exact_hit),
         hits_seen,
@@ -226,12 +237,13 @@ impl SemanticBench {
         let _ = writeln!(
             out,
             "Sequential, one request at a time, {} samples each (`--part semantic`). Embedding: \
-             all-MiniLM-L6-v2 through the origin's embedder code on one core. Lookup: what a \
+             all-MiniLM-L6-v2 through the origin's embedder (its pool of {} threads, the default \
+             `max_concurrent`). Lookup: what a \
              semantic tenant's exact miss adds (embed, the LSH bucket union and the candidates' \
              vectors from Redis, the best candidate's GET), over an index of the labelled set's \
              {} questions. Hits: the `gateway-origin` binary built beside the bench (release under `just bench`) over HTTP (tenant initech), each request a \
              new wording (a semantic hit), then the same question repeated (an exact hit).\n",
-            self.samples, self.indexed
+            self.samples, self.threads, self.indexed
         );
         let _ = writeln!(out, "| measure | p50 | p99 |\n|---|---|---|");
         for (name, s) in [

@@ -312,7 +312,7 @@ fn render(
         out,
         "Written by `just eval-semantic` (bench/src/semantic_eval/) from `{}`: {} pairs, {same} \
          paraphrases (label `same`) and {} hard negatives ({}). Model all-MiniLM-L6-v2 run by the \
-         origin's own embedder (candle, {embed_ms:.1} ms per text here), index: the origin's LSH \
+         origin's own embedder (gateway-embed, {embed_ms:.1} ms per text here), index: the origin's LSH \
          index on a redis-server the tool starts. A pair is a hit at threshold t when the cosine of \
          its two texts is at least t **and** their lexical guard fingerprints (numbers, negation \
          parity, reversal parity, named terms: origin/src/semantic/guard.rs) are equal, as in \

@@ -1,8 +1,6 @@
 //! Embedding off the async executor: the model runs on its own pool of `max_concurrent`
 //! threads, one text per thread (a semaphore in front; a waiter past `timeout_ms` gives up),
-//! so a burst of semantic lookups never starves the request handlers of their cores, and the
-//! model's own parallel steps (candle's softmax and layer norm use rayon) stay on those
-//! threads instead of rayon's global pool of one thread per core.
+//! so a burst of semantic lookups never starves the request handlers of their cores.
 
 use std::path::Path;
 use std::sync::Arc;

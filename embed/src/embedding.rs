@@ -1,15 +1,14 @@
-//! all-MiniLM-L6-v2 in-process: the WordPiece tokenizer, candle's BERT on the CPU, mean pooling
-//! and normalisation (`pool.rs`); 384 dimensions. Blocking and CPU-bound: callers go through
-//! `embedder.rs`, which runs it off the async executor with bounded concurrency.
+//! all-MiniLM-L6-v2 in-process: the WordPiece tokenizer, the BERT encoder (`bert.rs`) on the
+//! CPU, mean pooling and normalisation (`pool.rs`); 384 dimensions. Blocking and CPU-bound: callers go through
+//! the origin's `semantic/embedder.rs`, which runs it off the async executor with bounded
+//! concurrency.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config};
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::pool::{mean_pool, normalize};
+use crate::bert::{Bert, Config};
+use crate::pool::{mean_pool, normalize};
 
 /// The model's output width.
 pub const DIMENSIONS: usize = 384;
@@ -25,16 +24,16 @@ pub enum EmbedError {
     Load { path: PathBuf, reason: String },
     #[error("tokenizer: {0}")]
     Tokenize(String),
-    #[error("model: {0}")]
-    Model(#[from] candle_core::Error),
+    #[error("model: a word piece or type id outside the model's tables, or too many pieces")]
+    Model,
     #[error("model output has {0} dimensions, expected {DIMENSIONS}")]
     Shape(usize),
 }
 
-/// The loaded model. `embed` is synchronous and takes ~milliseconds of one core (its
-/// matrix multiplies single-threaded, see [`Embedding::load`]).
+/// The loaded model. `embed` is synchronous and takes a few milliseconds of one core for a
+/// short question; concurrency comes from `embedder.rs`'s bounded pool.
 pub struct Embedding {
-    model: BertModel,
+    model: Bert,
     tokenizer: Tokenizer,
 }
 
@@ -47,15 +46,7 @@ impl std::fmt::Debug for Embedding {
 impl Embedding {
     /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from `dir` (what
     /// `scripts/semantic-model.sh` installs; it checks their SHA-256).
-    ///
-    /// Also makes every matrix multiply of the process single-threaded (gemm's threading
-    /// threshold is process-wide; this model is the process's only user of it). candle would
-    /// otherwise split each multiply of a one-question batch over every core: on two cores
-    /// that already serve requests and run `max_concurrent` embeddings, the split costs more
-    /// than it gains (measured: 35 ms p50 for a short prompt against 13 ms on one thread,
-    /// release build, loaded machine). Concurrency comes from `embedder.rs`'s bounded pool.
     pub fn load(dir: &Path) -> Result<Embedding, EmbedError> {
-        gemm::set_threading_threshold(usize::MAX);
         let load = |name: &str| {
             let path = dir.join(name);
             std::fs::read(&path).map_err(|e| EmbedError::Load {
@@ -82,20 +73,15 @@ impl Embedding {
             }))
             .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
         // Read into memory rather than mmap: the workspace forbids unsafe code, and 90 MB
-        // read once at start is cheap.
-        let weights = VarBuilder::from_buffered_safetensors(
-            load("model.safetensors")?,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .map_err(|e| EmbedError::Load {
-            path: dir.join("model.safetensors"),
-            reason: e.to_string(),
-        })?;
-        let model = BertModel::load(weights, &config).map_err(|e| EmbedError::Load {
-            path: dir.join("model.safetensors"),
-            reason: e.to_string(),
-        })?;
+        // read once at start is cheap. The encoder copies what it keeps.
+        let model =
+            Bert::load(&config, &load("model.safetensors")?).map_err(|e| EmbedError::Load {
+                path: dir.join("model.safetensors"),
+                reason: e.to_string(),
+            })?;
+        if model.hidden() != DIMENSIONS {
+            return Err(EmbedError::Shape(model.hidden()));
+        }
         Ok(Embedding { model, tokenizer })
     }
 
@@ -105,32 +91,24 @@ impl Embedding {
             .tokenizer
             .encode(text, true)
             .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
-        let ids = encoding.get_ids();
         let mask = encoding.get_attention_mask();
-        let device = &self.model.device;
-        let input = Tensor::new(ids, device)?.unsqueeze(0)?;
-        let types = Tensor::new(encoding.get_type_ids(), device)?.unsqueeze(0)?;
-        let attention = Tensor::new(mask, device)?.unsqueeze(0)?;
-        let hidden = self.model.forward(&input, &types, Some(&attention))?;
-        let (_, tokens, dim) = hidden.dims3()?;
-        if dim != DIMENSIONS {
-            return Err(EmbedError::Shape(dim));
-        }
-        let flat: Vec<f32> = hidden.squeeze(0)?.flatten_all()?.to_vec1()?;
-        debug_assert_eq!(flat.len(), tokens * dim);
-        Ok(normalize(mean_pool(&flat, mask, dim)))
+        let hidden = self
+            .model
+            .forward(encoding.get_ids(), encoding.get_type_ids())
+            .ok_or(EmbedError::Model)?;
+        Ok(normalize(mean_pool(&hidden, mask, DIMENSIONS)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::semantic::pool::dot;
+    use crate::pool::dot;
 
     fn model_dir() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("..")
-            .join(crate::semantic::DEFAULT_MODEL_DIR)
+            .join(crate::DEFAULT_MODEL_DIR)
     }
 
     #[test]
@@ -138,8 +116,7 @@ mod tests {
         let embedding = Embedding::load(&model_dir())
             .unwrap_or_else(|e| panic!("{e} (run `just setup` to install the model)"));
         let reference: serde_json::Value =
-            serde_json::from_str(include_str!("../../../fixtures/semantic/reference.json"))
-                .unwrap();
+            serde_json::from_str(include_str!("../../fixtures/semantic/reference.json")).unwrap();
         let texts = reference["texts"].as_array().unwrap();
         let mut ours = Vec::new();
         for item in texts {
