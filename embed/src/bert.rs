@@ -163,8 +163,7 @@ impl Layer {
         attended.iter_mut().zip(&x).for_each(|(a, r)| *a += r);
         self.attention_norm.apply(&mut attended);
 
-        let mut inner = self.up.forward(&attended);
-        inner.iter_mut().for_each(|v| *v = gelu(*v));
+        let inner = self.up.forward_then(&attended, gelu);
         let mut out = self.down.forward(&inner);
         out.iter_mut().zip(&attended).for_each(|(o, r)| *o += r);
         self.output_norm.apply(&mut out);
@@ -265,8 +264,17 @@ struct Tensors<'a> {
 }
 
 impl Tensors<'_> {
-    /// A `rows × columns` f32 tensor (a vector when `rows` is 1), under `name` or `bert.name`.
+    /// A `rows × columns` f32 matrix under `name` or `bert.name`.
     fn matrix(&self, name: &str, rows: usize, columns: usize) -> Result<Vec<f32>, BertError> {
+        self.floats(name, &[rows, columns])
+    }
+
+    /// A vector of `len` f32 under `name` or `bert.name`.
+    fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, BertError> {
+        self.floats(name, &[len])
+    }
+
+    fn floats(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, BertError> {
         let fail = |reason: String| BertError::Tensor {
             name: name.to_owned(),
             reason,
@@ -279,13 +287,11 @@ impl Tensors<'_> {
         if view.dtype() != Dtype::F32 {
             return Err(fail(format!("dtype {:?}, expected F32", view.dtype())));
         }
-        let want: &[usize] = if rows == 1 {
-            &[columns]
-        } else {
-            &[rows, columns]
-        };
-        if view.shape() != want {
-            return Err(fail(format!("shape {:?}, expected {want:?}", view.shape())));
+        if view.shape() != shape {
+            return Err(fail(format!(
+                "shape {:?}, expected {shape:?}",
+                view.shape()
+            )));
         }
         Ok(view
             .data()
@@ -296,7 +302,7 @@ impl Tensors<'_> {
 
     fn linear(&self, name: &str, outputs: usize, inputs: usize) -> Result<Linear, BertError> {
         let weight = self.matrix(&format!("{name}.weight"), outputs, inputs)?;
-        let bias = self.matrix(&format!("{name}.bias"), 1, outputs)?;
+        let bias = self.vector(&format!("{name}.bias"), outputs)?;
         Linear::new(weight, bias, inputs).ok_or_else(|| BertError::Tensor {
             name: name.to_owned(),
             reason: "weight and bias disagree".to_owned(),
@@ -305,8 +311,8 @@ impl Tensors<'_> {
 
     fn norm(&self, name: &str, width: usize) -> Result<Norm, BertError> {
         Ok(Norm {
-            gamma: self.matrix(&format!("{name}.weight"), 1, width)?,
-            beta: self.matrix(&format!("{name}.bias"), 1, width)?,
+            gamma: self.vector(&format!("{name}.weight"), width)?,
+            beta: self.vector(&format!("{name}.bias"), width)?,
             eps: self.eps,
         })
     }
@@ -318,7 +324,7 @@ impl Tensors<'_> {
         for part in ["query", "key", "value"] {
             let name = format!("{prefix}.attention.self.{part}");
             weight.extend(self.matrix(&format!("{name}.weight"), h, h)?);
-            bias.extend(self.matrix(&format!("{name}.bias"), 1, h)?);
+            bias.extend(self.vector(&format!("{name}.bias"), h)?);
         }
         let qkv = Linear::new(weight, bias, h).ok_or_else(|| BertError::Tensor {
             name: format!("{prefix}.attention.self"),
@@ -346,6 +352,43 @@ impl Tensors<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(hidden_act: &str) -> Config {
+        Config {
+            hidden_size: 4,
+            num_attention_heads: 2,
+            num_hidden_layers: 1,
+            intermediate_size: 8,
+            layer_norm_eps: 1e-12,
+            max_position_embeddings: 8,
+            type_vocab_size: 2,
+            vocab_size: 10,
+            hidden_act: hidden_act.to_owned(),
+            position_embedding_type: absolute(),
+        }
+    }
+
+    #[test]
+    fn what_the_forward_pass_does_not_implement_is_refused_at_load() {
+        let empty =
+            safetensors::serialize(Vec::<(&str, safetensors::tensor::TensorView)>::new(), None)
+                .unwrap();
+        let err = Bert::load(&config("gelu_new"), &empty).err().unwrap();
+        assert!(err.to_string().contains("gelu_new"), "{err}");
+        let mut relative = config("gelu");
+        relative.position_embedding_type = "relative_key".to_owned();
+        assert!(matches!(
+            Bert::load(&relative, &empty),
+            Err(BertError::Config(_))
+        ));
+        // A missing tensor is named.
+        let err = Bert::load(&config("gelu"), &empty).err().unwrap();
+        assert!(err.to_string().contains("encoder.layer.0"), "{err}");
+        assert!(matches!(
+            Bert::load(&config("gelu"), b"not a safetensors file"),
+            Err(BertError::Weights(_))
+        ));
+    }
 
     #[test]
     fn gelu_is_the_exact_one() {

@@ -52,8 +52,15 @@ impl Linear {
     /// A large product is split by weight rows into one part per rayon thread (the embedder's
     /// pool when called from it): each part reads its share of the weights, which is what
     /// bounds a short question. A busy pool runs the parts one after the other, at no extra
-    /// cost; one part per thread keeps the forks (and the wake-ups) to one per product.
+    /// cost; two parts per thread let a thread that is already running take the share of one
+    /// that wakes late.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
+        self.forward_then(x, |v| v)
+    }
+
+    /// [`Linear::forward`] with `activation` applied to every output, inside the parts, so
+    /// it is split over the threads too.
+    pub fn forward_then(&self, x: &[f32], activation: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
         debug_assert_eq!(x.len() % self.inputs, 0);
         let rows = x.len() / self.inputs;
         let n = self.outputs();
@@ -61,8 +68,13 @@ impl Linear {
             .min(x.len() * n / SPLIT_MACS)
             .min(n / 2)
             .max(1);
+        let product = |range: Range<usize>| {
+            let mut part = self.product(x, range);
+            part.iter_mut().for_each(|v| *v = activation(*v));
+            part
+        };
         if parts == 1 {
-            return self.product(x, 0..n);
+            return product(0..n);
         }
         // Even boundaries keep weight rows paired as the kernel takes them.
         let step = n.div_ceil(parts).next_multiple_of(2);
@@ -72,7 +84,7 @@ impl Linear {
             .collect();
         let products: Vec<Vec<f32>> = ranges
             .par_iter()
-            .map(|range| self.product(x, range.clone()))
+            .map(|range| product(range.clone()))
             .collect();
         let mut out = Vec::with_capacity(rows * n);
         for r in 0..rows {
@@ -251,6 +263,16 @@ mod tests {
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             assert!((g - w).abs() < 1e-3, "output {i}: {g} vs {w}");
         }
+    }
+
+    #[test]
+    fn an_activation_is_applied_to_every_output_of_every_part() {
+        let layer = Linear::new(vec![1.0; 2048 * 64], vec![0.5; 2048], 64).unwrap();
+        let x = vec![0.25; 16 * 64];
+        let plain = layer.forward(&x);
+        let clipped = layer.forward_then(&x, |v| v.min(3.0));
+        assert!(plain.iter().all(|v| *v == 16.5));
+        assert_eq!(clipped, vec![3.0; 16 * 2048]);
     }
 
     #[test]
