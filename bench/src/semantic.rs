@@ -109,7 +109,7 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
         .collect();
     questions.sort();
     questions.dedup();
-    let word_key = WordKey::new(b"bench", "bench");
+    let word_key = WordKey::new(&gateway_common::KeySecret::new(b"bench"), "bench");
     for (i, q) in questions.iter().enumerate() {
         let key = format!("{i:064x}");
         index

@@ -47,7 +47,8 @@ pub struct CacheKey {
 
 /// The cache key secret with HMAC's keyed state (its inner and outer padded blocks) computed
 /// once. A process that derives many keys holds one of these: each key then costs the
-/// message's blocks only, not two more SHA-256 compressions for the secret.
+/// message's blocks only, not two more SHA-256 compressions for the secret. Everything else
+/// keyed with this secret (the origin's semantic scopes and words) starts from [`KeySecret::mac`].
 #[derive(Clone)]
 pub struct KeySecret {
     mac: Hmac<Sha256>,
@@ -64,11 +65,16 @@ impl KeySecret {
         KeySecret { mac }
     }
 
+    /// HMAC-SHA-256 keyed with the secret, ready for its message.
+    pub fn mac(&self) -> Hmac<Sha256> {
+        self.mac.clone()
+    }
+
     /// HMAC-SHA-256(secret, "v1" 0x00 tenant 0x00 route.path() 0x00 canonical), lowercase hex.
     ///
     /// `tenant` must be a valid tenant id (no 0x00), which makes the separators unambiguous.
     pub fn derive(&self, tenant: &str, route: Route, canonical: &[u8]) -> CacheKey {
-        let mut mac = self.mac.clone();
+        let mut mac = self.mac();
         mac.update(KEY_VERSION.as_bytes());
         mac.update(&[0]);
         mac.update(tenant.as_bytes());

@@ -177,9 +177,7 @@ pub struct Service {
     meter: Arc<Meter>,
     replicator: Arc<dyn Replicator>,
     metrics: Metrics,
-    /// The cache key secret: raw for the semantic scope, prepared for the exact key.
-    key_secret: Vec<u8>,
-    key_hmac: KeySecret,
+    key_secret: KeySecret,
     max_body_bytes: usize,
     /// Most bytes read from a provider answer, streamed or not.
     max_upstream_body_bytes: usize,
@@ -268,8 +266,7 @@ impl Service {
             meter,
             replicator,
             metrics,
-            key_hmac: KeySecret::new(&settings.cache_key_secret()),
-            key_secret: settings.cache_key_secret(),
+            key_secret: KeySecret::new(&settings.cache_key_secret()),
             max_body_bytes: settings.server.max_body_bytes,
             max_upstream_body_bytes: settings.server.max_upstream_body_bytes,
             ttl_cap_secs: settings.cache.ttl_cap_secs,
@@ -364,7 +361,7 @@ impl Service {
         let plan = policy::plan(directives, &parsed, &tenant);
         let key = match &parsed.canonical {
             Some(canonical) if plan.read || plan.write => {
-                Some(self.key_hmac.derive(&tenant.id, request.route, canonical))
+                Some(self.key_secret.derive(&tenant.id, request.route, canonical))
             }
             _ => None,
         };

@@ -99,7 +99,7 @@ async fn main() -> anyhow::Result<()> {
         .map(|p| gateway_origin::semantic::pool::dot(&texts[p.a.as_str()], &texts[p.b.as_str()]))
         .collect();
     // The origin keys the words with the cache key secret and the tenant; any key compares alike.
-    let key = WordKey::new(b"semantic-eval", "eval");
+    let key = WordKey::new(&gateway_common::KeySecret::new(b"semantic-eval"), "eval");
     let words: BTreeMap<&str, Words> = texts.keys().map(|t| (*t, key.words(t))).collect();
     let refusals: Vec<Option<&'static str>> =
         pairs.iter().map(|p| refusal(&p.a, &p.b, &words)).collect();

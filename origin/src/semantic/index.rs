@@ -337,7 +337,7 @@ mod tests {
     async fn a_candidate_whose_words_the_query_inverts_is_passed_over_for_the_next() {
         let store = store();
         let index = Index::new(16);
-        let key = WordKey::new(b"secret", "acme");
+        let key = WordKey::new(&gateway_common::KeySecret::new(b"secret"), "acme");
         let place = Place {
             tenant: "acme",
             scope: "s",
@@ -389,7 +389,8 @@ mod tests {
     #[test]
     fn stored_vectors_round_trip_and_a_wrong_length_or_version_is_refused() {
         let v = unit(3);
-        let words = WordKey::new(b"k", "t").words("copy a file from src to dst");
+        let words = WordKey::new(&gateway_common::KeySecret::new(b"k"), "t")
+            .words("copy a file from src to dst");
         let bytes = encode(&v, &words, 9);
         assert_eq!(decode(&bytes, 16), Some((9, words, v.clone())));
         assert_eq!(decode(&bytes[..bytes.len() - 1], 16), None);

@@ -5,6 +5,7 @@
 //! its vector (never its text); a candidate is refused when two content words both questions
 //! hold stand in opposite order with a direction word between them in both.
 
+use gateway_common::key::KeySecret;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -54,13 +55,8 @@ impl std::fmt::Debug for WordKey {
 }
 
 impl WordKey {
-    pub fn new(secret: &[u8], tenant: &str) -> WordKey {
-        #[allow(
-            clippy::expect_used,
-            reason = "HMAC is defined for keys of any length; new_from_slice cannot fail"
-        )]
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-            .expect("HMAC-SHA-256 accepts keys of any length");
+    pub fn new(secret: &KeySecret, tenant: &str) -> WordKey {
+        let mut mac = secret.mac();
         mac.update(b"semw1\0");
         mac.update(tenant.as_bytes());
         mac.update(&[0]);
@@ -202,7 +198,7 @@ mod tests {
     use super::*;
 
     fn inverted(a: &str, b: &str) -> bool {
-        let key = WordKey::new(b"secret", "acme");
+        let key = WordKey::new(&KeySecret::new(b"secret"), "acme");
         key.words(a).inverted(&key.words(b))
     }
 
@@ -259,15 +255,24 @@ mod tests {
     #[test]
     fn the_same_words_under_another_tenant_or_secret_do_not_compare() {
         let text = "convert a string to an integer";
-        let acme = WordKey::new(b"secret", "acme").words(text);
-        assert_ne!(acme, WordKey::new(b"secret", "globex").words(text));
-        assert_ne!(acme, WordKey::new(b"other", "acme").words(text));
-        assert_eq!(acme, WordKey::new(b"secret", "acme").words(text));
+        let acme = WordKey::new(&KeySecret::new(b"secret"), "acme").words(text);
+        assert_ne!(
+            acme,
+            WordKey::new(&KeySecret::new(b"secret"), "globex").words(text)
+        );
+        assert_ne!(
+            acme,
+            WordKey::new(&KeySecret::new(b"other"), "acme").words(text)
+        );
+        assert_eq!(
+            acme,
+            WordKey::new(&KeySecret::new(b"secret"), "acme").words(text)
+        );
     }
 
     #[test]
     fn stored_words_round_trip_and_a_short_buffer_is_refused() {
-        let words = WordKey::new(b"k", "t").words("copy a file from src to dst");
+        let words = WordKey::new(&KeySecret::new(b"k"), "t").words("copy a file from src to dst");
         let mut bytes = Vec::new();
         words.encode(&mut bytes);
         bytes.extend_from_slice(b"rest");
@@ -280,7 +285,7 @@ mod tests {
 
     #[test]
     fn no_words_on_either_side_is_never_an_inversion() {
-        let key = WordKey::new(b"k", "t");
+        let key = WordKey::new(&KeySecret::new(b"k"), "t");
         let some = key.words("convert a string to an integer");
         assert!(!some.inverted(&Words::default()));
         assert!(!Words::default().inverted(&some));

@@ -2,10 +2,10 @@
 //! identical. The scope is a keyed hash of the canonical request with that message's text
 //! removed; requests the policy cannot make safe are refused with the reason (a metric label).
 
+use gateway_common::key::KeySecret;
 use gateway_common::route::Route;
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use serde_json::Value;
-use sha2::Sha256;
 
 use super::order::{WordKey, Words};
 
@@ -70,7 +70,7 @@ pub struct Question {
 /// `secret` is the cache key secret: the scope is keyed like the cache key, so a listing of
 /// Redis cannot be used to confirm a guessed system prompt.
 pub fn question(
-    secret: &[u8],
+    secret: &KeySecret,
     tenant: &str,
     route: Route,
     canonical: &[u8],
@@ -133,13 +133,14 @@ pub fn question(
 /// lexical fingerprint (`guard.rs`). "sem2": the guard gained its reversal parity and the
 /// index's vectors their words (`order.rs`), so no scope of "sem1" is ever read again; its
 /// keys expire with their entries.
-pub fn scope_hash(secret: &[u8], tenant: &str, route: Route, rest: &[u8], guard: &str) -> String {
-    #[allow(
-        clippy::expect_used,
-        reason = "HMAC is defined for keys of any length; new_from_slice cannot fail"
-    )]
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(secret)
-        .expect("HMAC-SHA-256 accepts keys of any length");
+pub fn scope_hash(
+    secret: &KeySecret,
+    tenant: &str,
+    route: Route,
+    rest: &[u8],
+    guard: &str,
+) -> String {
+    let mut mac = secret.mac();
     for part in [
         b"sem2".as_slice(),
         tenant.as_bytes(),
@@ -167,7 +168,7 @@ mod tests {
     fn ask_as(tenant: &str, body: &str) -> Result<Question, NotSemantic> {
         let parsed = parse_request(Route::ChatCompletions, body.as_bytes(), 1 << 20).unwrap();
         question(
-            b"secret",
+            &KeySecret::new(b"secret"),
             tenant,
             Route::ChatCompletions,
             &parsed.canonical.unwrap(),
