@@ -1,8 +1,9 @@
 //! The semantic cache's costs: embedding time (short and long prompts, through the origin's
-//! embedder: its thread pool of the default `max_concurrent`, as a request embeds), the time a semantic lookup adds to an exact miss (embed, the index's two Redis
-//! round trips, the candidate's GET, on a redis-server holding the labelled set's questions),
-//! the semantic hit through the origin binary over HTTP, and that origin's RSS with the
-//! model loaded. Sequential requests, one at a time: latencies, not throughput.
+//! embedder: its thread pool of the default `max_concurrent`, as a request embeds), the time
+//! a semantic lookup adds to an exact miss (embed, the index's two Redis round trips, the
+//! candidate's GET, on a redis-server holding the labelled set's questions), the semantic hit
+//! through the origin binary over HTTP, and that origin's RSS with the model loaded.
+//! Sequential requests, one at a time: latencies, not throughput.
 
 use std::fmt::Write as _;
 use std::sync::Arc;

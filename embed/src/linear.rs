@@ -39,21 +39,16 @@ impl Linear {
         })
     }
 
-    pub fn inputs(&self) -> usize {
-        self.inputs
-    }
-
     pub fn outputs(&self) -> usize {
         self.bias.len()
     }
 
     /// `x` holds `x.len() / inputs` rows; returns as many rows of `outputs` values.
     ///
-    /// A large product is split by weight rows into one part per rayon thread (the embedder's
-    /// pool when called from it): each part reads its share of the weights, which is what
-    /// bounds a short question. A busy pool runs the parts one after the other, at no extra
-    /// cost; two parts per thread let a thread that is already running take the share of one
-    /// that wakes late.
+    /// A large product is split by weight rows into `PARTS_PER_THREAD` parts per rayon thread
+    /// (the embedder's pool when called from it): each part reads its share of the weights,
+    /// which is what bounds a short question. A busy pool runs the parts one after the other,
+    /// at no extra cost.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         self.forward_then(x, |v| v)
     }
