@@ -164,13 +164,23 @@ serve: setup build-edge
 serve-cluster:
     REDIS_MODE=cluster just serve
 
-# Install the load generator `oha` into ~/.cargo/bin when it is missing (a few minutes, once).
+# Install the load generator `oha` into ~/.cargo/bin when it is missing (a few minutes, once),
+# and valgrind (callgrind counts the instructions of a hit; apt, when root).
 bench-tools:
     #!/usr/bin/env bash
     set -euo pipefail
     if ! command -v oha >/dev/null; then
         echo "bench-tools: installing oha from crates.io"
         cargo install oha --locked
+    fi
+    if ! command -v callgrind_control >/dev/null; then
+        if [ "$(id -u)" = 0 ]; then
+            echo "bench-tools: installing valgrind"
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
+        else
+            echo "bench-tools: valgrind is missing; install it (apt-get install valgrind) and re-run" >&2
+            exit 1
+        fi
     fi
 
 # Build what the benchmarks run: the origin and bench binaries (release), both wasm services.
@@ -188,12 +198,14 @@ bench-origin: setup bench-tools bench-build
     target/release/gateway-bench --part origin-hit
 
 # Today's origin and edge hit paths beside those of an earlier revision REV, in one run (its
-# release origin and edge are built once into .local/baseline/REV); prints, writes nothing.
+# release origin and edge are built once into .local/baseline/REV): only the judged pair and the
+# floors, 6 rounds (~8 min), then both origins' instructions per hit; prints, writes nothing.
 bench-against REV: setup bench-tools bench-build
     #!/usr/bin/env bash
     set -euo pipefail
     dir="$(scripts/bench-baseline.sh {{REV}})"
-    target/release/gateway-bench --part origin-hit --part edge-hit --baseline "$dir"
+    target/release/gateway-bench --part origin-hit --part edge-hit --part instructions \
+        --baseline "$dir" --judged-only --rounds 6
 
 # Also LiteLLM's Redis-cache hit as a peer (LiteLLM from PyPI in .local/bench-venv); not in CI.
 bench-peers: setup bench-tools bench-build

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
+use crate::load::Target;
+
 /// The baseline's binaries and the revision they were built from.
 #[derive(Debug, Clone)]
 pub struct Baseline {
@@ -18,11 +20,14 @@ pub struct Baseline {
     pub tenants: PathBuf,
     /// The short revision (the directory's `REVISION` file), for labels.
     pub revision: String,
+    /// Measure only today's judged hit and this revision's beside the floor (`--judged-only`):
+    /// the other subjects leave the run, so more rounds fit in the same time.
+    pub judged_only: bool,
 }
 
 impl Baseline {
     /// Reads a directory written by `scripts/bench-baseline.sh`.
-    pub fn open(dir: &Path) -> anyhow::Result<Baseline> {
+    pub fn open(dir: &Path, judged_only: bool) -> anyhow::Result<Baseline> {
         let origin = dir.join("gateway-origin");
         let edge_wasm = dir.join("gateway-compute.wasm");
         let tenants = dir.join("tenants.json");
@@ -43,7 +48,23 @@ impl Baseline {
             edge_wasm,
             tenants,
             revision,
+            judged_only,
         })
+    }
+
+    /// The subjects a tier measures: all of them, or with [`Baseline::judged_only`] the first
+    /// (today's hit as deployed, the one the report judges) and this revision's.
+    pub fn select(&self, subjects: Vec<Target>) -> Vec<Target> {
+        if !self.judged_only {
+            return subjects;
+        }
+        let suffix = format!("({})", self.revision);
+        let mut subjects = subjects.into_iter();
+        let today = subjects.next();
+        today
+            .into_iter()
+            .chain(subjects.filter(|s| s.name.ends_with(&suffix)))
+            .collect()
     }
 
     /// The subject's name in the report: `<what> (<revision>)`.

@@ -207,12 +207,26 @@ fn median_measure(runs: &[&Measure]) -> Option<Measure> {
             *failures.entry(kind.clone()).or_insert(0) += n;
         }
     }
+    // Per process, the median over the runs that measured it.
+    let cpu_us = first
+        .cpu_us
+        .iter()
+        .enumerate()
+        .map(|(i, (role, _))| {
+            let mut values: Vec<f64> = runs
+                .iter()
+                .filter_map(|m| m.cpu_us.get(i).map(|(_, us)| *us))
+                .collect();
+            (role.clone(), median(&mut values))
+        })
+        .collect();
     Some(Measure {
         pace,
         rps: median(&mut runs.iter().map(|m| m.rps).collect::<Vec<_>>()),
         latency_ms,
         failures,
         answered: runs.iter().map(|m| m.answered).sum(),
+        cpu_us,
     })
 }
 

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use anyhow::bail;
+use anyhow::{Context, bail};
 use gateway_common::entry::ENTRY_VERSION;
 use gateway_e2e::edge::{Edge, EdgeConfig};
 use gateway_e2e::entry::{kv_seed, kv_seed_plain};
@@ -18,6 +18,7 @@ use gateway_e2e::stack::SECRET;
 
 use crate::baseline::Baseline;
 use crate::compare::{self, Comparison};
+use crate::cpu::Process;
 use crate::origin_hit::{API_KEY, HIT_REQUEST, hit_entry, json_target};
 use crate::viceroy::{HIT_BODY, start_bare};
 
@@ -97,29 +98,39 @@ pub async fn run(
 
     let body = scratch.join("hit-request.json");
     std::fs::write(&body, HIT_REQUEST)?;
-    let floor = json_target("bare Compute (Viceroy)", bare_url, Some(API_KEY), &body);
+    let floor = json_target("bare Compute (Viceroy)", bare_url, Some(API_KEY), &body)
+        .serving(viceroy(&bare)?);
     // The first subject is the one the report judges: the edge as deployed, usage log on.
-    let subject = json_target("edge KV hit (Viceroy)", edge_url, Some(API_KEY), &body);
+    let subject = json_target("edge KV hit (Viceroy)", edge_url, Some(API_KEY), &body)
+        .serving(viceroy(&edge)?);
     let without = json_target(
         "edge KV hit, usage log off (Viceroy)",
         unlogged_url,
         Some(API_KEY),
         &body,
-    );
+    )
+    .serving(viceroy(&unlogged)?);
     let unsealed = json_target(
         "edge KV hit, entry unsealed (v1) (Viceroy)",
         plain_url,
         Some(API_KEY),
         &body,
-    );
+    )
+    .serving(viceroy(&plain)?);
     let mut subjects = vec![subject, without, unsealed];
-    if let (Some(url), Some(baseline)) = (earlier_url, baseline) {
-        subjects.push(json_target(
-            &baseline.label("edge KV hit (Viceroy)"),
-            url,
-            Some(API_KEY),
-            &body,
-        ));
+    if let (Some(url), Some(baseline), Some(earlier)) = (earlier_url, baseline, &earlier) {
+        subjects.push(
+            json_target(
+                &baseline.label("edge KV hit (Viceroy)"),
+                url,
+                Some(API_KEY),
+                &body,
+            )
+            .serving(viceroy(earlier)?),
+        );
+    }
+    if let Some(baseline) = baseline {
+        subjects = baseline.select(subjects);
     }
     let settings = settings.clone();
     let comparison = tokio::task::spawn_blocking(move || {
@@ -131,4 +142,12 @@ pub async fn run(
     }
     drop((edge, unlogged, plain, bare, earlier));
     Ok(comparison)
+}
+
+/// The Viceroy process serving `edge`, whose CPU a hit costs (the guest runs inside it).
+fn viceroy(edge: &Edge) -> anyhow::Result<Vec<Process>> {
+    Ok(vec![Process::new(
+        "viceroy",
+        edge.pid().context("Viceroy stopped")?,
+    )])
 }

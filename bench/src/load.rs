@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, bail};
 use serde::Deserialize;
 
+use crate::cpu::{self, Process};
+
 /// The percentiles every measure carries, in the order tables and charts show them.
 pub const PERCENTILES: [(&str, f64); 7] = [
     ("p50", 50.0),
@@ -31,6 +33,17 @@ pub struct Target {
     pub url: String,
     pub headers: Vec<(String, String)>,
     pub body: Body,
+    /// The processes that serve it, whose CPU time per request each run reports (empty: none
+    /// is measured).
+    pub processes: Vec<Process>,
+}
+
+impl Target {
+    /// The same target with its CPU time measured over `processes`.
+    pub fn serving(mut self, processes: Vec<Process>) -> Target {
+        self.processes = processes;
+        self
+    }
 }
 
 /// A request body: the same bytes each time, or a chat request with a prompt never sent before.
@@ -87,6 +100,9 @@ pub struct Measure {
     /// Answers that were not 2xx, and transport errors, by kind.
     pub failures: BTreeMap<String, u64>,
     pub answered: u64,
+    /// Microseconds of CPU per answered request of each of the target's processes, by role,
+    /// in [`Target::processes`] order (empty when none is measured).
+    pub cpu_us: Vec<(String, f64)>,
 }
 
 impl Measure {
@@ -101,6 +117,11 @@ impl Measure {
 
     pub fn failed(&self) -> u64 {
         self.failures.values().sum()
+    }
+
+    /// CPU microseconds per request over all the target's processes (`None`: not measured).
+    pub fn cpu_total_us(&self) -> Option<f64> {
+        (!self.cpu_us.is_empty()).then(|| self.cpu_us.iter().map(|(_, us)| us).sum())
     }
 }
 
@@ -141,6 +162,14 @@ pub fn oha() -> anyhow::Result<PathBuf> {
     )
 }
 
+/// How long a run lasts.
+#[derive(Debug, Clone, Copy)]
+pub enum Length {
+    For(Duration),
+    /// Exactly this many requests (a count per request must divide by a known number).
+    Requests(u64),
+}
+
 /// Runs `oha` against `target` for `duration` with `connections` connections at `pace`.
 /// Blocking: call it off the runtime that drives in-process servers.
 pub fn run(
@@ -150,12 +179,26 @@ pub fn run(
     duration: Duration,
     pace: Pace,
 ) -> anyhow::Result<Measure> {
+    run_for(oha, target, connections, Length::For(duration), pace)
+}
+
+/// [`run`] for a [`Length`] of time or of requests.
+pub fn run_for(
+    oha: &Path,
+    target: &Target,
+    connections: u32,
+    length: Length,
+    pace: Pace,
+) -> anyhow::Result<Measure> {
     let mut cmd = Command::new(oha);
     cmd.args(["--no-tui", "--output-format", "json", "-m", "POST"])
         .args(["-c", &connections.to_string()])
-        .args(["-z", &format!("{}ms", duration.as_millis())])
         // A slow answer must not hang the run; it is counted as an error instead.
         .args(["-t", "10s"]);
+    match length {
+        Length::For(duration) => cmd.args(["-z", &format!("{}ms", duration.as_millis())]),
+        Length::Requests(n) => cmd.args(["-n", &n.to_string()]),
+    };
     for (name, value) in &target.headers {
         cmd.args(["-H", &format!("{name}: {value}")]);
     }
@@ -174,9 +217,11 @@ pub fn run(
         cmd.args(["-q", &format!("{rate:.0}"), "--latency-correction"]);
     }
     cmd.arg(&target.url);
+    let before = cpu::snapshot(&target.processes)?;
     let output = cmd
         .output()
         .with_context(|| format!("running oha against {}", target.name))?;
+    let after = cpu::snapshot(&target.processes)?;
     if let Some(path) = prompts {
         let _ = std::fs::remove_file(path);
     }
@@ -211,11 +256,13 @@ pub fn run(
             *failures.entry(error).or_default() += n;
         }
     }
+    let answered = json.status_codes.values().sum();
     Ok(Measure {
         pace,
         rps: json.summary.requests_per_sec,
         latency_ms,
         failures,
-        answered: json.status_codes.values().sum(),
+        answered,
+        cpu_us: before.per_request(&after, &target.processes, answered),
     })
 }

@@ -34,6 +34,7 @@ fn target(name: &str, url: String, key: &str, dir: &Path) -> Target {
             ("authorization".to_owned(), format!("Bearer {key}")),
         ],
         body: Body::Distinct(dir.to_path_buf()),
+        processes: Vec::new(),
     }
 }
 

@@ -27,6 +27,9 @@ pub struct OriginConfig {
     /// Another revision's `gateway-origin` and its `tenants.json` (a `--baseline`); `None`
     /// runs today's with `fixtures/tenants.json`.
     pub revision: Option<(PathBuf, PathBuf)>,
+    /// A program and its arguments the origin runs under (`valgrind --tool=callgrind ...`);
+    /// empty to run it directly.
+    pub wrapper: Vec<String>,
 }
 
 /// A running `gateway-origin` process.
@@ -85,6 +88,7 @@ impl OriginConfig {
             provider_base_url,
             workers,
             revision: None,
+            wrapper: Vec::new(),
         }
     }
 
@@ -157,15 +161,24 @@ enabled = false
         );
         let settings_file = process.dir().join("origin.toml");
         std::fs::write(&settings_file, settings)?;
-        let mut command = Command::new(binary);
+        let mut command = match config.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
             .arg("--config")
             .arg(&settings_file)
             .env("BENCH_PROVIDER_API_KEY", "sk-bench")
             .env_remove("RUST_LOG");
         process.spawn(command).context("starting gateway-origin")?;
+        // Under a wrapper like valgrind, start-up (the semantic model's load) is ~50x slower.
+        let start_timeout = if config.wrapper.is_empty() { 20 } else { 600 };
         process
-            .wait_for_port(port, Duration::from_secs(20))
+            .wait_for_port(port, Duration::from_secs(start_timeout))
             .context("gateway-origin did not start")?;
         Ok(OriginProcess { process, port })
     }
@@ -173,6 +186,11 @@ enabled = false
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The origin's process id (`None` once it is stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
     }
 
     /// Peak resident set size so far (`VmHWM`), in KiB.

@@ -20,6 +20,7 @@ use gateway_origin::settings::{RedisPool, Settings};
 
 use crate::baseline::Baseline;
 use crate::compare::{self, Comparison};
+use crate::cpu::Process;
 use crate::floor::BareActix;
 use crate::load::{Body, Target};
 use crate::origin::{OriginConfig, OriginProcess};
@@ -55,6 +56,7 @@ pub fn json_target(name: &str, url: String, key: Option<&str>, body: &Path) -> T
         url,
         headers,
         body: Body::Fixed(body.to_path_buf()),
+        processes: Vec::new(),
     }
 }
 
@@ -140,36 +142,47 @@ pub async fn run(
 
     let body = scratch.join("hit-request.json");
     std::fs::write(&body, HIT_REQUEST)?;
+    // The floor runs inside this process: its CPU time is the bench's own (its other
+    // threads are idle during a run).
     let floor = json_target(
         "bare actix-web",
         bare.url().to_owned(),
         Some(API_KEY),
         &body,
-    );
+    )
+    .serving(vec![Process::new("bench (floor)", std::process::id())]);
+    let redis_pids = [redis.pid().context("redis stopped")?];
     let subject = json_target(
         &format!("origin Redis hit ({default_pool})"),
         origin_url.clone(),
         Some(API_KEY),
         &body,
-    );
+    )
+    .serving(serving(&origin, &redis_pids)?);
     let other_subject = json_target(
         &format!("origin Redis hit ({other_pool})"),
         format!("{}/v1/chat/completions", other.url()),
         Some(API_KEY),
         &body,
-    );
+    )
+    .serving(serving(&other, &redis_pids)?);
     let cluster_subject = json_target(
         &format!("origin Redis Cluster hit ({default_pool})"),
         format!("{}/v1/chat/completions", on_cluster.url()),
         Some(API_KEY),
         &body,
-    );
+    )
+    .serving(serving(&on_cluster, &cluster.pids())?);
     let unsealed_subject = json_target(
         &format!("origin Redis hit, entry unsealed (v1) ({default_pool})"),
         format!("{}/v1/chat/completions", unsealed.url()),
         Some(API_KEY),
         &body,
-    );
+    )
+    .serving(serving(
+        &unsealed,
+        &[plain_redis.pid().context("redis stopped")?],
+    )?);
     let mut subjects = vec![
         subject.clone(),
         other_subject,
@@ -177,12 +190,18 @@ pub async fn run(
         unsealed_subject,
     ];
     if let (Some(process), Some(baseline)) = (&earlier, baseline) {
-        subjects.push(json_target(
-            &baseline.label(&format!("origin Redis hit ({default_pool})")),
-            format!("{}/v1/chat/completions", process.url()),
-            Some(API_KEY),
-            &body,
-        ));
+        subjects.push(
+            json_target(
+                &baseline.label(&format!("origin Redis hit ({default_pool})")),
+                format!("{}/v1/chat/completions", process.url()),
+                Some(API_KEY),
+                &body,
+            )
+            .serving(serving(process, &redis_pids)?),
+        );
+    }
+    if let Some(baseline) = baseline {
+        subjects = baseline.select(subjects);
     }
     let calls_before = provider.calls();
     let comparison = {
@@ -256,6 +275,16 @@ pub async fn run(
     })
 }
 
+/// The processes whose CPU a hit of `origin` costs: the origin and the Redis nodes it reads.
+fn serving(origin: &OriginProcess, redis: &[u32]) -> anyhow::Result<Vec<Process>> {
+    let mut processes = vec![Process::new(
+        "origin",
+        origin.pid().context("the origin stopped")?,
+    )];
+    processes.extend(redis.iter().map(|&pid| Process::new("redis", pid)));
+    Ok(processes)
+}
+
 /// The entry that answers the hit request for tenant `acme`: `body`, written now, in envelope
 /// version `v` (sealed or plain).
 pub fn hit_entry(v: u32, body: &[u8]) -> anyhow::Result<(CacheKey, Entry)> {
@@ -282,7 +311,7 @@ pub fn hit_entry(v: u32, body: &[u8]) -> anyhow::Result<(CacheKey, Entry)> {
 
 /// Overwrites the hit request's entry in `redis` with the same answer (`body`) in the plain
 /// version-1 form.
-fn unseal(redis: &RedisServer, body: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn unseal(redis: &RedisServer, body: &[u8]) -> anyhow::Result<()> {
     let (key, entry) = hit_entry(PLAIN_VERSION, body)?;
     let plain = String::from_utf8(entry.encode_plain()?)?;
     redis.cli(&["SET", &key.redis_key(), &plain, "EX", "86400"])?;
@@ -291,7 +320,7 @@ fn unseal(redis: &RedisServer, body: &[u8]) -> anyhow::Result<()> {
 
 /// Asks `process` the hit request twice (a miss that stores it, then the hit) and returns the
 /// hit's body; an error with the origin's log when the second answer is not a hit.
-async fn warm_hit(
+pub(crate) async fn warm_hit(
     http: &reqwest::Client,
     process: &OriginProcess,
     name: &str,

@@ -2,6 +2,8 @@
 //! and differences (latency), then the targets of issue 7 and whether each is met. Pure
 //! formatting of results; it measures nothing.
 
+mod cpu;
+
 use std::fmt::Write as _;
 
 use crate::compare::{Comparison, Point, Series};
@@ -42,6 +44,8 @@ pub struct Results {
     pub semantic: Option<crate::semantic::SemanticBench>,
     /// `--part seal-wasm`: ns per KiB by body size and cipher.
     pub seal_wasm: Option<serde_json::Value>,
+    /// `--part instructions`: instructions per origin hit under callgrind.
+    pub instructions: Option<crate::instructions::Instructions>,
 }
 
 const KIB: f64 = 1024.0;
@@ -109,6 +113,7 @@ impl Results {
             }
         }
         writeln!(out)?;
+        cpu::write(out, &self.comparisons())?;
         if self.origin_hit.is_some() {
             writeln!(
                 out,
@@ -199,6 +204,9 @@ impl Results {
              percentiles of every target at the fixed rate, one panel per connection count, \
              log scale.\n"
         )?;
+        if let Some(instructions) = &self.instructions {
+            writeln!(out, "{}", instructions.markdown())?;
+        }
         if let Some(figures) = &self.seal_wasm {
             writeln!(out, "{}", crate::seal_wasm::markdown(figures))?;
         }
@@ -283,8 +291,11 @@ impl Results {
                 let ratio = paired(&ratios, p.closed.rps / base.closed.rps);
                 let deltas = round_p50_deltas(p, base);
                 let delta = paired(&deltas, p.fixed.at("p50") - base.fixed.at("p50"));
+                let cpu = cpu::against(p, base)
+                    .map(|cpu| format!(", {cpu}"))
+                    .unwrap_or_default();
                 shown.push(format!(
-                    "{ratio:.2}{} × throughput, {delta:+.3} ms{} p50 at {} conn",
+                    "{ratio:.2}{} × throughput, {delta:+.3} ms{} p50{cpu} at {} conn",
                     range(&ratios, 2, false),
                     range(&deltas, 3, true),
                     p.connections

@@ -198,6 +198,11 @@ impl Edge {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Viceroy's process id (`None` once it is stopped).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// What Viceroy and the guest printed (the edge's log lines).
     pub fn log(&self) -> String {
         self.process.log()

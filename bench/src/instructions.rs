@@ -1,0 +1,229 @@
+//! Instructions per origin hit, counted by callgrind: today's Redis hit (sealed entry, and the
+//! same answer unsealed) and, with a baseline, the earlier revision's, each origin running
+//! under `valgrind --tool=callgrind`. A count does not move with the machine's load the way
+//! time does, so a change of a percent shows in one run; it counts every thread of the origin,
+//! not Redis nor the load generator. Starts and stops everything it uses.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use gateway_fixtures::{MockProvider, ProviderConfig, RedisServer};
+
+use crate::baseline::Baseline;
+use crate::load::{self, Length, Pace};
+use crate::origin::{OriginConfig, OriginProcess};
+use crate::origin_hit::{API_KEY, json_target, unseal, warm_hit};
+
+/// Hits sent before counting (pools, connections and the allocator warm).
+const WARMUP_HITS: u64 = 300;
+/// Connections the counted hits are sent over.
+const CONNECTIONS: u32 = 4;
+
+/// One origin's count.
+#[derive(Debug, Clone)]
+pub struct Count {
+    pub name: String,
+    /// Instructions the origin executed per hit (all threads).
+    pub per_hit: f64,
+    pub hits: u64,
+}
+
+/// What this part produced: today's sealed hit first, then the others.
+#[derive(Debug, Clone)]
+pub struct Instructions {
+    pub counts: Vec<Count>,
+}
+
+pub async fn run(
+    scratch: &Path,
+    hits: u64,
+    baseline: Option<&Baseline>,
+) -> anyhow::Result<Instructions> {
+    valgrind_available()?;
+    let redis = RedisServer::start()?;
+    let plain_redis = RedisServer::start()?;
+    let provider = MockProvider::start(ProviderConfig::default()).await?;
+    let config = OriginConfig {
+        wrapper: vec![
+            "valgrind".to_owned(),
+            "--tool=callgrind".to_owned(),
+            "--quiet".to_owned(),
+            // Its profile is not read: only the live counters are (`callgrind_control -e`).
+            format!(
+                "--callgrind-out-file={}",
+                scratch.join("callgrind.out.%p").display()
+            ),
+        ],
+        ..OriginConfig::single(redis.url(), provider.base_url(), 1)
+    };
+    let body = scratch.join("instructions-request.json");
+    std::fs::write(&body, crate::origin_hit::HIT_REQUEST)?;
+    let oha = load::oha()?;
+
+    let mut subjects: Vec<(String, OriginConfig, bool)> = vec![
+        ("today, sealed entry".to_owned(), config.clone(), false),
+        (
+            "today, entry unsealed (v1)".to_owned(),
+            OriginConfig {
+                redis_url: plain_redis.url(),
+                ..config.clone()
+            },
+            true,
+        ),
+    ];
+    if let Some(b) = baseline {
+        subjects.push((
+            b.label("earlier revision"),
+            OriginConfig {
+                revision: Some((b.origin.clone(), b.tenants.clone())),
+                ..config.clone()
+            },
+            false,
+        ));
+    }
+
+    let http = reqwest::Client::new();
+    let mut counts = Vec::new();
+    for (name, config, unsealed) in subjects {
+        eprintln!("bench: instructions: starting the {name} origin under callgrind");
+        let origin = tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??;
+        let bytes = warm_hit(&http, &origin, &name).await?;
+        if unsealed {
+            unseal(&plain_redis, &bytes)?;
+            if warm_hit(&http, &origin, &name).await? != bytes {
+                bail!("the unsealed entry does not answer the same bytes");
+            }
+        }
+        let pid = origin.pid().context("the origin stopped")?;
+        let target = json_target(
+            &name,
+            format!("{}/v1/chat/completions", origin.url()),
+            Some(API_KEY),
+            &body,
+        );
+        let oha = oha.clone();
+        let calls_before = provider.calls();
+        let per_hit = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+            load::run_for(
+                &oha,
+                &target,
+                CONNECTIONS,
+                Length::Requests(WARMUP_HITS),
+                Pace::Closed,
+            )?;
+            let before = instructions(pid)?;
+            let measure = load::run_for(
+                &oha,
+                &target,
+                CONNECTIONS,
+                Length::Requests(hits),
+                Pace::Closed,
+            )?;
+            let after = instructions(pid)?;
+            if measure.failed() > 0 || measure.answered != hits {
+                bail!(
+                    "{}: {} of {hits} hits answered, failures {:?}",
+                    target.name,
+                    measure.answered,
+                    measure.failures
+                );
+            }
+            Ok(after.saturating_sub(before) as f64 / hits as f64)
+        })
+        .await??;
+        if provider.calls() != calls_before {
+            bail!("{name}: the provider was called during the counted hits");
+        }
+        eprintln!("bench: instructions: {name}: {per_hit:.0} per hit");
+        counts.push(Count {
+            name,
+            per_hit,
+            hits,
+        });
+        drop(origin);
+    }
+    provider.stop().await;
+    Ok(Instructions { counts })
+}
+
+fn valgrind_available() -> anyhow::Result<()> {
+    for program in ["valgrind", "callgrind_control"] {
+        if Command::new(program).arg("--version").output().is_err() {
+            bail!("`{program}` is missing: apt-get install valgrind (`just bench-tools` does it)");
+        }
+    }
+    Ok(())
+}
+
+/// Instructions the callgrind-run process `pid` has executed so far, all threads
+/// (`callgrind_control -e Ir`).
+fn instructions(pid: u32) -> anyhow::Result<u64> {
+    let output = Command::new("callgrind_control")
+        .args(["-e", "Ir", &pid.to_string()])
+        .output()
+        .context("running callgrind_control")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    total_ir(&text).with_context(|| format!("no counters in callgrind_control's answer:\n{text}"))
+}
+
+/// The sum of the per-thread `Ir` totals in `callgrind_control -e Ir` output:
+///
+/// ```text
+///   Totals:     Ir
+///    Th 1  300,209
+///    Th 2   12,004
+/// ```
+fn total_ir(text: &str) -> Option<u64> {
+    let mut total = None;
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("Th") {
+            continue;
+        }
+        let count: u64 = words.nth(1)?.replace(',', "").parse().ok()?;
+        total = Some(total.unwrap_or(0) + count);
+    }
+    total
+}
+
+impl Instructions {
+    /// The report's section.
+    pub fn markdown(&self) -> String {
+        let mut out = String::from("## Instructions per origin hit (callgrind)\n\n");
+        out.push_str(
+            "Each origin runs alone under `valgrind --tool=callgrind` (1 actix worker); after \
+             warm-up hits, the instructions its threads execute over a fixed number of hits \
+             (4 connections) are divided by that number. The count is the same from run to \
+             run within a fraction of a percent, whatever else the machine does; valgrind \
+             runs SHA-256 without the CPU's SHA extensions, so the key's share is larger than \
+             natively.\n\n",
+        );
+        out.push_str("| origin | hits counted | instructions per hit | × today's |\n");
+        out.push_str("|---|---:|---:|---:|\n");
+        let today = self.counts.first().map(|c| c.per_hit);
+        for c in &self.counts {
+            let ratio = today
+                .filter(|t| *t > 0.0)
+                .map_or_else(|| "-".to_owned(), |t| format!("{:.3}", c.per_hit / t));
+            out.push_str(&format!(
+                "| {} | {} | {:.0} | {ratio} |\n",
+                c.name, c.hits, c.per_hit
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_threads_totals_are_summed() {
+        let text =
+            "PID 9082: gateway-origin\n\n  Totals:     Ir \n   Th 1  300,209 \n   Th 2   12,004\n";
+        assert_eq!(total_ir(text), Some(312_213));
+        assert_eq!(total_ir("PID 1: x\n"), None);
+    }
+}
