@@ -488,11 +488,7 @@ fn write_row(
         ),
         _ => ("floor".to_owned(), "-".to_owned(), "-".to_owned()),
     };
-    let name = if is_floor {
-        format!("*{}*", series.name)
-    } else {
-        series.name.clone()
-    };
+    let name = label(series, is_floor);
     writeln!(
         out,
         "| {tier} | {name} | {} | {:.0} | {ratio} | {rate} | {:.3} | {:.3} | {d50} | {d99} | {} |",
@@ -502,6 +498,15 @@ fn write_row(
         point.fixed.at("p99"),
         errors(&point.closed, &point.fixed)
     )
+}
+
+/// A series' name in a table: a floor's in italics.
+fn label(series: &Series, is_floor: bool) -> String {
+    if is_floor {
+        format!("*{}*", series.name)
+    } else {
+        series.name.clone()
+    }
 }
 
 fn errors(closed: &Measure, fixed: &Measure) -> String {

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::range;
+use super::{label, range};
 use crate::compare::{Comparison, Point};
 use crate::load::Measure;
 
@@ -49,11 +49,7 @@ pub(super) fn write(out: &mut String, comparisons: &[&Comparison]) -> std::fmt::
                     Some(floor) if !is_floor && floor > 0.0 => format!("{:.2}", total / floor),
                     _ => "-".to_owned(),
                 };
-                let name = if is_floor {
-                    format!("*{}*", series.name)
-                } else {
-                    series.name.clone()
-                };
+                let name = label(series, is_floor);
                 writeln!(
                     out,
                     "| {} | {name} | {} | {total:.1}{} | {} | {ratio} |",
