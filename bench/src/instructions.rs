@@ -105,21 +105,18 @@ pub async fn run(
         let oha = oha.clone();
         let calls_before = provider.calls();
         let per_hit = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-            load::run_for(
-                &oha,
-                &target,
-                CONNECTIONS,
-                Length::Requests(WARMUP_HITS),
-                Pace::Closed,
-            )?;
+            let send = |n| {
+                load::run_for(
+                    &oha,
+                    &target,
+                    CONNECTIONS,
+                    Length::Requests(n),
+                    Pace::Closed,
+                )
+            };
+            send(WARMUP_HITS)?;
             let before = instructions(pid)?;
-            let measure = load::run_for(
-                &oha,
-                &target,
-                CONNECTIONS,
-                Length::Requests(hits),
-                Pace::Closed,
-            )?;
+            let measure = send(hits)?;
             let after = instructions(pid)?;
             if measure.failed() > 0 || measure.answered != hits {
                 bail!(
