@@ -116,7 +116,10 @@ impl CacheStatusMember {
     pub fn hit(cache: &str, ttl_remaining: u64) -> Self {
         Self::new(
             cache,
-            vec!["hit".to_owned(), format!("ttl={ttl_remaining}")],
+            vec![
+                "hit".to_owned(),
+                ["ttl=", itoa::Buffer::new().format(ttl_remaining)].concat(),
+            ],
         )
     }
 
@@ -152,7 +155,10 @@ impl CacheStatusMember {
     pub fn stale(cache: &str, ttl_remaining: i64) -> Self {
         Self::new(
             cache,
-            vec!["hit".to_owned(), format!("ttl={ttl_remaining}")],
+            vec![
+                "hit".to_owned(),
+                ["ttl=", itoa::Buffer::new().format(ttl_remaining)].concat(),
+            ],
         )
     }
 
@@ -221,11 +227,12 @@ fn join_list(existing: Option<&str>, addition: &str) -> String {
 }
 
 /// Server-Timing: `name;dur=1.23` entries joined with ", ". Durations in milliseconds, rendered
-/// with 2 decimals; negative or non-finite durations are rendered as 0. Names should be tokens
-/// (`auth`, `kv`, `origin`, `redis`, `upstream`).
+/// with 2 decimals; negative or non-finite durations are rendered as 0. Names are tokens
+/// (`auth`, `kv`, `origin`, `redis`, `upstream`), fixed at compile time: the header is on every
+/// response of both tiers, so building it copies no name and formats no float.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServerTiming {
-    entries: Vec<(String, f64)>,
+    entries: Vec<(&'static str, f64)>,
 }
 
 impl ServerTiming {
@@ -235,8 +242,8 @@ impl ServerTiming {
     }
 
     /// Add one step; `ms` in milliseconds.
-    pub fn add(&mut self, name: &str, ms: f64) -> &mut Self {
-        self.entries.push((name.to_owned(), ms));
+    pub fn add(&mut self, name: &'static str, ms: f64) -> &mut Self {
+        self.entries.push((name, ms));
         self
     }
 
@@ -247,18 +254,16 @@ impl ServerTiming {
 
     /// The header value; empty if no step was added.
     pub fn render(&self) -> String {
-        self.entries
-            .iter()
-            .map(|(name, ms)| {
-                let ms = if ms.is_finite() && *ms > 0.0 {
-                    *ms
-                } else {
-                    0.0
-                };
-                format!("{name};dur={ms:.2}")
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        let mut out = String::with_capacity(self.entries.len() * 24);
+        for (i, (name, ms)) in self.entries.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push_str(name);
+            out.push_str(";dur=");
+            push_hundredths(&mut out, *ms);
+        }
+        out
     }
 
     /// These steps appended to a header the response already carries (the origin's steps come
@@ -266,6 +271,25 @@ impl ServerTiming {
     pub fn append_to(&self, existing: Option<&str>) -> String {
         join_list(existing, &self.render())
     }
+}
+
+/// `ms` with two decimals (`12.00`, `0.12`), rounded half away from zero; 0 for negative or
+/// non-finite values. Integer arithmetic: `{:.2}` takes the exact-decimal float path.
+fn push_hundredths(out: &mut String, ms: f64) {
+    let hundredths = if ms.is_finite() && ms > 0.0 {
+        // Saturates for durations beyond u64 hundredths of a millisecond (none are).
+        (ms * 100.0).round() as u64
+    } else {
+        0
+    };
+    let mut buffer = itoa::Buffer::new();
+    out.push_str(buffer.format(hundredths / 100));
+    out.push('.');
+    let cents = hundredths % 100;
+    if cents < 10 {
+        out.push('0');
+    }
+    out.push_str(buffer.format(cents));
 }
 
 #[cfg(test)]
@@ -362,6 +386,17 @@ mod tests {
         assert_eq!(
             timing.render(),
             "auth;dur=0.12, kv;dur=12.00, origin;dur=0.00"
+        );
+        let mut more = ServerTiming::new();
+        more.add("a", 0.005)
+            .add("b", 0.994)
+            .add("c", 0.996)
+            .add("d", 1234.5)
+            .add("e", -3.0)
+            .add("f", f64::INFINITY);
+        assert_eq!(
+            more.render(),
+            "a;dur=0.01, b;dur=0.99, c;dur=1.00, d;dur=1234.50, e;dur=0.00, f;dur=0.00"
         );
         assert_eq!(
             timing.append_to(Some("redis;dur=1.00")),

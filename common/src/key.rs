@@ -121,7 +121,8 @@ impl CacheKey {
     /// tenant's entries spread over the cluster while an entry's flight lock and result
     /// (tagged alike) live on the entry's node.
     pub fn redis_key(&self) -> String {
-        format!("gw:{KEY_VERSION}:{}:{{{}}}", self.tenant, self.hex)
+        // Read on every request: joined, not formatted.
+        ["gw:", KEY_VERSION, ":", &self.tenant, ":{", &self.hex, "}"].concat()
     }
 
     /// The KV prefix of every key of `tenant`: `v1/<tenant>/`.

@@ -80,7 +80,7 @@ impl Budget {
         let mut ops = Vec::new();
         if tenant.requests_per_second.is_some() {
             ops.push(CounterOp::Incr {
-                key: format!("gw:rate:{{{}}}:{now}", tenant.id),
+                key: rate_key(&tenant.id, now),
                 by: 1,
                 ttl_secs: 2,
             });
@@ -100,7 +100,7 @@ impl Budget {
     pub fn edge_requests_op(&self, tenant: &Tenant, requests: u64, now: u64) -> Option<CounterOp> {
         tenant.requests_per_second?;
         Some(CounterOp::Incr {
-            key: format!("gw:rate:{{{}}}:{now}", tenant.id),
+            key: rate_key(&tenant.id, now),
             by: requests,
             ttl_secs: 2,
         })
@@ -245,6 +245,12 @@ impl Budget {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// `gw:rate:{<tenant>}:<now>`: the tenant's request counter for the second `now`. Built on
+/// every request: joined, not formatted.
+fn rate_key(tenant: &str, now: u64) -> String {
+    ["gw:rate:{", tenant, "}:", itoa::Buffer::new().format(now)].concat()
 }
 
 /// `gw:<kind>:{<tenant>}:<YYYY-MM>` for the UTC month containing `now` (tagged by the tenant,

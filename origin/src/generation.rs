@@ -5,7 +5,8 @@
 /// The Redis key of `tenant`'s purge generation (absent = 0): `gw:gen:{<tenant>}`, tagged by
 /// the tenant so it shares a cluster slot with the tenant's budget counters (one pipeline).
 pub fn key(tenant: &str) -> String {
-    format!("gw:gen:{{{tenant}}}")
+    // Read on every request: joined, not formatted.
+    ["gw:gen:{", tenant, "}"].concat()
 }
 
 /// How long the counter must outlive its last bump: past the longest an entry written before

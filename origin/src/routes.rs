@@ -12,7 +12,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
-    CACHE_STATUS, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY, X_CACHE_LAYER,
+    CACHE_STATUS, CacheOutcome, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY, X_CACHE_LAYER,
     X_CACHE_SEMANTIC_KEY, X_CACHE_SIMILARITY, X_EDGE_MISS, X_EDGE_SECRET, X_SEMANTIC_CACHE,
     X_UPSTREAM_PROVIDER,
 };
@@ -290,7 +290,7 @@ fn record(service: &Service, route: &'static str, status: u16, trace: &Trace, to
     let metrics = service.metrics();
     metrics
         .requests
-        .with_label_values(&[route, &status.to_string()])
+        .with_label_values(&[route, itoa::Buffer::new().format(status)])
         .inc();
     metrics
         .request_duration
@@ -299,7 +299,7 @@ fn record(service: &Service, route: &'static str, status: u16, trace: &Trace, to
     if let (Some(cache), Some(layer)) = (trace.cache, trace.layer) {
         metrics
             .cache_results
-            .with_label_values(&[layer.as_str(), &cache.as_str().to_ascii_lowercase()])
+            .with_label_values(&[layer.as_str(), cache_label(cache)])
             .inc();
     }
     if let Some(tenant) = &trace.tenant {
@@ -329,6 +329,16 @@ fn record(service: &Service, route: &'static str, status: u16, trace: &Trace, to
         region = service.region(),
         "request"
     );
+}
+
+/// The `result` label of `gateway_cache_results_total`: the `x-cache` value in lower case.
+fn cache_label(cache: CacheOutcome) -> &'static str {
+    match cache {
+        CacheOutcome::Hit => "hit",
+        CacheOutcome::Miss => "miss",
+        CacheOutcome::Stale => "stale",
+        CacheOutcome::Bypass => "bypass",
+    }
 }
 
 /// Milliseconds to two decimals, as in `Server-Timing`.
