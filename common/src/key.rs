@@ -169,7 +169,10 @@ fn digest_hex(digest: &[u8; 32]) -> String {
     let mut digits = [0u8; 64];
     // The lengths match, and hex digits are ASCII: neither conversion can lose anything.
     let _ = hex::encode_to_slice(digest, &mut digits);
-    String::from_utf8_lossy(&digits).into_owned()
+    // `from_utf8` checks ASCII a word at a time; `from_utf8_lossy` walked it in chunks.
+    std::str::from_utf8(&digits)
+        .map(str::to_owned)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! key and a fresh random nonce, and opens entries with the current or previous key. Keeps
 //! each tenant's derived key in a small map; never decides what is cached.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::{Mutex, PoisonError};
 
 use gateway_common::entry::{Entry, EntryError};

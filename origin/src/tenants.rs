@@ -1,7 +1,7 @@
 //! Tenants: loaded once from `tenants.json` (the same file fills the edge's Config Store) and
 //! looked up by the SHA-256 of a bearer key. Knows nothing of HTTP or of Redis.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

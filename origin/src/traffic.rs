@@ -4,7 +4,7 @@
 //! a failed flush keeps its counts for the next. Observational only: nothing here limits or
 //! decides anything.
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
