@@ -92,7 +92,7 @@ impl fmt::Display for TraceContext {
 
 /// A trace id that displays as 32 lowercase hex digits.
 #[derive(Debug, Clone, Copy)]
-pub struct TraceIdDisplay([u8; 16]);
+pub struct TraceIdDisplay(pub [u8; 16]);
 
 impl fmt::Display for TraceIdDisplay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

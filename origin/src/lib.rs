@@ -20,6 +20,7 @@ pub mod periodic;
 pub mod provider_api;
 pub mod replicate;
 pub mod replicator;
+pub mod request_scope;
 pub mod router;
 pub mod routes;
 pub mod seal;

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use gateway_origin::Application;
-use gateway_origin::log_format;
 use gateway_origin::settings::{LogFormat, Settings};
 use gateway_origin::telemetry::Telemetry;
+use gateway_origin::{log_format, request_scope};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -43,7 +43,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match settings.log.format {
-        LogFormat::Json => registry.with(log_format::json_lines()).init(),
+        LogFormat::Json => {
+            // The JSON layer writes a request's scope as its span: no span needed per request.
+            request_scope::enable();
+            registry.with(log_format::json_lines()).init();
+        }
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),
     }
     let app = Application::build(settings)?;

@@ -25,6 +25,7 @@ use crate::budget::unix_now;
 use crate::error::{error_response, error_response_for, method_not_allowed, not_found};
 use crate::peers::PURGE_ROUTE;
 use crate::provider_api::Passthrough;
+use crate::request_scope::{self, RequestScope};
 use crate::service::{ApiRequest, Outcome, Refusal, ReplyBody, Service, Trace};
 
 /// Registers every route; unknown paths get 404 and wrong methods 405, both OpenAI-shaped.
@@ -84,6 +85,17 @@ async fn api(
     let start = Instant::now();
     let headers = request.headers();
     let trace = request_trace(headers);
+    if !crate::telemetry::exporting() && request_scope::enabled() {
+        let scope = RequestScope {
+            route: route.as_str(),
+            trace_id: trace.trace_id,
+        };
+        return request_scope::run(
+            scope,
+            serve_api(route, &request, payload, service, start, trace),
+        )
+        .await;
+    }
     let span = tracing::info_span!(
         "request",
         route = route.as_str(),
@@ -98,7 +110,8 @@ async fn api(
 }
 
 /// The trace a request runs under: the edge's (or a direct client's) `traceparent`, or a new
-/// trace when there is none. The request span's log lines carry its trace id.
+/// trace when there is none. The request's log lines carry its trace id (through its span or
+/// its `request_scope`).
 fn request_trace(headers: &HeaderMap) -> TraceContext {
     header(headers, TRACEPARENT)
         .and_then(TraceContext::parse)

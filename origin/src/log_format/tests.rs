@@ -134,3 +134,49 @@ fn timestamps_are_rfc_3339_utc_with_microseconds() {
     assert_eq!(at(1_764_559_144, 522_295), "2025-12-01T03:19:04.522295Z");
     assert_eq!(at(4_102_444_799, 0), "2099-12-31T23:59:59.000000Z");
 }
+
+#[tokio::test]
+async fn a_request_in_a_scope_is_written_as_its_request_span_before_any_span_it_opens() {
+    let sink = Sink::default();
+    let subscriber = tracing_subscriber::registry().with(json_lines().with_writer({
+        let sink = sink.clone();
+        move || sink.clone()
+    }));
+    let _default = tracing::subscriber::set_default(subscriber);
+    let scope = crate::request_scope::RequestScope {
+        route: "chat.completions",
+        trace_id: [
+            0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+            0x47, 0x36,
+        ],
+    };
+    crate::request_scope::run(scope, async {
+        tracing::info!(status = 200u16, "request");
+        let attempt = tracing::info_span!("provider.attempt", provider = "mock");
+        let _inner = attempt.enter();
+        tracing::warn!("provider failed");
+    })
+    .await;
+    tracing::info!("after the request");
+
+    // The same members, in the same order, as the request span `log_everything` opens.
+    let lines = sink.lines();
+    let request = serde_json::json!({
+        "route": "chat.completions",
+        "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
+        "name": "request",
+    });
+    assert_eq!(lines[0]["spans"], serde_json::json!([request]));
+    assert_eq!(
+        lines[1]["spans"],
+        serde_json::json!([request, {"provider": "mock", "name": "provider.attempt"}])
+    );
+    assert!(lines[2].get("spans").is_none(), "{}", lines[2]);
+    let raw = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        raw.lines().next().unwrap().contains(
+            r#""spans":[{"route":"chat.completions","trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","name":"request"}]"#
+        ),
+        "{raw}"
+    );
+}

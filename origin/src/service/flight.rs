@@ -19,7 +19,6 @@ use gateway_common::sse;
 use gateway_common::tenant::Tenant;
 use gateway_common::usage::Tier;
 use tokio::sync::oneshot;
-use tracing::Instrument;
 
 use super::flight_lock::{Crossed, refusal_answer};
 use super::{CACHE_NAME, Refusal, Reply, ReplyBody, Service, Trace};
@@ -195,12 +194,13 @@ impl Service {
     ) -> Led {
         let (done_tx, done_rx) = oneshot::channel();
         let (live_tx, live_rx) = oneshot::channel();
-        // The provider call keeps the request's span (its trace id) in its own task.
-        tokio::spawn(
-            Arc::clone(self)
-                .fetch(job, leader, want.stream.then_some(live_tx), done_tx)
-                .in_current_span(),
-        );
+        // The provider call keeps the request's span or scope (its trace id) in its own task.
+        tokio::spawn(crate::request_scope::carry(Arc::clone(self).fetch(
+            job,
+            leader,
+            want.stream.then_some(live_tx),
+            done_tx,
+        )));
         if want.stream
             && let Ok(live) = live_rx.await
         {
