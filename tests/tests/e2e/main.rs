@@ -18,6 +18,7 @@ mod edge;
 mod edge_input;
 mod faults;
 mod isolation;
+mod log_lines;
 mod openai_client;
 mod regions;
 mod replicas;
