@@ -53,7 +53,11 @@ async fn without_span_export_every_line_of_a_request_carries_its_trace_id() {
             .await;
         outcomes.push((response.status().as_u16(), header(&response, "x-cache")));
     }
-    assert_eq!(outcomes.last(), Some(&(200, "HIT".to_owned())), "{outcomes:?}");
+    assert_eq!(
+        outcomes.last(),
+        Some(&(200, "HIT".to_owned())),
+        "{outcomes:?}"
+    );
 
     let log = stack.replicas.log(0);
     let lines = lines_with(&log, TRACE_ID);
