@@ -6,18 +6,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix_web::http::StatusCode;
-use actix_web::http::header::{self, HeaderMap, HeaderValue};
+use actix_web::http::header::{self, AsHeaderName, HeaderMap, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
     CACHE_STATUS, CacheOutcome, SERVER_TIMING, ServerTiming, X_CACHE, X_CACHE_KEY, X_CACHE_LAYER,
-    X_CACHE_SEMANTIC_KEY, X_CACHE_SIMILARITY, X_EDGE_MISS, X_EDGE_SECRET, X_SEMANTIC_CACHE,
-    X_UPSTREAM_PROVIDER,
+    X_CACHE_SEMANTIC_KEY, X_CACHE_SIMILARITY, X_UPSTREAM_PROVIDER,
 };
 use gateway_common::route::Route;
-use gateway_common::traceparent::{TRACEPARENT, TraceContext};
+use gateway_common::traceparent::TraceContext;
 use gateway_common::usage::{Outcome as UsageOutcome, Tier};
 use tracing::Instrument;
 
@@ -72,8 +71,24 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .default_service(web::to(not_found));
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header(headers: &HeaderMap, name: impl AsHeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The request headers every API request reads, as names made at compile time: a lookup by
+/// `&str` parses the name first, and allocates one for each that is not a standard header.
+mod names {
+    use actix_web::http::header::HeaderName;
+    use gateway_common::headers;
+
+    pub const TRACEPARENT: HeaderName =
+        HeaderName::from_static(gateway_common::traceparent::TRACEPARENT);
+    pub const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+    pub const X_EDGE_SECRET: HeaderName = HeaderName::from_static(headers::X_EDGE_SECRET);
+    pub const X_EDGE_MISS: HeaderName = HeaderName::from_static(headers::X_EDGE_MISS);
+    pub const X_SEMANTIC_CACHE: HeaderName = HeaderName::from_static(headers::X_SEMANTIC_CACHE);
+    pub const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+    pub const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 }
 
 async fn api(
@@ -113,7 +128,7 @@ async fn api(
 /// trace when there is none. The request's log lines carry its trace id (through its span or
 /// its `request_scope`).
 fn request_trace(headers: &HeaderMap) -> TraceContext {
-    header(headers, TRACEPARENT)
+    header(headers, names::TRACEPARENT)
         .and_then(TraceContext::parse)
         .or_else(|| TraceContext::start(rand::random(), rand::random()))
         .unwrap_or(TraceContext {
@@ -135,11 +150,14 @@ async fn serve_api(
     let headers = request.headers();
     // The Anthropic SDKs send their key as `x-api-key`; read as a bearer token when there is
     // no `Authorization` (the chat path never allocates here).
-    let authorization = header(headers, "authorization").map(std::borrow::Cow::Borrowed);
+    let authorization = header(headers, header::AUTHORIZATION).map(std::borrow::Cow::Borrowed);
     let authorization = authorization
-        .or_else(|| header(headers, "x-api-key").map(|key| format!("Bearer {key}").into()));
+        .or_else(|| header(headers, names::X_API_KEY).map(|key| format!("Bearer {key}").into()));
     // Authenticate before reading a byte of the body: an unknown key costs nothing.
-    let tenant = match service.authorize(authorization.as_deref(), header(headers, X_EDGE_SECRET)) {
+    let tenant = match service.authorize(
+        authorization.as_deref(),
+        header(headers, names::X_EDGE_SECRET),
+    ) {
         Ok(tenant) => tenant,
         Err(refusal) => {
             return finish(
@@ -164,10 +182,10 @@ async fn serve_api(
         .handle(ApiRequest {
             route,
             tenant,
-            edge_miss: header(headers, X_EDGE_MISS).is_some_and(|v| v.trim() == "1"),
-            cache_control: header(headers, "cache-control").map(str::to_string),
-            pragma: header(headers, "pragma").map(str::to_string),
-            semantic_off: header(headers, X_SEMANTIC_CACHE)
+            edge_miss: header(headers, names::X_EDGE_MISS).is_some_and(|v| v.trim() == "1"),
+            cache_control: header(headers, header::CACHE_CONTROL).map(str::to_string),
+            pragma: header(headers, header::PRAGMA).map(str::to_string),
+            semantic_off: header(headers, names::X_SEMANTIC_CACHE)
                 .is_some_and(|v| v.trim().eq_ignore_ascii_case("off")),
             body,
             passthrough: passthrough(route, headers, trace),
@@ -185,8 +203,8 @@ fn passthrough(route: Route, headers: &HeaderMap, trace: TraceContext) -> Passth
         };
     }
     Passthrough {
-        anthropic_version: header(headers, "anthropic-version").map(str::to_string),
-        anthropic_beta: header(headers, "anthropic-beta").map(str::to_string),
+        anthropic_version: header(headers, names::ANTHROPIC_VERSION).map(str::to_string),
+        anthropic_beta: header(headers, names::ANTHROPIC_BETA).map(str::to_string),
         trace: Some(trace),
     }
 }
@@ -197,7 +215,8 @@ async fn read_body(
     mut payload: web::Payload,
     limit: usize,
 ) -> Result<bytes::Bytes, Refusal> {
-    let declared = header(headers, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    let declared =
+        header(headers, header::CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit).into());
     }
@@ -391,8 +410,8 @@ async fn models(request: HttpRequest, service: web::Data<Service>) -> HttpRespon
     let headers = request.headers();
     let result = service
         .models(
-            header(headers, "authorization"),
-            header(headers, X_EDGE_SECRET),
+            header(headers, header::AUTHORIZATION),
+            header(headers, names::X_EDGE_SECRET),
         )
         .map(json);
     plain(&service, "models", start, result)
@@ -405,8 +424,8 @@ async fn delete_key(request: HttpRequest, service: web::Data<Service>) -> HttpRe
     let key = request.match_info().get("key").unwrap_or("");
     let result = service
         .delete_key(
-            header(headers, "authorization"),
-            header(headers, X_EDGE_SECRET),
+            header(headers, header::AUTHORIZATION),
+            header(headers, names::X_EDGE_SECRET),
             key,
         )
         .await
@@ -420,8 +439,8 @@ async fn purge(request: HttpRequest, service: web::Data<Service>) -> HttpRespons
     let headers = request.headers();
     let result = service
         .purge(
-            header(headers, "authorization"),
-            header(headers, X_EDGE_SECRET),
+            header(headers, header::AUTHORIZATION),
+            header(headers, names::X_EDGE_SECRET),
         )
         .await
         .map(json);
@@ -433,7 +452,7 @@ async fn admin_purge(request: HttpRequest, service: web::Data<Service>) -> HttpR
     let service = service.into_inner();
     let tenant = request.match_info().get("tenant").unwrap_or("");
     let result = service
-        .admin_purge_tenant(header(request.headers(), "authorization"), tenant)
+        .admin_purge_tenant(header(request.headers(), header::AUTHORIZATION), tenant)
         .await
         .map(json);
     plain(&service, "admin", start, result)
@@ -449,7 +468,7 @@ async fn ingest_usage(
     let start = Instant::now();
     let service = service.into_inner();
     let headers = request.headers();
-    if let Err(refusal) = service.authorize_ingest(header(headers, "authorization")) {
+    if let Err(refusal) = service.authorize_ingest(header(headers, header::AUTHORIZATION)) {
         return plain(&service, "ingest", start, Err(refusal));
     }
     let batch = match read_body(headers, payload, service.usage_max_batch_bytes()).await {
@@ -490,7 +509,7 @@ async fn peer_purge(
     let headers = request.headers();
     let result = match read_body(headers, payload, MAX_PEER_PURGE_BYTES).await {
         Ok(body) => service
-            .apply_peer_purge(header(headers, "authorization"), &body)
+            .apply_peer_purge(header(headers, header::AUTHORIZATION), &body)
             .await
             .map(json),
         Err(refusal) => Err(refusal),
@@ -513,7 +532,9 @@ async fn dashboard(
 ) -> HttpResponse {
     let start = Instant::now();
     let service = service.into_inner();
-    if let Err(refusal) = service.authorize_dashboard(header(request.headers(), "authorization")) {
+    if let Err(refusal) =
+        service.authorize_dashboard(header(request.headers(), header::AUTHORIZATION))
+    {
         let mut response = plain(&service, "dashboard", start, Err(refusal));
         response.headers_mut().insert(
             header::WWW_AUTHENTICATE,
@@ -537,7 +558,8 @@ async fn dashboard_json(
 ) -> HttpResponse {
     let start = Instant::now();
     let service = service.into_inner();
-    let result = match service.authorize_dashboard(header(request.headers(), "authorization")) {
+    let result = match service.authorize_dashboard(header(request.headers(), header::AUTHORIZATION))
+    {
         Ok(()) => {
             let data = service.dashboard(query.tenant.as_deref()).await;
             Ok(HttpResponse::Ok()
@@ -577,7 +599,7 @@ async fn readyz(service: web::Data<Service>) -> HttpResponse {
 }
 
 async fn metrics(request: HttpRequest, service: web::Data<Service>) -> HttpResponse {
-    match service.metrics_page(header(request.headers(), "authorization")) {
+    match service.metrics_page(header(request.headers(), header::AUTHORIZATION)) {
         Ok(page) => HttpResponse::Ok()
             .content_type("text/plain; version=0.0.4; charset=utf-8")
             .body(page),

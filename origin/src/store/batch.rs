@@ -10,47 +10,45 @@ use super::conn::Conn;
 /// Redis Cluster has 16384 slots.
 const SLOTS: u16 = 16384;
 
-struct Command {
+struct Command<'k> {
     cmd: Cmd,
-    slot: u16,
+    /// The key that places it: hashed to a slot only on a cluster (a single node needs no
+    /// slot, and the hash was ~400 instructions a command on every hit).
+    key: &'k str,
     /// The reply is dropped (an `EXPIRE` riding along with its `INCRBY`).
     ignored: bool,
 }
 
-/// Commands, each with the key that places it.
+/// Commands, each with the key that places it (borrowed until the batch is sent).
 #[derive(Default)]
-pub struct Batch {
-    commands: Vec<Command>,
+pub struct Batch<'k> {
+    commands: Vec<Command<'k>>,
 }
 
-impl Batch {
-    pub fn new() -> Batch {
+impl<'k> Batch<'k> {
+    pub fn new() -> Batch<'k> {
         Batch::default()
     }
 
     /// Adds `cmd`, which touches only `key` (or keys of its slot); its reply is returned.
-    pub fn push(&mut self, key: &str, cmd: Cmd) -> &mut Batch {
+    pub fn push(&mut self, key: &'k str, cmd: Cmd) -> &mut Batch<'k> {
         self.add(key, cmd, false)
     }
 
     /// Adds `cmd` whose reply is not returned.
-    pub fn push_ignored(&mut self, key: &str, cmd: Cmd) -> &mut Batch {
+    pub fn push_ignored(&mut self, key: &'k str, cmd: Cmd) -> &mut Batch<'k> {
         self.add(key, cmd, true)
     }
 
-    fn add(&mut self, key: &str, cmd: Cmd, ignored: bool) -> &mut Batch {
-        self.commands.push(Command {
-            cmd,
-            slot: slot(key),
-            ignored,
-        });
+    fn add(&mut self, key: &'k str, cmd: Cmd, ignored: bool) -> &mut Batch<'k> {
+        self.commands.push(Command { cmd, key, ignored });
         self
     }
 
     /// How many distinct slots the batch touches (how many pipelines a cluster gets).
     #[cfg(test)]
     fn slots(&self) -> usize {
-        let mut slots: Vec<u16> = self.commands.iter().map(|c| c.slot).collect();
+        let mut slots: Vec<u16> = self.commands.iter().map(|c| slot(c.key)).collect();
         slots.sort_unstable();
         slots.dedup();
         slots.len()
@@ -74,10 +72,11 @@ impl Batch {
                         kept += 1;
                         kept - 1
                     });
-                    let group = match groups.iter().position(|(s, _, _)| *s == command.slot) {
+                    let slot = slot(command.key);
+                    let group = match groups.iter().position(|(s, _, _)| *s == slot) {
                         Some(g) => &mut groups[g],
                         None => {
-                            groups.push((command.slot, Vec::new(), Vec::new()));
+                            groups.push((slot, Vec::new(), Vec::new()));
                             let last = groups.len() - 1;
                             &mut groups[last]
                         }
@@ -106,7 +105,7 @@ impl Batch {
 }
 
 /// One pipeline of `commands`; the replies of those not ignored.
-async fn query_part(mut conn: Conn, commands: Vec<Command>) -> RedisResult<Vec<Value>> {
+async fn query_part(mut conn: Conn, commands: Vec<Command<'_>>) -> RedisResult<Vec<Value>> {
     let mut pipe = redis::Pipeline::with_capacity(commands.len());
     for command in commands {
         pipe.add_command(command.cmd);

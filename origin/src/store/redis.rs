@@ -93,7 +93,7 @@ impl RedisStore {
     pub(crate) async fn run_batch(
         &self,
         op: &'static str,
-        batch: Batch,
+        batch: Batch<'_>,
     ) -> Result<Vec<Value>, StoreError> {
         self.run(op, move |c| async move { batch.query(&c).await })
             .await
@@ -376,7 +376,7 @@ fn from_value<T: redis::FromRedisValue>(value: &Value) -> Result<T, StoreError> 
 }
 
 /// `INCRBY` + `EXPIRE` (the expiry's reply ignored) or `GET` per op: one reply per op.
-fn push_counter_ops(batch: &mut Batch, ops: &[CounterOp]) {
+fn push_counter_ops<'k>(batch: &mut Batch<'k>, ops: &'k [CounterOp]) {
     for op in ops {
         match op {
             CounterOp::Incr { key, by, ttl_secs } => {
