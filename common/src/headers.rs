@@ -114,13 +114,7 @@ pub struct CacheStatusMember {
 impl CacheStatusMember {
     /// Served from this cache: `<cache>; hit; ttl=<ttl_remaining>`.
     pub fn hit(cache: &str, ttl_remaining: u64) -> Self {
-        Self::new(
-            cache,
-            vec![
-                "hit".to_owned(),
-                ["ttl=", itoa::Buffer::new().format(ttl_remaining)].concat(),
-            ],
-        )
+        Self::hit_with_ttl(cache, ttl_remaining)
     }
 
     /// Forwarded: `<cache>; fwd=<fwd>` and `; stored` if the answer was stored.
@@ -153,11 +147,16 @@ impl CacheStatusMember {
     /// Served stale: `<cache>; hit; ttl=<ttl_remaining>`, where the ttl is negative (how many
     /// seconds past its freshness the entry is).
     pub fn stale(cache: &str, ttl_remaining: i64) -> Self {
+        Self::hit_with_ttl(cache, ttl_remaining)
+    }
+
+    /// `<cache>; hit; ttl=<ttl>`, fresh or stale (on every hit: joined, not formatted).
+    fn hit_with_ttl(cache: &str, ttl: impl itoa::Integer) -> Self {
         Self::new(
             cache,
             vec![
                 "hit".to_owned(),
-                ["ttl=", itoa::Buffer::new().format(ttl_remaining)].concat(),
+                ["ttl=", itoa::Buffer::new().format(ttl)].concat(),
             ],
         )
     }

@@ -44,8 +44,11 @@ async fn main() -> anyhow::Result<()> {
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     match settings.log.format {
         LogFormat::Json => {
-            // The JSON layer writes a request's scope as its span: no span needed per request.
-            request_scope::enable();
+            // The JSON layer writes a request's scope as its span, so a request needs a span
+            // only when spans are exported (OpenTelemetry parents hang off it).
+            if telemetry.is_none() {
+                request_scope::enable();
+            }
             registry.with(log_format::json_lines()).init();
         }
         LogFormat::Text => registry.with(tracing_subscriber::fmt::layer()).init(),

@@ -28,11 +28,12 @@ tokio::task_local! {
     static SCOPE: RequestScope;
 }
 
-/// Set once at start-up by the binary when the JSON layer is the log output.
+/// Set once at start-up by the binary when the JSON layer is the log output and no span is
+/// exported: the one place that decides between a scope and a span.
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
-/// Requests run in a [`RequestScope`] rather than a span from now on; called when the JSON layer
-/// (which reads the scope) is installed.
+/// Requests run in a [`RequestScope`] rather than a span from now on. Only for a process whose
+/// log output is the JSON layer (which reads the scope) and which exports no spans.
 pub fn enable() {
     ENABLED.store(true, Ordering::Relaxed);
 }

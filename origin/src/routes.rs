@@ -100,7 +100,7 @@ async fn api(
     let start = Instant::now();
     let headers = request.headers();
     let trace = request_trace(headers);
-    if !crate::telemetry::exporting() && request_scope::enabled() {
+    if request_scope::enabled() {
         let scope = RequestScope {
             route: route.as_str(),
             trace_id: trace.trace_id,
