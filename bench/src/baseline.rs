@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::load::Target;
-
 /// The baseline's binaries and the revision they were built from.
 #[derive(Debug, Clone)]
 pub struct Baseline {
@@ -21,7 +19,7 @@ pub struct Baseline {
     /// The short revision (the directory's `REVISION` file), for labels.
     pub revision: String,
     /// Measure only today's judged hit and this revision's beside the floor (`--judged-only`):
-    /// the other subjects leave the run, so more rounds fit in the same time.
+    /// the other subjects are not started, so more rounds fit in the same time.
     pub judged_only: bool,
 }
 
@@ -52,19 +50,9 @@ impl Baseline {
         })
     }
 
-    /// The subjects a tier measures: all of them, or with [`Baseline::judged_only`] the first
-    /// (today's hit as deployed, the one the report judges) and this revision's.
-    pub fn select(&self, subjects: Vec<Target>) -> Vec<Target> {
-        if !self.judged_only {
-            return subjects;
-        }
-        let suffix = format!("({})", self.revision);
-        let mut subjects = subjects.into_iter();
-        let today = subjects.next();
-        today
-            .into_iter()
-            .chain(subjects.filter(|s| s.name.ends_with(&suffix)))
-            .collect()
+    /// Whether a run measures only the judged pair: `--judged-only` with a baseline.
+    pub fn judged_only(baseline: Option<&Baseline>) -> bool {
+        baseline.is_some_and(|b| b.judged_only)
     }
 
     /// The subject's name in the report: `<what> (<revision>)`.

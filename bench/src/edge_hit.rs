@@ -39,40 +39,40 @@ pub async fn run(
     unsealed.kv = vec![kv_seed_plain(&entry)];
     // The earlier revision predates sealing: it reads the unsealed entry.
     let earlier_config = unsealed.clone();
-    let earlier_wasm = baseline.map(|b| b.edge_wasm.clone());
-    let (edge, unlogged, plain, bare, earlier) = tokio::task::spawn_blocking(move || {
-        let edge = Edge::start(&config)?;
-        let unlogged = Edge::start(&quiet)?;
-        let plain = Edge::start(&unsealed)?;
+    let earlier = baseline.map(|b| (b.label("edge KV hit (Viceroy)"), b.edge_wasm.clone()));
+    // Only what is measured is started: `--judged-only` leaves the other subjects out.
+    let judged_only = Baseline::judged_only(baseline);
+    let (bare, edges) = tokio::task::spawn_blocking(move || {
         let bare = start_bare()?;
+        // The first is the one the report judges: the edge as deployed, usage log on.
+        let mut edges = vec![("edge KV hit (Viceroy)".to_owned(), Edge::start(&config)?)];
+        if !judged_only {
+            edges.push((
+                "edge KV hit, usage log off (Viceroy)".to_owned(),
+                Edge::start(&quiet)?,
+            ));
+            edges.push((
+                "edge KV hit, entry unsealed (v1) (Viceroy)".to_owned(),
+                Edge::start(&unsealed)?,
+            ));
+        }
         // The earlier revision's edge, as deployed (usage log on).
-        let earlier = earlier_wasm
-            .map(|wasm| Edge::start_with_wasm(&earlier_config, &wasm))
-            .transpose()?;
-        anyhow::Ok((edge, unlogged, plain, bare, earlier))
+        if let Some((name, wasm)) = earlier {
+            edges.push((name, Edge::start_with_wasm(&earlier_config, &wasm)?));
+        }
+        anyhow::Ok((bare, edges))
     })
     .await??;
-    let earlier_url = earlier
-        .as_ref()
-        .map(|e| format!("{}/v1/chat/completions", e.url()));
-    let edge_url = format!("{}/v1/chat/completions", edge.url());
-    let unlogged_url = format!("{}/v1/chat/completions", unlogged.url());
-    let plain_url = format!("{}/v1/chat/completions", plain.url());
-    let bare_url = format!("{}/v1/chat/completions", bare.url());
+    let url = |edge: &Edge| format!("{}/v1/chat/completions", edge.url());
 
     let http = reqwest::Client::new();
-    let mut answering = vec![
-        ("edge", &edge_url),
-        ("edge", &unlogged_url),
-        ("edge", &plain_url),
-        ("bare service", &bare_url),
-    ];
-    if let Some(url) = &earlier_url {
-        answering.push(("edge", url));
-    }
-    for (name, url) in answering {
+    let answering = edges
+        .iter()
+        .map(|(_, edge)| ("edge", edge))
+        .chain([("bare service", &bare)]);
+    for (name, answering) in answering {
         let resp = http
-            .post(url)
+            .post(url(answering))
             .bearer_auth(API_KEY)
             .header("content-type", "application/json")
             .body(HIT_REQUEST)
@@ -98,49 +98,23 @@ pub async fn run(
 
     let body = scratch.join("hit-request.json");
     std::fs::write(&body, HIT_REQUEST)?;
-    let floor = json_target("bare Compute (Viceroy)", bare_url, Some(API_KEY), &body)
+    let floor = json_target("bare Compute (Viceroy)", url(&bare), Some(API_KEY), &body)
         .serving(viceroy(&bare)?);
-    // The first subject is the one the report judges: the edge as deployed, usage log on.
-    let subject = json_target("edge KV hit (Viceroy)", edge_url, Some(API_KEY), &body)
-        .serving(viceroy(&edge)?);
-    let without = json_target(
-        "edge KV hit, usage log off (Viceroy)",
-        unlogged_url,
-        Some(API_KEY),
-        &body,
-    )
-    .serving(viceroy(&unlogged)?);
-    let unsealed = json_target(
-        "edge KV hit, entry unsealed (v1) (Viceroy)",
-        plain_url,
-        Some(API_KEY),
-        &body,
-    )
-    .serving(viceroy(&plain)?);
-    let mut subjects = vec![subject, without, unsealed];
-    if let (Some(url), Some(baseline), Some(earlier)) = (earlier_url, baseline, &earlier) {
-        subjects.push(
-            json_target(
-                &baseline.label("edge KV hit (Viceroy)"),
-                url,
-                Some(API_KEY),
-                &body,
-            )
-            .serving(viceroy(earlier)?),
-        );
-    }
-    if let Some(baseline) = baseline {
-        subjects = baseline.select(subjects);
-    }
+    let subjects = edges
+        .iter()
+        .map(|(name, edge)| {
+            anyhow::Ok(json_target(name, url(edge), Some(API_KEY), &body).serving(viceroy(edge)?))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let settings = settings.clone();
     let comparison = tokio::task::spawn_blocking(move || {
         compare::compare(&settings, "edge hit", &floor, &subjects)
     })
     .await??;
-    if !edge.log().contains("usage :: ") {
+    if !edges[0].1.log().contains("usage :: ") {
         bail!("the edge under test wrote no usage records");
     }
-    drop((edge, unlogged, plain, bare, earlier));
+    drop((bare, edges));
     Ok(comparison)
 }
 

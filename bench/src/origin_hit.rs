@@ -68,26 +68,11 @@ pub async fn run(
     baseline: Option<&Baseline>,
 ) -> anyhow::Result<OriginHit> {
     let redis = RedisServer::start()?;
-    let cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
     let provider = MockProvider::start(ProviderConfig::default()).await?;
     let config = OriginConfig::single(redis.url(), provider.base_url(), workers);
-    // The same origin with the pool that is not the default, and the default on the cluster.
     let (default_pool, other_pool) = match Settings::for_tests().redis.pool {
         RedisPool::DeadpoolRedis => ("deadpool-redis", "multiplexed"),
         RedisPool::Multiplexed => ("multiplexed", "deadpool-redis"),
-    };
-    let other_config = OriginConfig {
-        redis_pool: Some(other_pool),
-        ..config.clone()
-    };
-    let cluster_config = OriginConfig {
-        redis_cluster: cluster.urls(),
-        ..config.clone()
-    };
-    let plain_redis = RedisServer::start()?;
-    let plain_config = OriginConfig {
-        redis_url: plain_redis.url(),
-        ..config.clone()
     };
     // The earlier revision's origin on the same Redis: its keys are its own, so the two never
     // answer each other's entries.
@@ -95,12 +80,13 @@ pub async fn run(
         revision: Some((b.origin.clone(), b.tenants.clone())),
         ..config.clone()
     });
+    // Only what is measured is started: `--judged-only` leaves the other subjects out.
+    let others = if Baseline::judged_only(baseline) {
+        None
+    } else {
+        Some(Others::start(&config, other_pool).await?)
+    };
     let origin = tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??;
-    let other = tokio::task::spawn_blocking(move || OriginProcess::start(&other_config)).await??;
-    let on_cluster =
-        tokio::task::spawn_blocking(move || OriginProcess::start(&cluster_config)).await??;
-    let unsealed =
-        tokio::task::spawn_blocking(move || OriginProcess::start(&plain_config)).await??;
     let earlier = match baseline_config {
         Some(config) => {
             Some(tokio::task::spawn_blocking(move || OriginProcess::start(&config)).await??)
@@ -121,15 +107,8 @@ pub async fn run(
     };
     // The exact bytes a hit answers with, from the default origin; the others must hit too.
     let bytes = warm_hit(&http, &origin, "default").await?;
-    for (name, process) in [("other pool", &other), ("cluster", &on_cluster)] {
-        warm_hit(&http, process, name).await?;
-    }
-    // The unsealed origin stores a sealed entry like any other; it is replaced by the same
-    // answer in the version-1 form, which every origin still reads.
-    warm_hit(&http, &unsealed, "unsealed").await?;
-    unseal(&plain_redis, &bytes)?;
-    if warm_hit(&http, &unsealed, "unsealed").await? != bytes {
-        bail!("the unsealed entry does not answer the same bytes");
+    if let Some(others) = &others {
+        others.warm(&http, &bytes).await?;
     }
     if let Some(process) = &earlier {
         warm_hit(&http, process, "baseline").await?;
@@ -152,6 +131,7 @@ pub async fn run(
     )
     .serving(vec![Process::new("bench (floor)", std::process::id())]);
     let redis_pids = [redis.pid().context("redis stopped")?];
+    // The first subject is the one the report judges: the default pool on one Redis node.
     let subject = json_target(
         &format!("origin Redis hit ({default_pool})"),
         origin_url.clone(),
@@ -159,36 +139,10 @@ pub async fn run(
         &body,
     )
     .serving(serving(&origin, &redis_pids)?);
-    let other_subject = json_target(
-        &format!("origin Redis hit ({other_pool})"),
-        format!("{}/v1/chat/completions", other.url()),
-        Some(API_KEY),
-        &body,
-    )
-    .serving(serving(&other, &redis_pids)?);
-    let cluster_subject = json_target(
-        &format!("origin Redis Cluster hit ({default_pool})"),
-        format!("{}/v1/chat/completions", on_cluster.url()),
-        Some(API_KEY),
-        &body,
-    )
-    .serving(serving(&on_cluster, &cluster.pids())?);
-    let unsealed_subject = json_target(
-        &format!("origin Redis hit, entry unsealed (v1) ({default_pool})"),
-        format!("{}/v1/chat/completions", unsealed.url()),
-        Some(API_KEY),
-        &body,
-    )
-    .serving(serving(
-        &unsealed,
-        &[plain_redis.pid().context("redis stopped")?],
-    )?);
-    let mut subjects = vec![
-        subject.clone(),
-        other_subject,
-        cluster_subject,
-        unsealed_subject,
-    ];
+    let mut subjects = vec![subject.clone()];
+    if let Some(others) = &others {
+        subjects.extend(others.targets(&body, default_pool, other_pool, &redis_pids)?);
+    }
     if let (Some(process), Some(baseline)) = (&earlier, baseline) {
         subjects.push(
             json_target(
@@ -199,9 +153,6 @@ pub async fn run(
             )
             .serving(serving(process, &redis_pids)?),
         );
-    }
-    if let Some(baseline) = baseline {
-        subjects = baseline.select(subjects);
     }
     let calls_before = provider.calls();
     let comparison = {
@@ -258,12 +209,8 @@ pub async fn run(
     let peer_provider_calls = provider.calls() - peer_calls_before;
     bare.stop().await;
     drop(origin);
-    drop(other);
-    drop(on_cluster);
-    drop(unsealed);
-    drop(plain_redis);
+    drop(others);
     drop(earlier);
-    drop(cluster);
     provider.stop().await;
     drop(redis);
     Ok(OriginHit {
@@ -273,6 +220,100 @@ pub async fn run(
         peer_provider_calls,
         provider_calls,
     })
+}
+
+/// The subjects beside the judged one: the same origin with the pool that is not the default,
+/// the default pool on a six-node cluster, and the default pool reading the entry unsealed.
+struct Others {
+    other: OriginProcess,
+    cluster: RedisCluster,
+    on_cluster: OriginProcess,
+    plain_redis: RedisServer,
+    unsealed: OriginProcess,
+}
+
+impl Others {
+    async fn start(config: &OriginConfig, other_pool: &'static str) -> anyhow::Result<Others> {
+        let cluster = tokio::task::spawn_blocking(RedisCluster::start).await??;
+        let plain_redis = RedisServer::start()?;
+        let other_config = OriginConfig {
+            redis_pool: Some(other_pool),
+            ..config.clone()
+        };
+        let cluster_config = OriginConfig {
+            redis_cluster: cluster.urls(),
+            ..config.clone()
+        };
+        let plain_config = OriginConfig {
+            redis_url: plain_redis.url(),
+            ..config.clone()
+        };
+        let other =
+            tokio::task::spawn_blocking(move || OriginProcess::start(&other_config)).await??;
+        let on_cluster =
+            tokio::task::spawn_blocking(move || OriginProcess::start(&cluster_config)).await??;
+        let unsealed =
+            tokio::task::spawn_blocking(move || OriginProcess::start(&plain_config)).await??;
+        Ok(Others {
+            other,
+            cluster,
+            on_cluster,
+            plain_redis,
+            unsealed,
+        })
+    }
+
+    /// Makes each answer the hit request with `bytes` (the default origin's answer) from
+    /// Redis. The unsealed origin stores a sealed entry like any other; it is replaced by the
+    /// same answer in the version-1 form, which every origin still reads.
+    async fn warm(&self, http: &reqwest::Client, bytes: &[u8]) -> anyhow::Result<()> {
+        for (name, process) in [("other pool", &self.other), ("cluster", &self.on_cluster)] {
+            warm_hit(http, process, name).await?;
+        }
+        warm_hit(http, &self.unsealed, "unsealed").await?;
+        unseal(&self.plain_redis, bytes)?;
+        if warm_hit(http, &self.unsealed, "unsealed").await? != bytes {
+            bail!("the unsealed entry does not answer the same bytes");
+        }
+        Ok(())
+    }
+
+    fn targets(
+        &self,
+        body: &Path,
+        default_pool: &str,
+        other_pool: &str,
+        redis_pids: &[u32],
+    ) -> anyhow::Result<Vec<Target>> {
+        let target = |name: String, process: &OriginProcess, redis: &[u32]| {
+            anyhow::Ok(
+                json_target(
+                    &name,
+                    format!("{}/v1/chat/completions", process.url()),
+                    Some(API_KEY),
+                    body,
+                )
+                .serving(serving(process, redis)?),
+            )
+        };
+        Ok(vec![
+            target(
+                format!("origin Redis hit ({other_pool})"),
+                &self.other,
+                redis_pids,
+            )?,
+            target(
+                format!("origin Redis Cluster hit ({default_pool})"),
+                &self.on_cluster,
+                &self.cluster.pids(),
+            )?,
+            target(
+                format!("origin Redis hit, entry unsealed (v1) ({default_pool})"),
+                &self.unsealed,
+                &[self.plain_redis.pid().context("redis stopped")?],
+            )?,
+        ])
+    }
 }
 
 /// The processes whose CPU a hit of `origin` costs: the origin and the Redis nodes it reads.
