@@ -199,6 +199,9 @@ impl Application {
                 .configure(routes::configure)
         })
         .shutdown_timeout(settings.server.shutdown_timeout_secs)
+        .client_request_timeout(Duration::from_millis(
+            settings.server.client_request_timeout_ms,
+        ))
         .keep_alive(Duration::from_secs(75));
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);

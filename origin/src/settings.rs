@@ -31,6 +31,7 @@ workers = 0
 max_body_bytes = 4194304
 max_upstream_body_bytes = 67108864
 shutdown_timeout_secs = 10
+client_request_timeout_ms = 5000
 
 [redis]
 mode = "single"
@@ -211,6 +212,9 @@ pub struct ServerSettings {
     /// Largest non-streamed provider answer read into memory.
     pub max_upstream_body_bytes: usize,
     pub shutdown_timeout_secs: u64,
+    /// How long a new connection may take to send its first request head before it is
+    /// answered 408 and closed (the guard against slow clients holding connections open).
+    pub client_request_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

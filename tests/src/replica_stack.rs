@@ -178,6 +178,9 @@ impl ReplicaStack {
             .set("", "providers", format!("[{provider_table}]"))
             .set("server", "workers", "1")
             .set("server", "shutdown_timeout_secs", "10")
+            // Tests with thousands of requests on a loaded 2-core machine can starve a client
+            // between its connect and its request head for longer than the 5 s default.
+            .set("server", "client_request_timeout_ms", "60000")
             .set("redis", "response_timeout_ms", "250")
             .set("redis", "pool_wait_timeout_ms", "250")
             // A replica opens its pool's connections cold, many at once, on a busy machine.

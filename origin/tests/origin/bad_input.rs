@@ -155,3 +155,34 @@ async fn a_body_declared_over_the_limit_is_refused_before_it_is_read() {
     let body = openai_error(response).await;
     assert_eq!(body["error"]["type"], "invalid_request_error");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sends_no_request_head_in_time_gets_408_and_is_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let stack = Stack::start_with(Options {
+        settings: Box::new(|s| s.server.client_request_timeout_ms = 300),
+        ..Options::default()
+    })
+    .await;
+    let addr = stack.url.trim_start_matches("http://");
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    // Half a request head, then nothing.
+    slow.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nhost: origin\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    // Well before actix's own 5 s default: the answer comes from the setting.
+    tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        slow.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the origin closes the connection")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // A client that sends its request promptly is unaffected.
+    let response = stack.chat(ACME, "sent in time").await;
+    assert_eq!(response.status(), 200);
+}

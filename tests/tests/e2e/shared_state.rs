@@ -3,6 +3,7 @@
 //! is sent by another, one API budget for all, and a rolling restart loses nothing.
 
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -82,20 +83,69 @@ async fn delete(stack: &ReplicaStack, index: usize, path: &str) -> reqwest::Resp
         .expect("the replica answers")
 }
 
+/// How long the fake Fastly API may hold the first write before answering it anyway; the
+/// tests release it as soon as the racing operation has landed, well before this.
+const HOLD_MS: u64 = 20_000;
+
 /// Two replicas (no local populate) whose fake Fastly API holds its next request (the write of
-/// the first entry) for 1.5 s.
+/// the first entry) until [`release`] (or [`HOLD_MS`]). Their Fastly API timeout is longer than
+/// the hold, so the held write is answered, never abandoned and retried.
 async fn two_replicas_holding_the_next_write() -> ReplicaStack {
     let stack = ReplicaStack::start_with(ReplicaStackOptions {
         replicas: 2,
         populate_on_fallback: false,
+        settings: settings(|_, config| {
+            config.set(
+                "replication",
+                "request_timeout_ms",
+                (HOLD_MS + 10_000).to_string(),
+            );
+        }),
         ..ReplicaStackOptions::default()
     })
     .await
     .expect("the stack starts");
     stack
         .fastly_api
-        .set_fault(Fault::Latency { ms: 1_500 }, Some(1));
+        .set_fault(Fault::Hang { ms: Some(HOLD_MS) }, Some(1));
     stack
+}
+
+/// Lets the held write through: it lands after whatever raced it.
+fn release(stack: &ReplicaStack) {
+    stack.fastly_api.clear_faults();
+}
+
+/// `gateway_replication_followups_total{kind}` over both replicas.
+async fn followups(stack: &ReplicaStack, kind: &str) -> f64 {
+    let label = format!("kind=\"{kind}\"");
+    let mut total = 0.0;
+    for index in 0..2 {
+        let page = stack
+            .replicas
+            .metrics(index)
+            .await
+            .expect("the metrics page");
+        total += gateway_e2e::replicas::metric_where(
+            &page,
+            "gateway_replication_followups_total",
+            &[&label],
+        );
+    }
+    total
+}
+
+/// Like [`eventually`], for a condition that needs to ask the replicas.
+async fn eventually_async<F: Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -109,15 +159,21 @@ async fn a_purge_through_one_replica_wins_over_a_write_another_replica_was_holdi
         stack.fastly_api.stats().batch > 0
     })
     .await;
-    // The purge through the other replica: its delete lands before the held write.
+    // The purge through the other replica: its delete lands while the write is held.
     let purged = delete(&stack, 1, &format!("/v1/cache/{}", key.hex())).await;
     assert_eq!(purged.status(), 200);
-    eventually(
+    eventually("the purge's delete", Duration::from_secs(10), || {
+        stack.fastly_api.stats().delete > before.delete
+    })
+    .await;
+    release(&stack);
+    eventually_async(
         "the held write, then its follow-up delete",
         Duration::from_secs(15),
-        || {
-            let stats = stack.fastly_api.stats();
-            stats.delete >= before.delete + 2 && stack.fastly_api.get(&key.kv_key()).is_none()
+        || async {
+            followups(&stack, "delete").await >= 1.0
+                && stack.fastly_api.stats().delete >= before.delete + 2
+                && stack.fastly_api.get(&key.kv_key()).is_none()
         },
     )
     .await;
@@ -152,10 +208,19 @@ async fn a_refresh_through_one_replica_wins_over_an_older_write_another_was_hold
     .await;
     let newer = edge_miss(&stack, 1, prompt, &[("cache-control", "no-cache")]).await;
     assert_ne!(older, newer, "the refresh got a new answer");
-    eventually(
+    eventually("the newer write", Duration::from_secs(15), || {
+        kv_id(&stack, &key).as_deref() == Some(&newer)
+    })
+    .await;
+    // The older write lands last, over the newer one, and is corrected.
+    release(&stack);
+    eventually_async(
         "the older write landed and was corrected",
         Duration::from_secs(15),
-        || stack.fastly_api.stats().batch >= 3 && kv_id(&stack, &key).as_deref() == Some(&newer),
+        || async {
+            followups(&stack, "rewrite").await >= 1.0
+                && kv_id(&stack, &key).as_deref() == Some(&newer)
+        },
     )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
