@@ -253,6 +253,9 @@ async fn the_dashboard_needs_the_admin_token_and_shows_what_metrics_count() {
         stack.chat("sk-dev-acme", "one").await.status(),
         StatusCode::OK
     );
+    // The answer comes back before its cache write lands: without the wait, the second
+    // request can join the first one's flight and be counted upstream, not an origin hit.
+    stack.settle().await;
     assert_eq!(
         stack.chat("sk-dev-acme", "one").await.status(),
         StatusCode::OK
