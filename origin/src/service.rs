@@ -3,6 +3,7 @@
 //! Never sees an HTTP type: routes translate requests in and replies out.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -173,6 +174,8 @@ pub struct Service {
     store: Arc<dyn Store>,
     router: Router,
     coalescer: Arc<Coalescer<Flight>>,
+    /// Provider calls whose task is still running (see [`flight::Fetching`]).
+    fetching: Arc<AtomicUsize>,
     budget: Arc<Budget>,
     meter: Arc<Meter>,
     replicator: Arc<dyn Replicator>,
@@ -262,6 +265,7 @@ impl Service {
             store,
             router,
             coalescer: Coalescer::new(),
+            fetching: Arc::default(),
             budget,
             meter,
             replicator,
@@ -319,10 +323,14 @@ impl Service {
         &self.region
     }
 
-    /// Keys whose provider call (or the cache write after it) is still running. Tests wait
-    /// for 0 before asserting a hit; operators could export it.
+    /// Provider calls still running, with the cache write and the offer after them: those a
+    /// request leads for identical ones, and those made alone (a `no-cache` refresh, a
+    /// bypass). Tests wait for 0 before asserting a hit; operators could export it.
     pub fn in_flight(&self) -> usize {
-        self.coalescer.in_flight()
+        // A key's slot exists a moment before its provider call's task starts.
+        self.coalescer
+            .in_flight()
+            .max(self.fetching.load(Ordering::Relaxed))
     }
 
     pub fn max_body_bytes(&self) -> usize {

@@ -4,6 +4,7 @@
 //! answer: tokens counted, the cache written, the entry offered to the edge tier.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -194,13 +195,14 @@ impl Service {
     ) -> Led {
         let (done_tx, done_rx) = oneshot::channel();
         let (live_tx, live_rx) = oneshot::channel();
-        // The provider call keeps the request's span or scope (its trace id) in its own task.
-        tokio::spawn(crate::request_scope::carry(Arc::clone(self).fetch(
-            job,
-            leader,
-            want.stream.then_some(live_tx),
-            done_tx,
-        )));
+        // The provider call keeps the request's span or scope (its trace id) in its own task,
+        // and is counted until that task ends (the cache write and the offer included).
+        let fetching = Fetching::start(&self.fetching);
+        let fetch = Arc::clone(self).fetch(job, leader, want.stream.then_some(live_tx), done_tx);
+        tokio::spawn(crate::request_scope::carry(async move {
+            fetch.await;
+            drop(fetching);
+        }));
         if want.stream
             && let Ok(live) = live_rx.await
         {
@@ -610,6 +612,23 @@ fn refusal_for(error: &RouterError) -> Refusal {
         RouterError::Exhausted { last, .. } => {
             ApiError::bad_gateway(format!("The provider failed: {last}.")).into()
         }
+    }
+}
+
+/// One provider call's task, counted in [`Service::in_flight`] while it runs: its answer, the
+/// budget spend, the cache write and the offer to the edge.
+pub(super) struct Fetching(Arc<AtomicUsize>);
+
+impl Fetching {
+    fn start(count: &Arc<AtomicUsize>) -> Fetching {
+        count.fetch_add(1, Ordering::Relaxed);
+        Fetching(Arc::clone(count))
+    }
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -117,6 +117,42 @@ async fn no_store_bypasses_the_cache_and_no_cache_refreshes_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_is_in_flight_until_its_write_has_landed() {
+    // A `no-cache` refresh leads no coalesced flight, yet its provider call and its write are
+    // work in flight: `settle` (and an operator) must see them.
+    let stack = Stack::start_with(crate::harness::Options {
+        providers: vec![crate::harness::mock_config("mock", 500)],
+        ..crate::harness::Options::default()
+    })
+    .await;
+    let body = chat_body("refreshed while watched");
+    let refresh = {
+        let (http, url) = (stack.http.clone(), stack.url.clone());
+        let body = body.clone();
+        tokio::spawn(async move {
+            http.post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(ACME)
+                .header("cache-control", "no-cache")
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stack.service.in_flight() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refresh was never in flight"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(refresh.await.ok().and_then(Result::ok), Some(200));
+    stack.settle().await;
+    assert_eq!(stack.redis.entries(), 1, "settled means written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embeddings_are_cached_like_completions() {
     let stack = Stack::start().await;
     let body = json!({"model": "text-embedding-3-small", "input": "embed me"});
