@@ -55,7 +55,8 @@ async fn two_hundred_identical_concurrent_requests_on_a_cold_key_reach_the_provi
 async fn when_the_leader_fails_its_waiters_share_the_failure_instead_of_stampeding() {
     let stack = Arc::new(
         Stack::start_with(Options {
-            settings: Box::new(|s| s.providers[0].timeout_ms = 500),
+            // Long enough for all 20 to arrive while the leader waits, on a loaded machine.
+            settings: Box::new(|s| s.providers[0].timeout_ms = 3_000),
             ..unlimited()
         })
         .await,

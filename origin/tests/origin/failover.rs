@@ -97,7 +97,17 @@ async fn a_client_error_from_the_provider_is_returned_not_retried_and_not_cached
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_repeated_failures_the_breaker_opens_and_later_closes_again() {
-    let stack = Stack::start_with(two_providers(300)).await;
+    // A cool-down long enough that the request "while open" comes within it on a loaded
+    // machine.
+    let stack = Stack::start_with(Options {
+        settings: Box::new(|s| {
+            s.providers[0].timeout_ms = 300;
+            s.router.breaker_failure_threshold = 3;
+            s.router.breaker_cooldown_ms = 3_000;
+        }),
+        ..two_providers(300)
+    })
+    .await;
     let first = &stack.providers[0];
     first.set_fault(status(503), None);
     for i in 0..3 {
@@ -112,7 +122,7 @@ async fn after_repeated_failures_the_breaker_opens_and_later_closes_again() {
 
     // After the cool-down one probe goes through; it succeeds and the breaker closes.
     first.clear_faults();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     assert_answered_by(&stack, "probe", "first").await;
     assert_eq!(first.calls(), 4);
     assert_eq!(first_breaker_state(&stack), 0.0, "closed");

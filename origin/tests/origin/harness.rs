@@ -194,6 +194,11 @@ impl Stack {
         settings.redis.url = Secret::new(redis.url());
         // Short cool-downs so tests see recovery quickly.
         settings.redis.breaker_cooldown_ms = 200;
+        // The production bound (50 ms response, 20 ms pool wait) can be missed by a healthy
+        // Redis on a loaded 2-core machine, turning an expected hit into a (correct, fail-open)
+        // miss; `redis_outage` puts it back to measure it.
+        settings.redis.response_timeout_ms = 1_000;
+        settings.redis.pool_wait_timeout_ms = 1_000;
         settings.router.breaker_cooldown_ms = 500;
         settings.cache.usage_flush_ms = 100;
         settings.tenants.file = Some(tenants_file());

@@ -142,8 +142,10 @@ async fn an_edge_miss_is_written_to_kv_once_with_the_entrys_value_metadata_and_t
     let stack = Stack::start_with(replicating_to(&api, |_| {})).await;
 
     let (key, _) = edge_miss(&stack, ACME, "replicate me").await;
+    // Seen in the store, and its answer counted by the replicator (which it is only after the
+    // API has replied).
     eventually("the KV write", Duration::from_secs(10), || async {
-        api.get(&key.kv_key()).is_some()
+        api.get(&key.kv_key()).is_some() && stack.metric("gateway_replication_written_total") == 1.0
     })
     .await;
     stack.settle().await;

@@ -127,11 +127,23 @@ async fn edge_hits_count_for_their_tenant_only_with_their_tokens_saved() {
         1.0
     );
 
-    // The saved tokens reach the tenant's monthly ledger in Redis.
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    let keys = stack.redis.keys("gw:saved:{acme}:*");
-    assert_eq!(keys.len(), 1, "{keys:?}");
-    assert_eq!(stack.redis.cli(&["GET", &keys[0]]).trim(), "700");
+    // The saved tokens reach the tenant's monthly ledger in Redis with the next flush.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let keys = stack.redis.keys("gw:saved:{acme}:*");
+        assert!(keys.len() <= 1, "{keys:?}");
+        let saved = keys
+            .first()
+            .map(|key| stack.redis.cli(&["GET", key]).trim().to_owned());
+        if saved.as_deref() == Some("700") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ledger holds {saved:?}, not 700"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
@@ -261,27 +273,39 @@ async fn the_dashboard_needs_the_admin_token_and_shows_what_metrics_count() {
         StatusCode::OK
     );
     stack.settle().await;
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
 
-    let data: Value = stack
-        .http
-        .get(format!("{}/dashboard.json", stack.url))
-        .basic_auth("operator", Some(ADMIN))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let acme = data["tenants"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["tenant"] == "acme")
-        .unwrap();
-    assert_eq!(acme["answers"], serde_json::json!([4, 1, 1]), "{data}");
+    // The series reach Redis with the next flush: wait for what the metrics count.
     let saved = stack.metric_sum("gateway_tokens_saved_total");
-    assert_eq!(acme["saved_tokens"].as_f64().unwrap(), saved, "{data}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let data: Value = stack
+            .http
+            .get(format!("{}/dashboard.json", stack.url))
+            .basic_auth("operator", Some(ADMIN))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let acme = data["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["tenant"] == "acme")
+            .cloned()
+            .unwrap_or_default();
+        if acme["answers"] == serde_json::json!([4, 1, 1])
+            && acme["saved_tokens"].as_f64() == Some(saved)
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "answers [4, 1, 1] and {saved} tokens saved: {data}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     let page = stack
         .http

@@ -74,8 +74,38 @@ async fn the_dashboard_in_a_browser_shows_what_the_metrics_count() {
         assert!(Instant::now() < deadline, "edge usage did not arrive");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The traffic series reach Redis within one flush (1 s).
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The traffic series reach Redis with the next flush (every second, retried on the next
+    // tick if it fails): wait until the page's data shows every answer the metrics count.
+    let counted = stack.metric("gateway_answers_total", &["tenant=\"acme\""]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let data: serde_json::Value = stack
+            .http
+            .get(format!("{}/dashboard.json", stack.origin_url))
+            .basic_auth("admin", Some(ADMIN_TOKEN))
+            .send()
+            .await
+            .expect("the origin answers")
+            .json()
+            .await
+            .expect("JSON");
+        let shown: f64 = data["tenants"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|t| t["tenant"] == "acme")
+            .flat_map(|t| t["answers"].as_array().cloned().unwrap_or_default())
+            .filter_map(|n| n.as_f64())
+            .sum();
+        if shown == counted {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dashboard data shows {shown} answers for acme, /metrics {counted}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let base = stack.origin_url.trim_start_matches("http://");
     let url = format!("http://admin:{ADMIN_TOKEN}@{base}/dashboard");

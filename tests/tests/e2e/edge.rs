@@ -45,6 +45,8 @@ async fn three_identical_requests_are_answered_by_provider_then_origin_then_edge
     assert_eq!(header(&second, "x-cache-layer"), "origin");
     assert!(header(&second, "cache-status").contains("stored"));
     assert_eq!(content(second).await, answer);
+    // The edge stores the origin's hit after it has answered.
+    stack.settle().await;
 
     let before = stack.origin_requests();
     let third = stack.edge_chat(ACME, "walk the tiers").await;

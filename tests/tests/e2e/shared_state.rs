@@ -269,7 +269,20 @@ async fn a_killed_replicas_queued_writes_and_purge_are_sent_by_another() {
     }
     let purge = delete(&stack, 0, &format!("/v1/cache/{}", purged_key.hex())).await;
     assert_eq!(purge.status(), 200);
-    // Replica 0 took the work and is stuck on the API with it; then it dies.
+    // Replica 0 logged the four writes (it offers each after its answer), took the work and
+    // is stuck on the API with it; then it dies.
+    eventually_async(
+        "replica 0 logged its writes",
+        Duration::from_secs(10),
+        || async {
+            stack
+                .metric(0, "gateway_replication_queued_total")
+                .await
+                .expect("the metrics page")
+                >= 4.0
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     stack.replicas.kill(0);
     stack.fastly_api.clear_faults();

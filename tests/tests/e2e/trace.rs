@@ -106,6 +106,8 @@ async fn a_client_traceparent_reaches_the_provider_and_every_tiers_log_line() {
     )
     .await;
     assert_eq!(response.status(), 200);
+    // Sent past the stack's helpers: count it, so settle waits for its edge log line.
+    stack.count_edge_requests(1);
     stack.settle().await;
 
     let upstream = stack
@@ -188,6 +190,8 @@ async fn without_a_traceparent_the_edge_starts_a_trace_the_provider_joins() {
     )
     .await;
     assert_eq!(response.status(), 200);
+    // Sent past the stack's helpers: count it, so settle waits for its edge log line.
+    stack.count_edge_requests(1);
     stack.settle().await;
     let upstream = stack.provider.last_header("traceparent").unwrap();
     let trace_id = upstream.split('-').nth(1).unwrap().to_owned();
