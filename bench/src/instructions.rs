@@ -1,19 +1,28 @@
-//! Instructions per origin hit, counted by callgrind: today's Redis hit (sealed entry, and the
-//! same answer unsealed) and, with a baseline, the earlier revision's, each origin running
-//! under `valgrind --tool=callgrind`. A count does not move with the machine's load the way
-//! time does, so a change of a percent shows in one run; it counts every thread of the origin,
-//! not Redis nor the load generator. Starts and stops everything it uses.
+//! Instructions per hit, counted by callgrind, at both tiers. The origin's Redis hit (sealed
+//! entry, and the same answer unsealed) and, with a baseline, the earlier revision's, each
+//! origin running under `valgrind --tool=callgrind`; then the edge's KV hit the same way, each
+//! Viceroy under callgrind (the bare Compute service as the floor, today's edge with the sealed
+//! and the unsealed entry, and the earlier revision's edge). A count does not move with the
+//! machine's load the way time does, so a change of a percent shows in one run; it counts
+//! every thread of the process measured, not Redis nor the load generator. Starts and stops
+//! everything it uses.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
+use gateway_common::entry::ENTRY_VERSION;
+use gateway_e2e::edge::{Edge, EdgeConfig};
+use gateway_e2e::entry::{kv_seed, kv_seed_plain};
+use gateway_e2e::free_port;
+use gateway_e2e::stack::SECRET;
 use gateway_fixtures::{MockProvider, ProviderConfig, RedisServer};
 
 use crate::baseline::Baseline;
-use crate::load::{self, Length, Pace};
+use crate::load::{self, Length, Pace, Target};
 use crate::origin::{OriginConfig, OriginProcess};
-use crate::origin_hit::{API_KEY, json_target, unseal, warm_hit};
+use crate::origin_hit::{API_KEY, HIT_REQUEST, hit_entry, json_target, unseal, warm_hit};
+use crate::viceroy::{HIT_BODY, start_bare_under};
 
 /// Hits sent before counting (pools, connections and the allocator warm).
 const WARMUP_HITS: u64 = 300;
@@ -29,10 +38,12 @@ pub struct Count {
     pub hits: u64,
 }
 
-/// What this part produced: today's sealed hit first, then the others.
+/// What this part produced: at each tier, today's sealed hit first, then the others.
 #[derive(Debug, Clone)]
 pub struct Instructions {
     pub counts: Vec<Count>,
+    /// The edge's: the bare Compute floor last.
+    pub edge: Vec<Count>,
 }
 
 pub async fn run(
@@ -45,16 +56,7 @@ pub async fn run(
     let plain_redis = RedisServer::start()?;
     let provider = MockProvider::start(ProviderConfig::default()).await?;
     let config = OriginConfig {
-        wrapper: vec![
-            "valgrind".to_owned(),
-            "--tool=callgrind".to_owned(),
-            "--quiet".to_owned(),
-            // Its profile is not read: only the live counters are (`callgrind_control -e`).
-            format!(
-                "--callgrind-out-file={}",
-                scratch.join("callgrind.out.%p").display()
-            ),
-        ],
+        wrapper: callgrind(scratch),
         ..OriginConfig::single(redis.url(), provider.base_url(), 1)
     };
     let body = scratch.join("instructions-request.json");
@@ -102,33 +104,8 @@ pub async fn run(
             Some(API_KEY),
             &body,
         );
-        let oha = oha.clone();
         let calls_before = provider.calls();
-        let per_hit = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-            let send = |n| {
-                load::run_for(
-                    &oha,
-                    &target,
-                    CONNECTIONS,
-                    Length::Requests(n),
-                    Pace::Closed,
-                )
-            };
-            send(WARMUP_HITS)?;
-            let before = instructions(pid)?;
-            let measure = send(hits)?;
-            let after = instructions(pid)?;
-            if measure.failed() > 0 || measure.answered != hits {
-                bail!(
-                    "{}: {} of {hits} hits answered, failures {:?}",
-                    target.name,
-                    measure.answered,
-                    measure.failures
-                );
-            }
-            Ok(after.saturating_sub(before) as f64 / hits as f64)
-        })
-        .await??;
+        let per_hit = per_hit(&oha, target, pid, hits).await?;
         if provider.calls() != calls_before {
             bail!("{name}: the provider was called during the counted hits");
         }
@@ -141,7 +118,137 @@ pub async fn run(
         drop(origin);
     }
     provider.stop().await;
-    Ok(Instructions { counts })
+    let edge = edges(scratch, hits, baseline, &body, &oha).await?;
+    Ok(Instructions { counts, edge })
+}
+
+/// `valgrind --tool=callgrind`, quiet, its profile (never read: only the live counters are,
+/// through `callgrind_control -e`) in `scratch`.
+fn callgrind(scratch: &Path) -> Vec<String> {
+    vec![
+        "valgrind".to_owned(),
+        "--tool=callgrind".to_owned(),
+        "--quiet".to_owned(),
+        format!(
+            "--callgrind-out-file={}",
+            scratch.join("callgrind.out.%p").display()
+        ),
+    ]
+}
+
+/// Instructions process `pid` executes per hit of `target`: warm-up hits first, then `hits`
+/// counted (all answered, or an error).
+async fn per_hit(oha: &Path, target: Target, pid: u32, hits: u64) -> anyhow::Result<f64> {
+    let oha = oha.to_path_buf();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let send = |n| {
+            load::run_for(
+                &oha,
+                &target,
+                CONNECTIONS,
+                Length::Requests(n),
+                Pace::Closed,
+            )
+        };
+        send(WARMUP_HITS)?;
+        let before = instructions(pid)?;
+        let measure = send(hits)?;
+        let after = instructions(pid)?;
+        if measure.failed() > 0 || measure.answered != hits {
+            bail!(
+                "{}: {} of {hits} hits answered, failures {:?}",
+                target.name,
+                measure.answered,
+                measure.failures
+            );
+        }
+        Ok(after.saturating_sub(before) as f64 / hits as f64)
+    })
+    .await?
+}
+
+/// How one edge subject's Viceroy starts (under callgrind).
+type StartEdge = Box<dyn FnOnce() -> anyhow::Result<Edge> + Send>;
+
+/// The edge's KV hit under callgrind, one Viceroy at a time: today's edge with the sealed
+/// entry (as deployed, usage log on), with the same answer unsealed, the earlier revision's
+/// edge (which predates sealing) on the unsealed entry, and the bare Compute service as the
+/// floor. Every edge answers `hit.json`'s bytes as a hit, or this fails.
+async fn edges(
+    scratch: &Path,
+    hits: u64,
+    baseline: Option<&Baseline>,
+    body: &Path,
+    oha: &Path,
+) -> anyhow::Result<Vec<Count>> {
+    let wrapper = callgrind(scratch);
+    let (_, entry) = hit_entry(ENTRY_VERSION, HIT_BODY)?;
+    // A hit never reaches the origin: its backend is a closed port.
+    let mut sealed = EdgeConfig::new(format!("http://127.0.0.1:{}", free_port()?), SECRET);
+    sealed.kv = vec![kv_seed(&entry)];
+    sealed.populate_on_fallback = false;
+    sealed.wrapper = wrapper.clone();
+    let mut unsealed = sealed.clone();
+    unsealed.kv = vec![kv_seed_plain(&entry)];
+    let mut subjects: Vec<(String, bool, StartEdge)> = vec![
+        (
+            "today's edge, sealed entry".to_owned(),
+            true,
+            Box::new(move || Edge::start(&sealed)),
+        ),
+        ("today's edge, entry unsealed (v1)".to_owned(), true, {
+            let unsealed = unsealed.clone();
+            Box::new(move || Edge::start(&unsealed))
+        }),
+    ];
+    if let Some(b) = baseline {
+        let wasm: PathBuf = b.edge_wasm.clone();
+        subjects.push((
+            b.label("edge, entry unsealed (v1)"),
+            true,
+            Box::new(move || Edge::start_with_wasm(&unsealed, &wasm)),
+        ));
+    }
+    subjects.push((
+        "bare Compute service (the floor)".to_owned(),
+        false,
+        Box::new(move || start_bare_under(&wrapper)),
+    ));
+
+    let http = reqwest::Client::new();
+    let mut counts = Vec::new();
+    for (name, is_edge, start) in subjects {
+        eprintln!("bench: instructions: starting {name} under callgrind");
+        let edge = tokio::task::spawn_blocking(start).await??;
+        let url = format!("{}/v1/chat/completions", edge.url());
+        let answer = http
+            .post(&url)
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(HIT_REQUEST)
+            .send()
+            .await?;
+        let cache = answer
+            .headers()
+            .get("x-cache")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        if answer.bytes().await?.as_ref() != HIT_BODY || (is_edge && cache != "HIT") {
+            bail!("{name} did not answer the cached bytes as a hit (x-cache: {cache})");
+        }
+        let pid = edge.pid().context("Viceroy stopped")?;
+        let target = json_target(&name, url, Some(API_KEY), body);
+        let per_hit = per_hit(oha, target, pid, hits).await?;
+        eprintln!("bench: instructions: {name}: {per_hit:.0} per hit");
+        counts.push(Count {
+            name,
+            per_hit,
+            hits,
+        });
+        drop(edge);
+    }
+    Ok(counts)
 }
 
 fn valgrind_available() -> anyhow::Result<()> {
@@ -205,6 +312,42 @@ impl Instructions {
                 .map_or_else(|| "-".to_owned(), |t| format!("{:.3}", c.per_hit / t));
             out.push_str(&format!(
                 "| {} | {} | {:.0} | {ratio} |\n",
+                c.name, c.hits, c.per_hit
+            ));
+        }
+        out.push_str(&self.edge_markdown());
+        out
+    }
+
+    /// The edge's table: each Viceroy's count, and the part above the bare service's (what
+    /// the guest's own work costs, Viceroy's per-request work taken out).
+    fn edge_markdown(&self) -> String {
+        let floor = self
+            .edge
+            .last()
+            .filter(|c| c.name.starts_with("bare"))
+            .map(|c| c.per_hit);
+        let mut out = String::from("\n## Instructions per edge hit (Viceroy under callgrind)\n\n");
+        out.push_str(
+            "Each Viceroy runs alone under `valgrind --tool=callgrind`, after its one-off \
+             compile of the wasm; the count covers Viceroy's own work for each request (its \
+             HTTP server, a new instance, the host calls) and the guest's. The bare Compute \
+             service answers the same bytes with no work of its own: the edge's share is the \
+             count above it. Production runs the guest on Fastly's runtime, not Viceroy's, so \
+             only the share above the floor carries over, and as a relative figure.\n\n",
+        );
+        out.push_str("| Viceroy serving | hits counted | instructions per hit | above the floor | × today's |\n");
+        out.push_str("|---|---:|---:|---:|---:|\n");
+        let above = |c: &Count| floor.map(|f| c.per_hit - f);
+        let today = self.edge.first().and_then(above).filter(|t| *t > 0.0);
+        for c in &self.edge {
+            let share = above(c).map_or_else(|| "-".to_owned(), |a| format!("{a:.0}"));
+            let ratio = match (above(c), today) {
+                (Some(a), Some(t)) if !c.name.starts_with("bare") => format!("{:.3}", a / t),
+                _ => "-".to_owned(),
+            };
+            out.push_str(&format!(
+                "| {} | {} | {:.0} | {share} | {ratio} |\n",
                 c.name, c.hits, c.per_hit
             ));
         }

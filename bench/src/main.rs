@@ -40,7 +40,8 @@ enum Part {
     Semantic,
     /// Sealing and opening an entry in wasm32-wasip1 under Viceroy, ns per KiB.
     SealWasm,
-    /// Instructions per origin hit under callgrind (today's, and a `--baseline`'s).
+    /// Instructions per origin hit and per edge hit under callgrind (today's, and a
+    /// `--baseline`'s).
     Instructions,
 }
 
@@ -74,7 +75,7 @@ struct Args {
     /// Entries the replicator benchmark writes.
     #[arg(long, default_value_t = 20_000)]
     replication_entries: u64,
-    /// Hits counted per origin by the instructions part.
+    /// Hits counted per origin and per Viceroy by the instructions part.
     #[arg(long, default_value_t = 2000)]
     instruction_hits: u64,
     /// Samples of each semantic-cache measure.

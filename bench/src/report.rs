@@ -44,7 +44,7 @@ pub struct Results {
     pub semantic: Option<crate::semantic::SemanticBench>,
     /// `--part seal-wasm`: ns per KiB by body size and cipher.
     pub seal_wasm: Option<serde_json::Value>,
-    /// `--part instructions`: instructions per origin hit under callgrind.
+    /// `--part instructions`: instructions per origin hit and per edge hit under callgrind.
     pub instructions: Option<crate::instructions::Instructions>,
 }
 

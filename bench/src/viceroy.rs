@@ -26,7 +26,12 @@ pub fn bare_wasm() -> anyhow::Result<PathBuf> {
 /// Viceroy running the bare service (the edge harness's Viceroy process, with a minimal
 /// manifest: no stores, no backends).
 pub fn start_bare() -> anyhow::Result<Edge> {
-    Edge::start_wasm(&bare_wasm()?, "gw-bench-bare", |_| {
+    start_bare_under(&[])
+}
+
+/// [`start_bare`] with Viceroy run under `wrapper` (see [`Edge::start_wasm_under`]).
+pub fn start_bare_under(wrapper: &[String]) -> anyhow::Result<Edge> {
+    Edge::start_wasm_under(wrapper, &bare_wasm()?, "gw-bench-bare", |_| {
         Ok("manifest_version = 3\nname = \"gateway-bench-bare\"\nlanguage = \"rust\"\n".to_owned())
     })
 }

@@ -73,6 +73,9 @@ pub struct EdgeConfig {
     pub regions_order: Option<String>,
     /// `edge_config.pop`: the POP this edge pretends to be (Viceroy calls every POP `XXX`).
     pub pop: Option<String>,
+    /// A program and its arguments Viceroy runs under (`valgrind --tool=callgrind ...`, for
+    /// the bench's instruction counts); empty, Viceroy runs alone.
+    pub wrapper: Vec<String>,
 }
 
 impl EdgeConfig {
@@ -97,6 +100,7 @@ impl EdgeConfig {
             regions: Vec::new(),
             regions_order: None,
             pop: None,
+            wrapper: Vec::new(),
         }
     }
 }
@@ -129,7 +133,9 @@ impl Edge {
     /// `start` with another build of the edge (e.g. an earlier revision's, as a benchmark
     /// baseline) under the same manifest.
     pub fn start_with_wasm(config: &EdgeConfig, wasm: &Path) -> anyhow::Result<Edge> {
-        let mut edge = Edge::start_wasm(wasm, "gw-edge", |dir| manifest_toml(config, dir))?;
+        let mut edge = Edge::start_wasm_under(&config.wrapper, wasm, "gw-edge", |dir| {
+            manifest_toml(config, dir)
+        })?;
         if let Some((url, token)) = &config.usage_ingest {
             let mut forward = LogForwarderConfig::new(url.clone(), token.clone());
             // Short batches, so a test sees its records within a second.
@@ -161,10 +167,23 @@ impl Edge {
         label: &str,
         manifest: impl Fn(&Path) -> anyhow::Result<String>,
     ) -> anyhow::Result<Edge> {
-        retry_taken_port(|| Edge::spawn_wasm(wasm, label, &manifest))
+        Edge::start_wasm_under(&[], wasm, label, manifest)
+    }
+
+    /// `start_wasm` with Viceroy run under `wrapper` (a program and its arguments; empty for
+    /// none). A wrapped Viceroy is given ten minutes to listen: under valgrind, compiling the
+    /// wasm takes most of one.
+    pub fn start_wasm_under(
+        wrapper: &[String],
+        wasm: &Path,
+        label: &str,
+        manifest: impl Fn(&Path) -> anyhow::Result<String>,
+    ) -> anyhow::Result<Edge> {
+        retry_taken_port(|| Edge::spawn_wasm(wrapper, wasm, label, &manifest))
     }
 
     fn spawn_wasm(
+        wrapper: &[String],
         wasm: &Path,
         label: &str,
         manifest: &impl Fn(&Path) -> anyhow::Result<String>,
@@ -173,7 +192,19 @@ impl Edge {
         let mut process = ChildProcess::new(label)?;
         let manifest_path = process.dir().join("fastly.toml");
         std::fs::write(&manifest_path, manifest(process.dir())?)?;
-        let mut command = Command::new("viceroy");
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg("viceroy");
+                command
+            }
+            None => Command::new("viceroy"),
+        };
+        let listen_within = if wrapper.is_empty() {
+            Duration::from_secs(60)
+        } else {
+            Duration::from_secs(600)
+        };
         command
             .arg("-C")
             .arg(&manifest_path)
@@ -184,7 +215,7 @@ impl Edge {
             .spawn(command)
             .context("viceroy is not installed (run `just setup`)")?;
         process
-            .wait_for_port(port, Duration::from_secs(60))
+            .wait_for_port(port, listen_within)
             .context("viceroy did not start")?;
         Ok(Edge {
             port,
