@@ -327,10 +327,9 @@ impl Service {
     /// request leads for identical ones, and those made alone (a `no-cache` refresh, a
     /// bypass). Tests wait for 0 before asserting a hit; operators could export it.
     pub fn in_flight(&self) -> usize {
-        // A key's slot exists a moment before its provider call's task starts.
-        self.coalescer
-            .in_flight()
-            .max(self.fetching.load(Ordering::Relaxed))
+        // A coalesced flight's slot lives within its provider call's task: counting the tasks
+        // counts them too.
+        self.fetching.load(Ordering::Relaxed)
     }
 
     pub fn max_body_bytes(&self) -> usize {
