@@ -22,21 +22,61 @@ use crate::cpu::Process;
 use crate::origin_hit::{API_KEY, HIT_REQUEST, hit_entry, json_target};
 use crate::viceroy::{HIT_BODY, start_bare};
 
+/// The edge as deployed holding the hit's entry sealed, and the same edge holding it unsealed
+/// (entry version 1, as before sealing). A hit never reaches the origin; the backend points at
+/// a closed port, so a miss shows up as an error in the figures rather than pass unnoticed.
+pub fn hit_configs() -> anyhow::Result<(EdgeConfig, EdgeConfig)> {
+    let (_, entry) = hit_entry(ENTRY_VERSION, HIT_BODY)?;
+    let mut sealed = EdgeConfig::new(format!("http://127.0.0.1:{}", free_port()?), SECRET);
+    sealed.kv = vec![kv_seed(&entry)];
+    sealed.populate_on_fallback = false;
+    let mut unsealed = sealed.clone();
+    unsealed.kv = vec![kv_seed_plain(&entry)];
+    Ok((sealed, unsealed))
+}
+
+/// Sends the hit request to `url` (an edge, or the bare service with `edge` false) and fails
+/// unless the answer is `hit.json`'s bytes and, from an edge, a HIT.
+pub async fn check_answer(
+    http: &reqwest::Client,
+    url: &str,
+    name: &str,
+    edge: bool,
+) -> anyhow::Result<()> {
+    let resp = http
+        .post(url)
+        .bearer_auth(API_KEY)
+        .header("content-type", "application/json")
+        .body(HIT_REQUEST)
+        .send()
+        .await?;
+    let cache = resp
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
+    let body = resp.bytes().await?;
+    if body.as_ref() != HIT_BODY {
+        bail!(
+            "the {name} does not answer the cached bytes (x-cache: {cache}):\n{}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    if edge && cache != "HIT" {
+        bail!("the {name}'s answer was not a hit (x-cache: {cache})");
+    }
+    Ok(())
+}
+
 pub async fn run(
     settings: &compare::Settings,
     scratch: &Path,
     baseline: Option<&Baseline>,
 ) -> anyhow::Result<Comparison> {
-    let (_, entry) = hit_entry(ENTRY_VERSION, HIT_BODY)?;
-    // A hit never reaches the origin; its backend points at a closed port, so a miss would
-    // show up as an error in the figures rather than pass unnoticed.
-    let mut config = EdgeConfig::new(format!("http://127.0.0.1:{}", free_port()?), SECRET);
-    config.kv = vec![kv_seed(&entry)];
-    config.populate_on_fallback = false;
+    let (config, unsealed) = hit_configs()?;
     let mut quiet = config.clone();
     quiet.usage_log = false;
-    let mut unsealed = config.clone();
-    unsealed.kv = vec![kv_seed_plain(&entry)];
     // The earlier revision predates sealing: it reads the unsealed entry.
     let earlier_config = unsealed.clone();
     let earlier = baseline.map(|b| (b.label("edge KV hit (Viceroy)"), b.edge_wasm.clone()));
@@ -71,29 +111,7 @@ pub async fn run(
         .map(|(_, edge)| ("edge", edge))
         .chain([("bare service", &bare)]);
     for (name, answering) in answering {
-        let resp = http
-            .post(url(answering))
-            .bearer_auth(API_KEY)
-            .header("content-type", "application/json")
-            .body(HIT_REQUEST)
-            .send()
-            .await?;
-        let cache = resp
-            .headers()
-            .get("x-cache")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
-        let body = resp.bytes().await?;
-        if body.as_ref() != HIT_BODY {
-            bail!(
-                "the {name} does not answer the cached bytes (x-cache: {cache}):\n{}",
-                String::from_utf8_lossy(&body)
-            );
-        }
-        if name == "edge" && cache != "HIT" {
-            bail!("the edge's answer was not a hit (x-cache: {cache})");
-        }
+        check_answer(&http, &url(answering), name, name == "edge").await?;
     }
 
     let body = scratch.join("hit-request.json");

@@ -11,18 +11,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
-use gateway_common::entry::ENTRY_VERSION;
-use gateway_e2e::edge::{Edge, EdgeConfig};
-use gateway_e2e::entry::{kv_seed, kv_seed_plain};
-use gateway_e2e::free_port;
-use gateway_e2e::stack::SECRET;
+use gateway_e2e::edge::Edge;
 use gateway_fixtures::{MockProvider, ProviderConfig, RedisServer};
 
 use crate::baseline::Baseline;
+use crate::edge_hit;
 use crate::load::{self, Length, Pace, Target};
 use crate::origin::{OriginConfig, OriginProcess};
-use crate::origin_hit::{API_KEY, HIT_REQUEST, hit_entry, json_target, unseal, warm_hit};
-use crate::viceroy::{HIT_BODY, start_bare_under};
+use crate::origin_hit::{API_KEY, json_target, unseal, warm_hit};
+use crate::viceroy::start_bare_under;
 
 /// Hits sent before counting (pools, connections and the allocator warm).
 const WARMUP_HITS: u64 = 300;
@@ -182,14 +179,9 @@ async fn edges(
     oha: &Path,
 ) -> anyhow::Result<Vec<Count>> {
     let wrapper = callgrind(scratch);
-    let (_, entry) = hit_entry(ENTRY_VERSION, HIT_BODY)?;
-    // A hit never reaches the origin: its backend is a closed port.
-    let mut sealed = EdgeConfig::new(format!("http://127.0.0.1:{}", free_port()?), SECRET);
-    sealed.kv = vec![kv_seed(&entry)];
-    sealed.populate_on_fallback = false;
+    let (mut sealed, mut unsealed) = edge_hit::hit_configs()?;
     sealed.wrapper = wrapper.clone();
-    let mut unsealed = sealed.clone();
-    unsealed.kv = vec![kv_seed_plain(&entry)];
+    unsealed.wrapper = wrapper.clone();
     let mut subjects: Vec<(String, bool, StartEdge)> = vec![
         (
             "today's edge, sealed entry".to_owned(),
@@ -221,22 +213,7 @@ async fn edges(
         eprintln!("bench: instructions: starting {name} under callgrind");
         let edge = tokio::task::spawn_blocking(start).await??;
         let url = format!("{}/v1/chat/completions", edge.url());
-        let answer = http
-            .post(&url)
-            .bearer_auth(API_KEY)
-            .header("content-type", "application/json")
-            .body(HIT_REQUEST)
-            .send()
-            .await?;
-        let cache = answer
-            .headers()
-            .get("x-cache")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
-        if answer.bytes().await?.as_ref() != HIT_BODY || (is_edge && cache != "HIT") {
-            bail!("{name} did not answer the cached bytes as a hit (x-cache: {cache})");
-        }
+        edge_hit::check_answer(&http, &url, &name, is_edge).await?;
         let pid = edge.pid().context("Viceroy stopped")?;
         let target = json_target(&name, url, Some(API_KEY), body);
         let per_hit = per_hit(oha, target, pid, hits).await?;

@@ -107,14 +107,12 @@ async fn a_purge_that_cannot_be_queued_is_refused_not_acknowledged() {
         assert!(message(&body).contains("edge purge is queued"), "{body}");
         if i == 1 {
             // The lane has taken it: its request hangs at the API.
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while api.stats().delete == 0 {
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the purge lane took nothing"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            eventually(
+                "the purge lane took it",
+                Duration::from_secs(10),
+                || async { api.stats().delete > 0 },
+            )
+            .await;
         }
     }
     let refused = delete(&stack, &format!("/v1/cache/{}", hex(3)), ACME).await;

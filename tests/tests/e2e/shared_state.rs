@@ -35,11 +35,7 @@ fn settings(
 
 /// Polls `done` every 20 ms until it holds; fails naming `what` after `within`.
 async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_async(what, within, || std::future::ready(done())).await;
 }
 
 /// An edge miss straight to replica `index` (as the edge would forward it): the answer's id.
@@ -135,7 +131,7 @@ async fn followups(stack: &ReplicaStack, kind: &str) -> f64 {
     total
 }
 
-/// Like [`eventually`], for a condition that needs to ask the replicas.
+/// [`eventually`] for a condition that needs to ask the replicas.
 async fn eventually_async<F: Future<Output = bool>>(
     what: &str,
     within: Duration,
@@ -144,7 +140,7 @@ async fn eventually_async<F: Future<Output = bool>>(
     let deadline = Instant::now() + within;
     while !done().await {
         assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
