@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use crate::key::lower_hex;
+
 /// The header name.
 pub const TRACEPARENT: &str = "traceparent";
 
@@ -63,7 +65,7 @@ impl TraceContext {
 
     /// The trace id as 32 lowercase hex digits, as logs and OTLP/JSON write it.
     pub fn trace_id_hex(&self) -> String {
-        hex::encode(self.trace_id)
+        lower_hex(&self.trace_id)
     }
 
     /// The trace id written as hex wherever it is displayed, without allocating (log fields).
@@ -73,7 +75,7 @@ impl TraceContext {
 
     /// The parent span id as 16 lowercase hex digits.
     pub fn parent_id_hex(&self) -> String {
-        hex::encode(self.parent_id)
+        lower_hex(&self.parent_id)
     }
 }
 
@@ -83,8 +85,8 @@ impl fmt::Display for TraceContext {
         write!(
             f,
             "00-{}-{}-{:02x}",
-            hex::encode(self.trace_id),
-            hex::encode(self.parent_id),
+            self.trace_id_display(),
+            lower_hex(&self.parent_id),
             self.flags
         )
     }

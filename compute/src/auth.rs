@@ -2,8 +2,10 @@
 //! send it) → SHA-256 → the Config Store `tenants`.
 //! Runs before anything else, so an unknown key costs no KV read and no origin request.
 
+use crate::header;
+use crate::names::{AUTHORIZATION, X_API_KEY};
 use crate::trace::edge_log;
-use fastly::ConfigStore;
+use fastly::{ConfigStore, Request};
 use gateway_common::key::{api_key_digest, bearer_token};
 use gateway_common::tenant::Tenant;
 
@@ -19,15 +21,17 @@ pub enum AuthError {
     Unavailable,
 }
 
-/// Resolve the caller's tenant from the bearer token, or else `x-api-key`. A record that does
-/// not decode is logged and treated as unknown.
-pub fn authenticate(
-    authorization: Option<&str>,
-    x_api_key: Option<&str>,
-) -> Result<Tenant, AuthError> {
-    let key = authorization
+/// Resolve the caller's tenant from `req`'s bearer token, or else its `x-api-key` (read only
+/// when there is no bearer token: each header read is a host call). A record that does not
+/// decode is logged and treated as unknown.
+pub fn authenticate(req: &Request) -> Result<Tenant, AuthError> {
+    let key = header(req, &AUTHORIZATION)
         .and_then(bearer_token)
-        .or_else(|| x_api_key.map(str::trim).filter(|k| !k.is_empty()))
+        .or_else(|| {
+            header(req, &X_API_KEY)
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+        })
         .ok_or(AuthError::Missing)?;
     let digest = api_key_digest(key);
     let store = ConfigStore::try_open(TENANTS_STORE).map_err(|e| {

@@ -9,19 +9,23 @@ use std::time::Instant;
 use fastly::Response;
 use fastly::log::Endpoint;
 use gateway_common::entry::Entry;
-use gateway_common::headers::{X_CACHE, X_CACHE_LAYER};
 use gateway_common::route::Route;
 use gateway_common::usage::{
     Outcome, SpanRecord, Tier, USAGE_ENDPOINT, USAGE_VERSION, UsageRecord,
 };
+use serde::Serialize;
+use serde::ser::{SerializeMap, Serializer};
 
 use crate::KvRead;
+use crate::names::{X_CACHE, X_CACHE_LAYER};
 use crate::trace::edge_log;
 
 /// One request's account, filled in as the request is handled.
 pub struct LogLine {
     method: String,
     path: String,
+    /// The Fastly POP, read once for both lines.
+    pop: String,
     pub tenant: Option<String>,
     /// The W3C trace id this request runs under (the client's, or one the edge started).
     pub trace_id: Option<String>,
@@ -54,6 +58,7 @@ impl LogLine {
         LogLine {
             method: req.get_method_str().to_owned(),
             path: req.get_path().to_owned(),
+            pop: pop(),
             tenant: None,
             trace_id: None,
             span: None,
@@ -94,8 +99,8 @@ impl LogLine {
 
     pub fn finish(&mut self, resp: &Response, started: Instant) {
         self.status = resp.get_status().as_u16();
-        self.cache = header(resp, X_CACHE).unwrap_or("-").to_owned();
-        self.layer = header(resp, X_CACHE_LAYER).unwrap_or("-").to_owned();
+        self.cache = header(resp, &X_CACHE).unwrap_or("-").to_owned();
+        self.layer = header(resp, &X_CACHE_LAYER).unwrap_or("-").to_owned();
         if let Some(len) = resp.get_content_length() {
             self.bytes = len as u64;
         }
@@ -119,31 +124,33 @@ impl LogLine {
         }
     }
 
-    /// The stdout line (Fastly's log tailing; the tests read it under Viceroy).
+    /// The stdout line (Fastly's log tailing; the tests read it under Viceroy), serialized
+    /// straight from this account and written in one piece.
     pub fn emit(&self) {
-        let mut line = serde_json::json!({
-            "tier": "edge",
-            "pop": pop(),
-            "method": self.method,
-            "route": self.route(),
-            "status": self.status,
-            "cache": self.cache,
-            "layer": self.layer,
-            "kv": self.kv.map(KvRead::as_str),
-            // Why a KV entry was refused: a sealed one that did not open is `unopenable` or
-            // `unknown_key_id` (what an operator's log query counts); never served.
-            "kv_reject": self.kv_reject(),
-            "tenant": self.tenant,
-            "trace_id": self.trace_id,
-            "key": self.key,
-            "region": self.region,
-            "tried": self.tried,
-            "total_ms": round2(self.total_ms),
-        });
-        for (step, took) in &self.steps {
-            line[format!("{step}_ms")] = serde_json::json!(round2(*took));
-        }
-        println!("{line}");
+        let line = StdoutLine {
+            tier: "edge",
+            pop: &self.pop,
+            method: &self.method,
+            route: self.route(),
+            status: self.status,
+            cache: &self.cache,
+            layer: &self.layer,
+            kv: self.kv.map(KvRead::as_str),
+            kv_reject: self.kv_reject(),
+            tenant: self.tenant.as_deref(),
+            trace_id: self.trace_id.as_deref(),
+            key: self.key.as_deref(),
+            region: self.region.as_deref(),
+            tried: self.tried.as_deref(),
+            total_ms: round2(self.total_ms),
+            steps: Steps(&self.steps),
+        };
+        let Ok(mut bytes) = serde_json::to_vec(&line) else {
+            return;
+        };
+        bytes.push(b'\n');
+        // Nowhere to report a failed write to stdout: the line is lost, the answer is not.
+        let _ = std::io::stdout().lock().write_all(&bytes);
     }
 
     /// The usage record, for an authenticated request; `None` before authentication (an
@@ -183,7 +190,7 @@ impl LogLine {
                 .iter()
                 .map(|(step, ms)| ((*step).to_owned(), round2(*ms)))
                 .collect(),
-            pop: pop(),
+            pop: self.pop.clone(),
             region: self
                 .region
                 .clone()
@@ -207,11 +214,59 @@ impl LogLine {
     }
 }
 
+/// The stdout line's members. Absent values are written as `null`, so every line has every
+/// member; each step is a `<step>_ms` member.
+#[derive(Serialize)]
+struct StdoutLine<'a> {
+    tier: &'static str,
+    pop: &'a str,
+    method: &'a str,
+    route: &'a str,
+    status: u16,
+    cache: &'a str,
+    layer: &'a str,
+    kv: Option<&'static str>,
+    /// Why a KV entry was refused: a sealed one that did not open is `unopenable` or
+    /// `unknown_key_id` (what an operator's log query counts); never served.
+    kv_reject: Option<&'static str>,
+    tenant: Option<&'a str>,
+    trace_id: Option<&'a str>,
+    key: Option<&'a str>,
+    region: Option<&'a str>,
+    tried: Option<&'a str>,
+    total_ms: f64,
+    #[serde(flatten)]
+    steps: Steps<'a>,
+}
+
+/// `auth_ms`, `kv_ms`, `origin_ms`: one member per step, rounded as `total_ms` is.
+struct Steps<'a>(&'a [(&'static str, f64)]);
+
+impl Serialize for Steps<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (step, took) in self.0 {
+            map.serialize_entry(&StepName(step), &round2(*took))?;
+        }
+        map.end()
+    }
+}
+
+/// A step's member name, written without building a `String`.
+struct StepName<'a>(&'a str);
+
+impl Serialize for StepName<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&format_args!("{}_ms", self.0))
+    }
+}
+
+/// The Fastly POP (`FASTLY_POP`), empty under Viceroy.
 fn pop() -> String {
     std::env::var("FASTLY_POP").unwrap_or_default()
 }
 
-fn header<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+fn header<'a>(resp: &'a Response, name: &fastly::http::HeaderName) -> Option<&'a str> {
     resp.get_header(name).and_then(|v| v.to_str().ok())
 }
 

@@ -6,6 +6,7 @@ mod auth;
 mod kv;
 mod limit;
 mod log;
+mod names;
 mod origin;
 mod populate;
 mod region;
@@ -16,14 +17,14 @@ mod trace;
 use std::io::Read;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use fastly::http::HeaderName;
 use fastly::http::Method;
 use fastly::{Request, Response};
 use gateway_common::canonical::{ParsedRequest, RequestError, parse_request};
 use gateway_common::entry::{ENTRY_VERSION, Entry, Envelope, Usage};
 use gateway_common::error::ApiError;
 use gateway_common::headers::{
-    CACHE_STATUS, CacheOutcome, CacheStatusMember, Fwd, SERVER_TIMING, ServerTiming, X_CACHE,
-    X_CACHE_KEY, X_UPSTREAM_PROVIDER, X_UPSTREAM_REGION, X_UPSTREAM_TRIED, append_cache_status,
+    CacheOutcome, CacheStatusMember, Fwd, ServerTiming, append_cache_status,
 };
 use gateway_common::key::CacheKey;
 use gateway_common::policy::{
@@ -37,6 +38,10 @@ use gateway_common::traceparent::TraceContext;
 
 use crate::auth::AuthError;
 use crate::log::LogLine;
+use crate::names::{
+    AGE, CACHE_CONTROL, CACHE_STATUS, CONTENT_LENGTH, CONTENT_TYPE, PRAGMA, SERVER_TIMING, X_CACHE,
+    X_CACHE_KEY, X_UPSTREAM_PROVIDER, X_UPSTREAM_REGION, X_UPSTREAM_TRIED,
+};
 use crate::origin::{Forward, OriginFailure};
 use crate::respond::{CACHE_NAME, Served};
 use crate::settings::EdgeSettings;
@@ -101,8 +106,7 @@ fn handle(mut req: Request, log: &mut LogLine, trace: TraceContext) -> Reply {
 
     let mut timing = ServerTiming::new();
     let auth_started = Instant::now();
-    let tenant = match auth::authenticate(header(&req, "authorization"), header(&req, "x-api-key"))
-    {
+    let tenant = match auth::authenticate(&req) {
         Ok(tenant) => tenant,
         Err(AuthError::Unavailable) => {
             return fail(
@@ -145,7 +149,7 @@ fn handle(mut req: Request, log: &mut LogLine, trace: TraceContext) -> Reply {
         return fail(api, &ApiError::forbidden_model(&parsed.model));
     }
 
-    let directives = parse_cache_control(header(&req, "cache-control"), header(&req, "pragma"));
+    let directives = parse_cache_control(header(&req, &CACHE_CONTROL), header(&req, &PRAGMA));
     let key = match (&settings.cache_key_secret, &parsed.canonical) {
         (Some(secret), Some(canonical)) => {
             Some(CacheKey::derive(secret, &tenant.id, route, canonical))
@@ -346,8 +350,8 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
         && d.key.is_some()
         && (!streamed || populate::from_stream(d.parsed.route))
         && resp.get_status().as_u16() == 200
-        && header_resp(&resp, X_CACHE) == Some(CacheOutcome::Hit.as_str())
-        && header_resp(&resp, "content-type").is_some_and(|ct| {
+        && header_resp(&resp, &X_CACHE) == Some(CacheOutcome::Hit.as_str())
+        && header_resp(&resp, &CONTENT_TYPE).is_some_and(|ct| {
             ct.starts_with(if streamed {
                 "text/event-stream"
             } else {
@@ -363,12 +367,12 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
     if d.region != region::DEFAULT_REGION {
         member = member.with_param("region", d.region);
     }
-    let cache_status = append_cache_status(header_resp(&resp, CACHE_STATUS), &member);
+    let cache_status = append_cache_status(header_resp(&resp, &CACHE_STATUS), &member);
     resp.set_header(CACHE_STATUS, cache_status);
-    let server_timing = d.timing.append_to(header_resp(&resp, SERVER_TIMING));
+    let server_timing = d.timing.append_to(header_resp(&resp, &SERVER_TIMING));
     resp.set_header(SERVER_TIMING, server_timing);
     if let Some(key) = &d.key
-        && resp.get_header(X_CACHE_KEY).is_none()
+        && resp.get_header(&X_CACHE_KEY).is_none()
     {
         resp.set_header(X_CACHE_KEY, key.hex());
     }
@@ -384,18 +388,18 @@ fn finish_from_origin(mut resp: Response, d: Decorate<'_>) -> Reply {
             None => return Reply::Send(resp.with_body(body)),
         }
     } else {
-        let content_type = header_resp(&resp, "content-type").unwrap_or("application/json");
+        let content_type = header_resp(&resp, &CONTENT_TYPE).unwrap_or("application/json");
         (content_type.to_owned(), body.clone())
     };
     if !is_cacheable_response(200, &content_type, &stored) {
         return Reply::Send(resp.with_body(body));
     }
     // An origin hit is as old as the origin says: keep created-at consistent across tiers.
-    let age = header_resp(&resp, "age")
+    let age = header_resp(&resp, &AGE)
         .and_then(|a| a.trim().parse::<u64>().ok())
         .unwrap_or(0);
     let ttl = effective_ttl(d.tenant.cache_ttl_secs, d.settings.ttl_cap_secs);
-    let provider = header_resp(&resp, X_UPSTREAM_PROVIDER)
+    let provider = header_resp(&resp, &X_UPSTREAM_PROVIDER)
         .unwrap_or_default()
         .to_owned();
     let (model, usage) = model_and_usage(&stored, &d.parsed.model);
@@ -458,7 +462,7 @@ fn serve_stale(
 /// Keep the origin's own JSON 5xx (already in the route's shape); replace anything else (an
 /// HTML page from a load balancer, an empty body) with a clean error of the same class.
 fn clean_server_error(api: Option<Route>, resp: Response) -> Response {
-    if header_resp(&resp, "content-type").is_some_and(|ct| ct.starts_with("application/json")) {
+    if header_resp(&resp, &CONTENT_TYPE).is_some_and(|ct| ct.starts_with("application/json")) {
         return resp;
     }
     respond::error(
@@ -496,7 +500,7 @@ fn pass_through(
     let upstream = Upstream::of(&routed, log);
     let reply = match routed.result {
         Ok(mut resp) => {
-            let server_timing = timing.append_to(header_resp(&resp, SERVER_TIMING));
+            let server_timing = timing.append_to(header_resp(&resp, &SERVER_TIMING));
             resp.set_header(SERVER_TIMING, server_timing);
             Reply::Send(if resp.get_status().is_server_error() {
                 clean_server_error(api, resp)
@@ -548,7 +552,7 @@ impl KvRead {
 
 /// Read the request body, refusing more than `limit` bytes without buffering them.
 fn read_body(req: &mut Request, limit: usize) -> Result<Vec<u8>, RequestError> {
-    let declared = header(req, "content-length").and_then(|v| v.trim().parse::<u64>().ok());
+    let declared = header(req, &CONTENT_LENGTH).and_then(|v| v.trim().parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(RequestError::TooLarge { limit });
     }
@@ -597,11 +601,13 @@ fn model_and_usage(body: &[u8], requested: &str) -> (String, Option<Usage>) {
 }
 
 /// A header as UTF-8, or `None` (a non-UTF-8 value is treated as absent, never a panic).
-fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+/// A request header's value, `None` when absent or not visible ASCII (never a panic, which
+/// `get_header_str` is on a value that is not UTF-8).
+pub(crate) fn header<'a>(req: &'a Request, name: &HeaderName) -> Option<&'a str> {
     req.get_header(name).and_then(|v| v.to_str().ok())
 }
 
-fn header_resp<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
+fn header_resp<'a>(resp: &'a Response, name: &HeaderName) -> Option<&'a str> {
     resp.get_header(name).and_then(|v| v.to_str().ok())
 }
 

@@ -11,9 +11,9 @@ use fastly::experimental::{BackendExt, BackendHealth};
 use fastly::http::HeaderValue;
 use fastly::http::request::SendErrorCause;
 use fastly::{Request, Response};
-use gateway_common::headers::{X_EDGE_MISS, X_EDGE_SECRET};
-use gateway_common::traceparent::{TRACEPARENT, TraceContext};
+use gateway_common::traceparent::TraceContext;
 
+use crate::names::{TRACEPARENT, X_EDGE_MISS, X_EDGE_SECRET};
 use crate::region::{self, Attempt, Health, Region};
 use crate::settings::EdgeSettings;
 use crate::trace::edge_log;
@@ -75,16 +75,16 @@ impl Routed {
 /// copies of the edge's own headers are removed first, so a client cannot claim to be the
 /// edge.
 pub fn send(mut req: Request, settings: &EdgeSettings, forward: Forward) -> Routed {
-    req.remove_header(X_EDGE_MISS);
-    req.remove_header(X_EDGE_SECRET);
+    req.remove_header(&X_EDGE_MISS);
+    req.remove_header(&X_EDGE_SECRET);
     // Replaces the client's, whose parent is the client's span, not the edge's.
-    req.set_header(TRACEPARENT, forward.trace.to_string());
+    req.set_header(&TRACEPARENT, forward.trace.to_string());
     if forward.edge_miss {
-        req.set_header(X_EDGE_MISS, "1");
+        req.set_header(&X_EDGE_MISS, "1");
     }
     if let Some(secret) = &settings.fallback().edge_shared_secret {
         match HeaderValue::from_bytes(secret) {
-            Ok(value) => req.set_header(X_EDGE_SECRET, value),
+            Ok(value) => req.set_header(&X_EDGE_SECRET, value),
             // Never log the secret itself; the origin will refuse the request.
             Err(_) => edge_log!("edge_shared_secret is not a valid header value; not sent"),
         }

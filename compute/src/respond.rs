@@ -6,13 +6,15 @@ use fastly::http::{HeaderValue, StatusCode};
 use gateway_common::echo::{self, Echo};
 use gateway_common::entry::Entry;
 use gateway_common::error::ApiError;
-use gateway_common::headers::{
-    CACHE_STATUS, CacheOutcome, CacheStatusMember, Layer, SERVER_TIMING, ServerTiming, X_CACHE,
-    X_CACHE_KEY, X_CACHE_LAYER, X_UPSTREAM_PROVIDER,
-};
+use gateway_common::headers::{CacheOutcome, CacheStatusMember, Layer, ServerTiming};
 use gateway_common::key::CacheKey;
 use gateway_common::route::Route;
 use gateway_common::sse;
+
+use crate::names::{
+    AGE, CACHE_CONTROL, CACHE_STATUS, CONTENT_TYPE, RETRY_AFTER, SERVER_TIMING, X_CACHE,
+    X_CACHE_KEY, X_CACHE_LAYER, X_UPSTREAM_PROVIDER,
+};
 
 /// The name this tier uses in `Cache-Status` (RFC 9211).
 pub const CACHE_NAME: &str = "gateway-edge";
@@ -26,13 +28,13 @@ pub fn error(route: Option<Route>, err: &ApiError) -> Response {
     Response::from_status(
         StatusCode::from_u16(err.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     )
-    .with_header("content-type", "application/json")
+    .with_header(CONTENT_TYPE, "application/json")
     .with_body(body)
 }
 
 /// An error with `Retry-After` (seconds), for a 429.
 pub fn error_retry_after(route: Option<Route>, err: &ApiError, retry_after_secs: u64) -> Response {
-    error(route, err).with_header("retry-after", retry_after_secs.to_string())
+    error(route, err).with_header(RETRY_AFTER, retry_after_secs.to_string())
 }
 
 /// How a cached entry is to be presented. Owns the entry so the body moves into the
@@ -78,7 +80,7 @@ pub fn from_entry(served: Served<'_>, timing: &ServerTiming) -> Option<Response>
             .with_header(X_CACHE, served.outcome.as_str())
             .with_header(X_CACHE_LAYER, Layer::Edge.as_str())
             .with_header(CACHE_STATUS, member.render())
-            .with_header("age", served.age.to_string())
+            .with_header(AGE, served.age.to_string())
             .with_header(X_CACHE_KEY, served.key.hex())
             .with_header(SERVER_TIMING, timing.render())
             .with_body(body);
@@ -86,14 +88,14 @@ pub fn from_entry(served: Served<'_>, timing: &ServerTiming) -> Option<Response>
     // conversion from an invalid &str would panic).
     let content_type = HeaderValue::from_str(content_type)
         .unwrap_or_else(|_| HeaderValue::from_static("application/json"));
-    resp.set_header("content-type", content_type);
+    resp.set_header(CONTENT_TYPE, content_type);
     if let Ok(provider) = HeaderValue::from_str(&env.provider)
         && !env.provider.is_empty()
     {
         resp.set_header(X_UPSTREAM_PROVIDER, provider);
     }
     if served.stream {
-        resp.set_header("cache-control", "no-cache");
+        resp.set_header(CACHE_CONTROL, "no-cache");
     }
     Some(resp)
 }

@@ -8,7 +8,10 @@ use std::cell::Cell;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use fastly::Request;
-use gateway_common::traceparent::{TRACEPARENT, TraceContext};
+
+use crate::names::TRACEPARENT;
+use gateway_common::key::lower_hex;
+use gateway_common::traceparent::TraceContext;
 use gateway_common::usage::SpanRecord;
 
 /// The edge's span of one request.
@@ -33,7 +36,11 @@ impl EdgeSpan {
         SpanRecord {
             trace_id: self.downstream.trace_id_hex(),
             span_id: self.downstream.parent_id_hex(),
-            parent_id: self.client_parent.map(hex::encode).unwrap_or_default(),
+            parent_id: self
+                .client_parent
+                .as_ref()
+                .map(|id| lower_hex(id))
+                .unwrap_or_default(),
             sampled: self.downstream.flags & 1 == 1,
             // A zero start is refused by the origin; one nanosecond marks a broken clock.
             start_unix_ns: self.start_unix_ns.max(1),
@@ -72,9 +79,8 @@ pub fn enter(req: &Request) -> EdgeSpan {
     let ids = random_id::<24>();
     let (span_id, trace_id) = ids.split_at(8);
     let span_id: [u8; 8] = nonzero(span_id);
-    let incoming = req
-        .get_header_str(TRACEPARENT)
-        .and_then(TraceContext::parse);
+    // Not `get_header_str`, which panics on a value that is not UTF-8: that is a new trace.
+    let incoming = crate::header(req, &TRACEPARENT).and_then(TraceContext::parse);
     let client_parent = incoming.map(|client| client.parent_id);
     let downstream = match incoming {
         Some(client) => client.child(span_id),

@@ -100,3 +100,33 @@ async fn a_wrong_method_on_an_api_route_is_answered_by_the_origin_as_405() {
     let (status, _) = error_of(resp).await;
     assert_eq!(status, 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_traceparent_that_is_not_utf8_starts_a_new_trace() {
+    let stack = Stack::start().await.expect("stack starts");
+    let resp = stack
+        .http
+        .post(format!("{}/v1/chat/completions", stack.edge.url()))
+        .bearer_auth(ACME)
+        .header(
+            "traceparent",
+            HeaderValue::from_bytes(b"00-\xff\xfe").expect("obs-text"),
+        )
+        .json(&gateway_e2e::stack::chat_body(
+            "a question with a broken traceparent",
+        ))
+        .send()
+        .await
+        .expect("non-UTF-8 traceparent");
+    assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
+    stack.settle().await;
+    let lines = stack.edge.log_lines();
+    let trace_id = lines.last().expect("the edge's log line")["trace_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        trace_id.len() == 32 && trace_id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a new trace id: {trace_id:?}"
+    );
+}
