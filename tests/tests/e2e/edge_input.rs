@@ -119,6 +119,8 @@ async fn a_traceparent_that_is_not_utf8_starts_a_new_trace() {
         .await
         .expect("non-UTF-8 traceparent");
     assert_eq!(resp.status().as_u16(), 200, "{:?}", resp.text().await);
+    // Sent past `edge_post`: counted, so `settle` waits for its log line.
+    stack.count_edge_requests(1);
     stack.settle().await;
     let lines = stack.edge.log_lines();
     let trace_id = lines.last().expect("the edge's log line")["trace_id"]
