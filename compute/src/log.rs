@@ -16,9 +16,9 @@ use gateway_common::usage::{
 use serde::Serialize;
 use serde::ser::{SerializeMap, Serializer};
 
-use crate::KvRead;
 use crate::names::{X_CACHE, X_CACHE_LAYER};
 use crate::trace::edge_log;
+use crate::{KvRead, header_resp};
 
 /// One request's account, filled in as the request is handled.
 pub struct LogLine {
@@ -27,9 +27,8 @@ pub struct LogLine {
     /// The Fastly POP, read once for both lines.
     pop: String,
     pub tenant: Option<String>,
-    /// The W3C trace id this request runs under (the client's, or one the edge started).
-    pub trace_id: Option<String>,
-    /// The edge's span, carried in the usage record for the origin to export.
+    /// The edge's span, carried in the usage record for the origin to export; its trace id
+    /// (the client's, or one the edge started) is the log line's.
     pub span: Option<SpanRecord>,
     pub key: Option<String>,
     pub kv: Option<KvRead>,
@@ -60,7 +59,6 @@ impl LogLine {
             path: req.get_path().to_owned(),
             pop: pop(),
             tenant: None,
-            trace_id: None,
             span: None,
             key: None,
             kv: None,
@@ -99,8 +97,8 @@ impl LogLine {
 
     pub fn finish(&mut self, resp: &Response, started: Instant) {
         self.status = resp.get_status().as_u16();
-        self.cache = header(resp, &X_CACHE).unwrap_or("-").to_owned();
-        self.layer = header(resp, &X_CACHE_LAYER).unwrap_or("-").to_owned();
+        self.cache = header_resp(resp, &X_CACHE).unwrap_or("-").to_owned();
+        self.layer = header_resp(resp, &X_CACHE_LAYER).unwrap_or("-").to_owned();
         if let Some(len) = resp.get_content_length() {
             self.bytes = len as u64;
         }
@@ -138,7 +136,7 @@ impl LogLine {
             kv: self.kv.map(KvRead::as_str),
             kv_reject: self.kv_reject(),
             tenant: self.tenant.as_deref(),
-            trace_id: self.trace_id.as_deref(),
+            trace_id: self.span.as_ref().map(|span| span.trace_id.as_str()),
             key: self.key.as_deref(),
             region: self.region.as_deref(),
             tried: self.tried.as_deref(),
@@ -264,10 +262,6 @@ impl Serialize for StepName<'_> {
 /// The Fastly POP (`FASTLY_POP`), empty under Viceroy.
 fn pop() -> String {
     std::env::var("FASTLY_POP").unwrap_or_default()
-}
-
-fn header<'a>(resp: &'a Response, name: &fastly::http::HeaderName) -> Option<&'a str> {
-    resp.get_header(name).and_then(|v| v.to_str().ok())
 }
 
 fn round2(ms: f64) -> f64 {

@@ -51,7 +51,6 @@ fn main() {
     let req = Request::from_client();
     let span = trace::enter(&req);
     let mut log = LogLine::new(&req);
-    log.trace_id = Some(span.trace_id());
     log.span = Some(span.record());
     let reply = handle(req, &mut log, span.downstream);
     match reply {
@@ -600,14 +599,14 @@ fn model_and_usage(body: &[u8], requested: &str) -> (String, Option<Usage>) {
     (model, usage)
 }
 
-/// A header as UTF-8, or `None` (a non-UTF-8 value is treated as absent, never a panic).
 /// A request header's value, `None` when absent or not visible ASCII (never a panic, which
 /// `get_header_str` is on a value that is not UTF-8).
 pub(crate) fn header<'a>(req: &'a Request, name: &HeaderName) -> Option<&'a str> {
     req.get_header(name).and_then(|v| v.to_str().ok())
 }
 
-fn header_resp<'a>(resp: &'a Response, name: &HeaderName) -> Option<&'a str> {
+/// A response header's value, `None` when absent or not visible ASCII.
+pub(crate) fn header_resp<'a>(resp: &'a Response, name: &HeaderName) -> Option<&'a str> {
     resp.get_header(name).and_then(|v| v.to_str().ok())
 }
 

@@ -26,11 +26,6 @@ pub struct EdgeSpan {
 }
 
 impl EdgeSpan {
-    /// The trace id, for the log line.
-    pub fn trace_id(&self) -> String {
-        self.downstream.trace_id_hex()
-    }
-
     /// The span as the usage record carries it.
     pub fn record(&self) -> SpanRecord {
         SpanRecord {
@@ -38,9 +33,7 @@ impl EdgeSpan {
             span_id: self.downstream.parent_id_hex(),
             parent_id: self
                 .client_parent
-                .as_ref()
-                .map(|id| lower_hex(id))
-                .unwrap_or_default(),
+                .map_or_else(String::new, |id| lower_hex(&id)),
             sampled: self.downstream.flags & 1 == 1,
             // A zero start is refused by the origin; one nanosecond marks a broken clock.
             start_unix_ns: self.start_unix_ns.max(1),
