@@ -14,7 +14,9 @@ pub mod sdk_script;
 pub mod sse;
 pub mod stack;
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use gateway_common::tenant::TenantsFile;
@@ -24,6 +26,24 @@ pub use gateway_fixtures::{RedisDeployment, RedisKind, RedisServer, free_port};
 /// Cluster, a single node otherwise. The one place the harness reads it (`just test-cluster`).
 pub fn redis_kind() -> RedisKind {
     RedisKind::parse(std::env::var("GATEWAY_E2E_REDIS").ok().as_deref())
+}
+
+/// Polls `done` every 20 ms until it holds; fails naming `what` after `within`.
+pub async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    eventually_async(what, within, || std::future::ready(done())).await;
+}
+
+/// [`eventually`] for a condition that has to ask a server.
+pub async fn eventually_async<F: Future<Output = bool>>(
+    what: &str,
+    within: Duration,
+    mut done: impl FnMut() -> F,
+) {
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The workspace root (where `fastly.toml` and `fixtures/` live).

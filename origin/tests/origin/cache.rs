@@ -3,7 +3,9 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{ACME, GLOBEX, Stack, chat_body, header};
+use std::time::Duration;
+
+use crate::harness::{ACME, GLOBEX, Stack, chat_body, eventually, header};
 
 /// A chat completion request for `body` from acme with extra `headers`.
 async fn chat_with(stack: &Stack, body: &Value, headers: &[(&str, &str)]) -> reqwest::Response {
@@ -139,14 +141,10 @@ async fn a_refresh_is_in_flight_until_its_write_has_landed() {
                 .map(|r| r.status().as_u16())
         })
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while stack.service.in_flight() == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the refresh was never in flight"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    eventually("the refresh in flight", Duration::from_secs(10), || async {
+        stack.service.in_flight() > 0
+    })
+    .await;
     assert_eq!(refresh.await.ok().and_then(Result::ok), Some(200));
     stack.settle().await;
     assert_eq!(stack.redis.entries(), 1, "settled means written");

@@ -5,6 +5,7 @@
     reason = "test harness: a failed expectation is a failed test"
 )]
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -358,6 +359,19 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         stop(&self.handle);
+    }
+}
+
+/// Polls `done` every 20 ms until it holds; fails naming `what` after `within`.
+pub(crate) async fn eventually<F, Fut>(what: &str, within: Duration, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + within;
+    while !done().await {
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

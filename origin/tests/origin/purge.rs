@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use gateway_fixtures::fastly_api::Fault;
 use serde_json::Value;
 
-use crate::harness::{ACME, GLOBEX, Stack, header, openai_error};
-use crate::replication::{edge_miss, eventually, fake_api, replicating_to, until_kv_holds};
+use crate::harness::{ACME, GLOBEX, Stack, eventually, header, openai_error};
+use crate::replication::{edge_miss, fake_api, replicating_to, until_kv_holds};
 
 #[allow(
     clippy::expect_used,

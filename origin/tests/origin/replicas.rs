@@ -164,7 +164,7 @@ async fn a_stream_following_another_replicas_flight_gets_it_whole_once_complete(
     };
     let leader = tokio::spawn(first_byte(stack.url.clone()));
     // The follower starts once the leader holds the flight lock.
-    crate::replication::eventually(
+    crate::harness::eventually(
         "the leader's flight lock",
         Duration::from_secs(10),
         || async { !stack.redis.keys("gw:flight:acme:*:lock").is_empty() },

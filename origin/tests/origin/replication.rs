@@ -5,7 +5,6 @@
     reason = "test helpers: a failed expectation is a failed test"
 )]
 
-use std::future::Future;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -16,7 +15,7 @@ use gateway_fixtures::{FakeFastlyApi, FastlyApiConfig};
 use gateway_origin::settings::{ReplicationSettings, Secret};
 use serde_json::Value;
 
-use crate::harness::{ACME, GLOBEX, Options, Stack, chat_body, dev_keys, header};
+use crate::harness::{ACME, GLOBEX, Options, Stack, chat_body, dev_keys, eventually, header};
 
 pub(crate) const EDGE_MISS: [(&str, &str); 1] = [("x-gateway-edge-miss", "1")];
 
@@ -58,19 +57,6 @@ pub(crate) fn replicating_to(
             t.monthly_token_budget = None;
         }),
         ..Options::default()
-    }
-}
-
-/// Polls `done` every 20 ms until it holds; fails naming `what` after `within`.
-pub(crate) async fn eventually<F, Fut>(what: &str, within: Duration, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -11,7 +11,9 @@ use gateway_origin::settings::{ModelPrice, Secret};
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::harness::{Options, Stack};
+use std::time::Duration;
+
+use crate::harness::{Options, Stack, eventually};
 
 const TOKEN: &str = "test-usage-ingest-token";
 const ADMIN: &str = "test-admin-token-0123";
@@ -128,22 +130,17 @@ async fn edge_hits_count_for_their_tenant_only_with_their_tokens_saved() {
     );
 
     // The saved tokens reach the tenant's monthly ledger in Redis with the next flush.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let keys = stack.redis.keys("gw:saved:{acme}:*");
-        assert!(keys.len() <= 1, "{keys:?}");
-        let saved = keys
-            .first()
-            .map(|key| stack.redis.cli(&["GET", key]).trim().to_owned());
-        if saved.as_deref() == Some("700") {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the ledger holds {saved:?}, not 700"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    eventually(
+        "700 tokens in the ledger",
+        Duration::from_secs(10),
+        || async {
+            let keys = stack.redis.keys("gw:saved:{acme}:*");
+            assert!(keys.len() <= 1, "{keys:?}");
+            keys.first()
+                .is_some_and(|key| stack.redis.cli(&["GET", key]).trim() == "700")
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -276,8 +273,8 @@ async fn the_dashboard_needs_the_admin_token_and_shows_what_metrics_count() {
 
     // The series reach Redis with the next flush: wait for what the metrics count.
     let saved = stack.metric_sum("gateway_tokens_saved_total");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    let what = format!("answers [4, 1, 1] and {saved} tokens saved on the dashboard");
+    eventually(&what, Duration::from_secs(10), || async {
         let data: Value = stack
             .http
             .get(format!("{}/dashboard.json", stack.url))
@@ -288,24 +285,17 @@ async fn the_dashboard_needs_the_admin_token_and_shows_what_metrics_count() {
             .json()
             .await
             .unwrap();
-        let acme = data["tenants"]
+        data["tenants"]
             .as_array()
             .unwrap()
             .iter()
             .find(|t| t["tenant"] == "acme")
-            .cloned()
-            .unwrap_or_default();
-        if acme["answers"] == serde_json::json!([4, 1, 1])
-            && acme["saved_tokens"].as_f64() == Some(saved)
-        {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "answers [4, 1, 1] and {saved} tokens saved: {data}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+            .is_some_and(|acme| {
+                acme["answers"] == serde_json::json!([4, 1, 1])
+                    && acme["saved_tokens"].as_f64() == Some(saved)
+            })
+    })
+    .await;
 
     let page = stack
         .http

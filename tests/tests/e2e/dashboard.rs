@@ -4,10 +4,10 @@
 //! `target/e2e-artifacts/dashboard.png`.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gateway_e2e::repo_root;
 use gateway_e2e::stack::{ACME, ADMIN_TOKEN, Stack, StackOptions, header};
+use gateway_e2e::{eventually, eventually_async, repo_root};
 
 /// Chromium, headless, with `args` and `url`; its stdout. Fails loudly when it is missing.
 fn chromium(args: &[&str], url: &str) -> String {
@@ -69,16 +69,17 @@ async fn the_dashboard_in_a_browser_shows_what_the_metrics_count() {
     }
     stack.settle().await;
     let edge = ["outcome=\"hit\"", "tenant=\"acme\"", "tier=\"edge\""];
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stack.metric("gateway_answers_total", &edge) < 12.0 {
-        assert!(Instant::now() < deadline, "edge usage did not arrive");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "the edge's usage of 12 hits",
+        Duration::from_secs(10),
+        || stack.metric("gateway_answers_total", &edge) >= 12.0,
+    )
+    .await;
     // The traffic series reach Redis with the next flush (every second, retried on the next
     // tick if it fails): wait until the page's data shows every answer the metrics count.
     let counted = stack.metric("gateway_answers_total", &["tenant=\"acme\""]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
+    let what = format!("the dashboard data showing the {counted} answers /metrics counts for acme");
+    eventually_async(&what, Duration::from_secs(15), || async {
         let data: serde_json::Value = stack
             .http
             .get(format!("{}/dashboard.json", stack.origin_url))
@@ -97,15 +98,9 @@ async fn the_dashboard_in_a_browser_shows_what_the_metrics_count() {
             .flat_map(|t| t["answers"].as_array().cloned().unwrap_or_default())
             .filter_map(|n| n.as_f64())
             .sum();
-        if shown == counted {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the dashboard data shows {shown} answers for acme, /metrics {counted}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        shown == counted
+    })
+    .await;
 
     let base = stack.origin_url.trim_start_matches("http://");
     let url = format!("http://admin:{ADMIN_TOKEN}@{base}/dashboard");

@@ -3,10 +3,9 @@
 //! is sent by another, one API budget for all, and a rolling restart loses nothing.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use gateway_common::key::CacheKey;
 use gateway_common::route::Route;
@@ -14,6 +13,7 @@ use gateway_common::tenant::Tenant;
 use gateway_e2e::replica_stack::{ReplicaStack, ReplicaStackOptions};
 use gateway_e2e::replicas::SettingsHook;
 use gateway_e2e::stack::{ACME, chat_body, fixture_tenants, header, key_for};
+use gateway_e2e::{eventually, eventually_async};
 use gateway_fixtures::fastly_api::Fault;
 use serde_json::Value;
 
@@ -31,11 +31,6 @@ fn settings(
     hook: impl Fn(usize, &mut gateway_e2e::origin_config::OriginConfig) + Send + Sync + 'static,
 ) -> Option<SettingsHook> {
     Some(Box::new(hook))
-}
-
-/// Polls `done` every 20 ms until it holds; fails naming `what` after `within`.
-async fn eventually(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    eventually_async(what, within, || std::future::ready(done())).await;
 }
 
 /// An edge miss straight to replica `index` (as the edge would forward it): the answer's id.
@@ -129,19 +124,6 @@ async fn followups(stack: &ReplicaStack, kind: &str) -> f64 {
         );
     }
     total
-}
-
-/// [`eventually`] for a condition that needs to ask the replicas.
-async fn eventually_async<F: Future<Output = bool>>(
-    what: &str,
-    within: Duration,
-    mut done: impl FnMut() -> F,
-) {
-    let deadline = Instant::now() + within;
-    while !done().await {
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
