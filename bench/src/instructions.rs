@@ -39,8 +39,10 @@ pub struct Count {
 #[derive(Debug, Clone)]
 pub struct Instructions {
     pub counts: Vec<Count>,
-    /// The edge's: the bare Compute floor last.
+    /// The edge's, today's sealed hit first.
     pub edge: Vec<Count>,
+    /// The bare Compute service under Viceroy: the edge's floor.
+    pub edge_floor: Count,
 }
 
 pub async fn run(
@@ -115,8 +117,12 @@ pub async fn run(
         drop(origin);
     }
     provider.stop().await;
-    let edge = edges(scratch, hits, baseline, &body, &oha).await?;
-    Ok(Instructions { counts, edge })
+    let (edge, edge_floor) = edges(scratch, hits, baseline, &body, &oha).await?;
+    Ok(Instructions {
+        counts,
+        edge,
+        edge_floor,
+    })
 }
 
 /// `valgrind --tool=callgrind`, quiet, its profile (never read: only the live counters are,
@@ -169,7 +175,7 @@ type StartEdge = Box<dyn FnOnce() -> anyhow::Result<Edge> + Send>;
 
 /// The edge's KV hit under callgrind, one Viceroy at a time: today's edge with the sealed
 /// entry (as deployed, usage log on), with the same answer unsealed, the earlier revision's
-/// edge (which predates sealing) on the unsealed entry, and the bare Compute service as the
+/// edge (which predates sealing) on the unsealed entry; then the bare Compute service, the
 /// floor. Every edge answers `hit.json`'s bytes as a hit, or this fails.
 async fn edges(
     scratch: &Path,
@@ -177,18 +183,17 @@ async fn edges(
     baseline: Option<&Baseline>,
     body: &Path,
     oha: &Path,
-) -> anyhow::Result<Vec<Count>> {
+) -> anyhow::Result<(Vec<Count>, Count)> {
     let wrapper = callgrind(scratch);
     let (mut sealed, mut unsealed) = edge_hit::hit_configs()?;
     sealed.wrapper = wrapper.clone();
     unsealed.wrapper = wrapper.clone();
-    let mut subjects: Vec<(String, bool, StartEdge)> = vec![
+    let mut subjects: Vec<(String, StartEdge)> = vec![
         (
             "today's edge, sealed entry".to_owned(),
-            true,
             Box::new(move || Edge::start(&sealed)),
         ),
-        ("today's edge, entry unsealed (v1)".to_owned(), true, {
+        ("today's edge, entry unsealed (v1)".to_owned(), {
             let unsealed = unsealed.clone();
             Box::new(move || Edge::start(&unsealed))
         }),
@@ -197,35 +202,45 @@ async fn edges(
         let wasm: PathBuf = b.edge_wasm.clone();
         subjects.push((
             b.label("edge, entry unsealed (v1)"),
-            true,
             Box::new(move || Edge::start_with_wasm(&unsealed, &wasm)),
         ));
     }
-    subjects.push((
-        "bare Compute service (the floor)".to_owned(),
-        false,
-        Box::new(move || start_bare_under(&wrapper)),
-    ));
 
     let http = reqwest::Client::new();
     let mut counts = Vec::new();
-    for (name, is_edge, start) in subjects {
-        eprintln!("bench: instructions: starting {name} under callgrind");
-        let edge = tokio::task::spawn_blocking(start).await??;
-        let url = format!("{}/v1/chat/completions", edge.url());
-        edge_hit::check_answer(&http, &url, &name, is_edge).await?;
-        let pid = edge.pid().context("Viceroy stopped")?;
-        let target = json_target(&name, url, Some(API_KEY), body);
-        let per_hit = per_hit(oha, target, pid, hits).await?;
-        eprintln!("bench: instructions: {name}: {per_hit:.0} per hit");
-        counts.push(Count {
-            name,
-            per_hit,
-            hits,
-        });
-        drop(edge);
+    for (name, start) in subjects {
+        counts.push(count_edge(&http, name, true, start, body, oha, hits).await?);
     }
-    Ok(counts)
+    let floor = Box::new(move || start_bare_under(&wrapper));
+    let name = "bare Compute service (the floor)".to_owned();
+    let floor = count_edge(&http, name, false, floor, body, oha, hits).await?;
+    Ok((counts, floor))
+}
+
+/// One Viceroy's count: started by `start`, checked to answer the hit's bytes (as a HIT when
+/// `is_edge`), counted, stopped.
+async fn count_edge(
+    http: &reqwest::Client,
+    name: String,
+    is_edge: bool,
+    start: StartEdge,
+    body: &Path,
+    oha: &Path,
+    hits: u64,
+) -> anyhow::Result<Count> {
+    eprintln!("bench: instructions: starting {name} under callgrind");
+    let edge = tokio::task::spawn_blocking(start).await??;
+    let url = format!("{}/v1/chat/completions", edge.url());
+    edge_hit::check_answer(http, &url, &name, is_edge).await?;
+    let pid = edge.pid().context("Viceroy stopped")?;
+    let target = json_target(&name, url, Some(API_KEY), body);
+    let per_hit = per_hit(oha, target, pid, hits).await?;
+    eprintln!("bench: instructions: {name}: {per_hit:.0} per hit");
+    Ok(Count {
+        name,
+        per_hit,
+        hits,
+    })
 }
 
 fn valgrind_available() -> anyhow::Result<()> {
@@ -299,11 +314,7 @@ impl Instructions {
     /// The edge's table: each Viceroy's count, and the part above the bare service's (what
     /// the guest's own work costs, Viceroy's per-request work taken out).
     fn edge_markdown(&self) -> String {
-        let floor = self
-            .edge
-            .last()
-            .filter(|c| c.name.starts_with("bare"))
-            .map(|c| c.per_hit);
+        let floor = self.edge_floor.per_hit;
         let mut out = String::from("\n## Instructions per edge hit (Viceroy under callgrind)\n\n");
         out.push_str(
             "Each Viceroy runs alone under `valgrind --tool=callgrind`, after its one-off \
@@ -315,19 +326,24 @@ impl Instructions {
         );
         out.push_str("| Viceroy serving | hits counted | instructions per hit | above the floor | × today's |\n");
         out.push_str("|---|---:|---:|---:|---:|\n");
-        let above = |c: &Count| floor.map(|f| c.per_hit - f);
-        let today = self.edge.first().and_then(above).filter(|t| *t > 0.0);
+        let today = self
+            .edge
+            .first()
+            .map(|c| c.per_hit - floor)
+            .filter(|t| *t > 0.0);
         for c in &self.edge {
-            let share = above(c).map_or_else(|| "-".to_owned(), |a| format!("{a:.0}"));
-            let ratio = match (above(c), today) {
-                (Some(a), Some(t)) if !c.name.starts_with("bare") => format!("{:.3}", a / t),
-                _ => "-".to_owned(),
-            };
+            let above = c.per_hit - floor;
+            let ratio = today.map_or_else(|| "-".to_owned(), |t| format!("{:.3}", above / t));
             out.push_str(&format!(
-                "| {} | {} | {:.0} | {share} | {ratio} |\n",
+                "| {} | {} | {:.0} | {above:.0} | {ratio} |\n",
                 c.name, c.hits, c.per_hit
             ));
         }
+        let f = &self.edge_floor;
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | 0 | - |\n",
+            f.name, f.hits, f.per_hit
+        ));
         out
     }
 }
@@ -342,5 +358,29 @@ mod tests {
             "PID 9082: gateway-origin\n\n  Totals:     Ir \n   Th 1  300,209 \n   Th 2   12,004\n";
         assert_eq!(total_ir(text), Some(312_213));
         assert_eq!(total_ir("PID 1: x\n"), None);
+    }
+
+    #[test]
+    fn the_edge_table_counts_each_viceroy_above_the_floor() {
+        let count = |name: &str, per_hit| Count {
+            name: name.to_owned(),
+            per_hit,
+            hits: 2000,
+        };
+        let table = Instructions {
+            counts: Vec::new(),
+            edge: vec![count("sealed", 900.0), count("unsealed", 700.0)],
+            edge_floor: count("bare", 300.0),
+        }
+        .edge_markdown();
+        assert!(
+            table.contains("| sealed | 2000 | 900 | 600 | 1.000 |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| unsealed | 2000 | 700 | 400 | 0.667 |"),
+            "{table}"
+        );
+        assert!(table.contains("| bare | 2000 | 300 | 0 | - |"), "{table}");
     }
 }
