@@ -44,9 +44,9 @@ async fn without_span_export_every_line_of_a_request_carries_its_trace_id() {
         Some(1),
     );
     let key = key_for("acme", Route::ChatCompletions, &body);
-    // The first request meets the provider's 500 (on one of its attempts). Then ask again until the answer is a hit:
-    // a repeat can join a flight still in progress (the failed one, or the next one's write)
-    // and get its outcome, so wait for the entry in Redis after a 200.
+    // The first request meets the provider's 500 (on one of its attempts). Then ask again
+    // until the answer is a hit: a repeat can join a flight still in progress (the failed one,
+    // or the next one's write) and get its outcome, so wait for the entry in Redis after a 200.
     let mut outcomes = Vec::new();
     while outcomes.last() != Some(&(200, "HIT".to_owned())) {
         assert!(outcomes.len() < 10, "never a hit: {outcomes:?}");
