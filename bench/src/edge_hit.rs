@@ -14,7 +14,7 @@ use gateway_common::entry::ENTRY_VERSION;
 use gateway_e2e::edge::{Edge, EdgeConfig};
 use gateway_e2e::entry::{kv_seed, kv_seed_plain};
 use gateway_e2e::free_port;
-use gateway_e2e::stack::SECRET;
+use gateway_e2e::stack::{SECRET, header};
 
 use crate::baseline::Baseline;
 use crate::compare::{self, Comparison};
@@ -50,12 +50,7 @@ pub async fn check_answer(
         .body(HIT_REQUEST)
         .send()
         .await?;
-    let cache = resp
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned();
+    let cache = header(&resp, "x-cache");
     let body = resp.bytes().await?;
     if body.as_ref() != HIT_BODY {
         bail!(

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use gateway_e2e::repo_root;
+use gateway_e2e::stack::header;
 use gateway_fixtures::{MockProvider, ProviderConfig, RedisServer};
 use gateway_origin::metrics::Metrics;
 use gateway_origin::semantic::DEFAULT_MODEL_DIR;
@@ -163,12 +164,7 @@ pub async fn run(samples: usize) -> anyhow::Result<SemanticBench> {
                 .json(&body)
                 .send()
                 .await?;
-            let status = resp
-                .headers()
-                .get("cache-status")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
+            let status = header(&resp, "cache-status");
             resp.bytes().await?;
             anyhow::Ok((started.elapsed().as_secs_f64() * 1000.0, status))
         }
